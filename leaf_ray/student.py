@@ -1,0 +1,93 @@
+"""The leaf student: an encoder, mean pooling, a Linear layer into the teacher's space, normalisation.
+
+Everything is a sentence-transformers module, so the projection is part of the saved model and
+`SentenceTransformer(path)` gives teacher-space vectors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+from torch import nn
+
+from leaf_ray.config import StudentConfig
+from leaf_ray.teacher import normalizes
+
+
+def build_student(cfg: StudentConfig, teacher: SentenceTransformer, seed: int) -> SentenceTransformer:
+    """The undistilled student: encoder from `cfg.init`, projection freshly initialised."""
+    torch.manual_seed(seed)
+    if cfg.init == "layer_reduction":
+        encoder = reduce_layers(teacher[0], cfg.num_layers)
+    else:
+        encoder = Transformer(cfg.model, model_kwargs={"revision": cfg.revision} if cfg.revision else None)
+    encoder.max_seq_length = cfg.max_seq_length
+    width = encoder.get_embedding_dimension()
+    modules: list[nn.Module] = [
+        encoder,
+        Pooling(width, pooling_mode="mean"),
+        Dense(width, teacher.get_embedding_dimension(), activation_function=nn.Identity()),
+    ]
+    if cfg.normalize if cfg.normalize is not None else normalizes(teacher):
+        modules.append(Normalize())
+    return SentenceTransformer(modules=modules, device="cpu")
+
+
+def reduce_layers(encoder: Transformer, num_layers: int | None) -> Transformer:
+    """Copy the teacher's encoder keeping evenly spaced layers (first and last included).
+
+    Hand-written because neither transformers nor sentence-transformers offers layer dropping.
+    """
+    encoder = copy.deepcopy(encoder).cpu()
+    model = encoder.auto_model
+    layers = _layer_list(model)
+    keep_n = num_layers or max(1, len(layers) // 2)
+    if keep_n > len(layers):
+        raise ValueError(f"student.num_layers {keep_n} exceeds the teacher's {len(layers)} layers")
+    keep = np.unique(np.linspace(0, len(layers) - 1, keep_n).round().astype(int))
+    layers_kept = nn.ModuleList(layers[i] for i in keep)
+    _set_layer_list(model, layers_kept)
+    model.config.num_hidden_layers = len(layers_kept)
+    return encoder
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    for owner in ("encoder", ""):
+        holder = getattr(model, owner, None) if owner else model
+        for name in ("layer", "layers"):
+            if isinstance(getattr(holder, name, None), nn.ModuleList):
+                return getattr(holder, name)
+    raise ValueError(
+        f"layer_reduction does not know where {type(model).__name__} keeps its layers; "
+        "use student.init: pretrained"
+    )
+
+
+def _set_layer_list(model: nn.Module, layers: nn.ModuleList) -> None:
+    for owner in ("encoder", ""):
+        holder = getattr(model, owner, None) if owner else model
+        for name in ("layer", "layers"):
+            if isinstance(getattr(holder, name, None), nn.ModuleList):
+                setattr(holder, name, layers)
+                return
+
+
+def freeze_unused(student: SentenceTransformer) -> None:
+    """Freeze the encoder's pooler head: mean pooling never uses it, and DDP would wait on its grads."""
+    pooler = getattr(student[0].auto_model, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)
+
+
+def embed(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward a (possibly DDP-wrapped) SentenceTransformer to its sentence embedding."""
+    return model(features)["sentence_embedding"]
+
+
+def leaf_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """LEAF's objective: mean squared L2 distance between student and teacher vectors."""
+    return (student - teacher).pow(2).sum(dim=-1).mean()

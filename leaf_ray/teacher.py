@@ -1,0 +1,75 @@
+"""Teacher stage: Ray Data actors embed every training text with the teacher's prompt for its kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.models import Normalize
+
+from leaf_ray.config import TeacherConfig
+from leaf_ray.models import resolve_model
+
+
+def load_teacher(cfg: TeacherConfig, device: str | None = None) -> SentenceTransformer:
+    model = SentenceTransformer(resolve_model(cfg), device=device, revision=cfg.revision)
+    model.max_seq_length = cfg.max_seq_length
+    return model
+
+
+def teacher_prompts(cfg: TeacherConfig, model: SentenceTransformer) -> dict[str, str | None]:
+    """Config prompts win; otherwise the teacher's own `query`/`document` prompts, if it has them."""
+    return {
+        "query": cfg.query_prompt if cfg.query_prompt is not None else model.prompts.get("query"),
+        "document": (
+            cfg.document_prompt
+            if cfg.document_prompt is not None
+            else model.prompts.get("document")
+        ),
+    }
+
+
+def normalizes(model: SentenceTransformer) -> bool:
+    return any(isinstance(module, Normalize) for module in model)
+
+
+class TeacherEmbedder:
+    """One Ray Data actor: holds the teacher on its device and embeds a batch, kind by kind."""
+
+    def __init__(self, cfg: TeacherConfig, torch_threads: int):
+        torch.set_num_threads(torch_threads)  # Ray sets OMP_NUM_THREADS=1 in workers
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cfg = cfg
+        self.model = load_teacher(cfg, device)
+        self.prompts = teacher_prompts(cfg, self.model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dim = self.model.get_embedding_dimension()
+        embeddings = np.empty((len(batch["text"]), dim), dtype=np.float32)
+        for kind, prompt in self.prompts.items():
+            rows = batch["kind"] == kind
+            if rows.any():
+                embeddings[rows] = self.model.encode(
+                    batch["text"][rows].tolist(),
+                    prompt=prompt,
+                    batch_size=self.cfg.batch_size,
+                    convert_to_numpy=True,
+                )
+        return {**batch, "embedding": embeddings}
+
+
+def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset:
+    """Add the teacher's `embedding` column; lazy, so it can feed training or be materialised."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cpus_per_actor = 1 if gpus else max(1, int(ray.cluster_resources()["CPU"]) // cfg.num_actors)
+    return texts.map_batches(
+        TeacherEmbedder,
+        fn_constructor_kwargs={"cfg": cfg, "torch_threads": cpus_per_actor},
+        batch_size=cfg.batch_size * 4,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=cpus_per_actor,
+    )

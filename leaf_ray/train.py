@@ -1,0 +1,188 @@
+"""Student stage: Ray Train DDP workers pull teacher vectors from their dataset shard and align to them.
+
+`train_loop` reads top to bottom like a plain PyTorch loop; Ray Train supplies the process group
+(gloo on CPU, NCCL on GPU), the data shard, and checkpoint storage.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.experimental import tqdm_ray
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.util import batch_to_device
+from transformers import get_linear_schedule_with_warmup
+
+from leaf_ray.config import LeafConfig
+from leaf_ray.report import write_metrics
+from leaf_ray.student import embed, freeze_unused, leaf_loss
+
+TRAIN_STATE = "train_state.pt"
+# Texts per length-sorting window, in batches: batches then carry little padding.
+BUCKET_BATCHES = 16
+
+
+def train_student(
+    cfg: LeafConfig, embedded: ray.data.Dataset, num_rows: int, init_path: str, storage: Path
+) -> Checkpoint:
+    """Fit the student on (text, embedding) rows; returns the final checkpoint."""
+    use_gpu = cfg.train.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "init_path": init_path, "num_rows": num_rows},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+        datasets={"train": embedded.select_columns(["text", "embedding"])},
+    )
+    result = trainer.fit()
+    return result.checkpoint
+
+
+def train_loop(config: dict) -> None:
+    cfg: LeafConfig = config["cfg"]
+    tcfg = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.run.seed)
+    torch.set_num_threads(max(1, int(tcfg.cpus_per_worker)))  # Ray sets OMP_NUM_THREADS=1
+    device = ray.train.torch.get_device()
+
+    checkpoint = ray.train.get_checkpoint()  # set when resuming after a failure or a rerun
+    with checkpoint.as_directory() if checkpoint else nullcontext(config["init_path"]) as model_dir:
+        student = SentenceTransformer(model_dir, device=str(device))
+        state = torch.load(Path(model_dir) / TRAIN_STATE) if checkpoint else None
+    student.max_seq_length = cfg.student.max_seq_length
+    freeze_unused(student)
+    model = ray.train.torch.prepare_model(student)  # DDP when world > 1
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    per_worker_batch = tcfg.batch_size // world
+    steps_per_epoch = _steps_per_epoch(config["num_rows"] // world, per_worker_batch)
+    total_steps = steps_per_epoch * tcfg.epochs
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(tcfg.warmup_ratio * total_steps), total_steps
+    )
+    step, start_epoch, history = 0, 0, []
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm_ray.tqdm(desc="train student", total=total_steps) if rank == 0 else None
+    if bar:
+        bar.update(step)
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, tcfg.epochs):
+        model.train()
+        tic, seen = time.perf_counter(), 0
+        for texts, targets in _length_bucketed(shard, per_worker_batch, cfg.run.seed + epoch):
+            features = batch_to_device(student.preprocess(texts), device)
+            with autocast:
+                predicted = embed(model, features)
+            loss = leaf_loss(predicted.float(), torch.from_numpy(targets).to(device))
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, seen = step + 1, seen + len(texts)
+            if step % tcfg.log_every == 0 or step == 1:
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": _mean_over_workers(loss.detach(), world),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "seq_per_s": seen * world / (time.perf_counter() - tic),
+                }
+                history.append(row)
+                if bar:
+                    bar.set_description(f"train student  loss {row['loss']:.4f}")
+            if bar:
+                bar.update(1)
+        _report_epoch(student, optimizer, scheduler, step, epoch, history, rank)
+    if bar:
+        bar.close()
+
+
+def _steps_per_epoch(rows_per_worker: int, batch: int) -> int:
+    """Batches `_length_bucketed` yields for a shard of this size (all workers agree: equal split)."""
+    window = batch * BUCKET_BATCHES
+    full, rest = divmod(rows_per_worker, window)
+    return full * BUCKET_BATCHES + -(-rest // batch)
+
+
+def _length_bucketed(
+    shard: ray.data.DataIterator, batch: int, seed: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Shuffled batches of similar-length texts: sort each window of BUCKET_BATCHES batches by length.
+
+    Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`).
+    Sorting by characters is a cheap proxy for tokens.
+    """
+    rng = np.random.default_rng(seed)
+    for window in shard.iter_batches(
+        batch_size=batch * BUCKET_BATCHES,
+        batch_format="numpy",
+        local_shuffle_buffer_size=batch * BUCKET_BATCHES * 4,
+        local_shuffle_seed=seed,
+    ):
+        texts, vectors = window["text"], np.asarray(window["embedding"], dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        batches = [order[i : i + batch] for i in range(0, len(order), batch)]
+        for idx in rng.permutation(len(batches)):
+            rows = batches[idx]
+            yield texts[rows].tolist(), vectors[rows]
+
+
+def _mean_over_workers(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _report_epoch(student, optimizer, scheduler, step, epoch, history, rank) -> None:
+    """Rank 0 writes a loadable sentence-transformers folder plus the state needed to resume."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            student.save_pretrained(tmp)
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "history": history,
+            }
+            torch.save(state, Path(tmp) / TRAIN_STATE)
+            write_metrics(history, Path(tmp))
+            checkpoint = Checkpoint.from_directory(tmp)
+        last = history[-1] if history else {}
+        ray.train.report({"epoch": epoch, "step": step, "loss": last.get("loss")}, checkpoint)
