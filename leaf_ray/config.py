@@ -1,4 +1,4 @@
-"""The one config object: parsed once from YAML (+ `key=value` overrides), then passed to every stage.
+"""The one config object: parsed once from YAML plus `key=value` overrides, passed to every stage.
 
 Relative paths in a config file are resolved against the file's own folder, so a config works
 from any working directory (and inside `ray job submit --working-dir`).
@@ -25,7 +25,9 @@ class Strict(BaseModel):
 
 
 class RunConfig(Strict):
-    name: str | None = Field(None, description="Run folder name; default <config stem>-<timestamp>.")
+    name: str | None = Field(
+        None, description="Run folder name; default <config stem>-<timestamp>."
+    )
     output_dir: str = Field("runs", description="Default: ./runs in the working directory.")
     seed: int = 0
 
@@ -45,7 +47,9 @@ class SourceConfig(Strict):
     text_field: str = "text"
     id_field: str = "id"
     kind_field: str = "kind"
-    kind: Kind | None = Field(None, description="Fixed kind for every text (instead of kind_field).")
+    kind: Kind | None = Field(
+        None, description="Fixed kind for every text (instead of kind_field)."
+    )
     limit: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -72,14 +76,18 @@ class TeacherConfig(ModelRef):
     batch_size: int = Field(64, gt=0)
     num_actors: int = Field(1, gt=0)
     query_prompt: str | None = Field(None, description="Default: the teacher's own 'query' prompt.")
-    document_prompt: str | None = Field(None, description="Default: the teacher's 'document' prompt.")
+    document_prompt: str | None = Field(
+        None, description="Default: the teacher's 'document' prompt."
+    )
 
 
 class StudentConfig(Strict):
     init: Literal["layer_reduction", "pretrained"] = "layer_reduction"
     model: str | None = Field(None, description="For init=pretrained: hub name or local folder.")
     revision: str | None = None
-    num_layers: int | None = Field(None, gt=0, description="layer_reduction: default half the teacher's.")
+    num_layers: int | None = Field(
+        None, gt=0, description="layer_reduction: default half the teacher's."
+    )
     max_seq_length: int = Field(128, gt=0)
     normalize: bool | None = Field(None, description="Default: normalise when the teacher does.")
 

@@ -50,8 +50,11 @@ def evaluate(
     modes = {m: qd for m, qd in MODES.items() if set(qd) <= set(models)}
     futures = {}
     for rs in sets:
-        for mode, (q_model, d_model) in modes.items():
-            for side, model, texts in (("query", q_model, rs.queries), ("document", d_model, rs.corpus)):
+        for q_model, d_model in modes.values():
+            for side, model, texts in (
+                ("query", q_model, rs.queries),
+                ("document", d_model, rs.corpus),
+            ):
                 key = (rs.name, model, side)
                 if key not in futures:  # each (set, model, side) is embedded once
                     futures[key] = encode.remote(
@@ -61,22 +64,27 @@ def evaluate(
                         cfg.batch_size,
                         cfg.max_seq_length,
                     )
-    vectors = dict(zip(futures, ray.get(list(futures.values()))))
+    vectors = dict(zip(futures, ray.get(list(futures.values())), strict=True))
     rows = []
     for rs in sets:
         for mode, (q_model, d_model) in modes.items():
             score = ndcg_at_10(
-                rs, vectors[(rs.name, q_model, "query")], vectors[(rs.name, d_model, "document")], cfg.top_k
+                rs,
+                vectors[(rs.name, q_model, "query")],
+                vectors[(rs.name, d_model, "document")],
+                cfg.top_k,
             )
             rows.append({"dataset": rs.name, "mode": mode, "ndcg_at_10": score})
     teacher = {r["dataset"]: r["ndcg_at_10"] for r in rows if r["mode"] == "teacher"}
     for r in rows:
-        r["retention"] = r["ndcg_at_10"] / teacher[r["dataset"]] if teacher.get(r["dataset"]) else None
+        r["retention"] = (
+            r["ndcg_at_10"] / teacher[r["dataset"]] if teacher.get(r["dataset"]) else None
+        )
     return rows
 
 
 def ndcg_at_10(rs: RetrievalSet, queries: np.ndarray, docs: np.ndarray, top_k: int = 100) -> float:
-    """Exact cosine search, then pytrec_eval's ndcg_cut_10 (what mteb reports) averaged over queries."""
+    """Exact cosine search, then pytrec_eval's ndcg_cut_10 (as mteb reports it), query-averaged."""
     if queries.shape[1] != docs.shape[1]:
         raise ValueError(f"query dim {queries.shape[1]} != document dim {docs.shape[1]}")
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)

@@ -44,7 +44,7 @@ class RunError(RuntimeError):
 
 
 def connect_ray(cfg: RayConfig) -> None:
-    """Join the cluster in `address`/RAY_ADDRESS (inside `ray job submit` too), else start local Ray."""
+    """Join the cluster at `address` or RAY_ADDRESS (`ray job submit` sets it), else start Ray."""
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -80,7 +80,9 @@ def distill(cfg: LeafConfig) -> Path:
     build_student(cfg.student, teacher, cfg.run.seed).save_pretrained(str(work / STUDENT_INIT))
     checkpoint = train_student(cfg, embedded, embedded.count(), str(work / STUDENT_INIT), work)
     with checkpoint.as_directory() as ckpt:
-        shutil.copytree(ckpt, work / STUDENT, ignore=shutil.ignore_patterns(TRAIN_STATE, METRICS_JSONL))
+        shutil.copytree(
+            ckpt, work / STUDENT, ignore=shutil.ignore_patterns(TRAIN_STATE, METRICS_JSONL)
+        )
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
     write_metrics(history, work)
 

@@ -1,4 +1,4 @@
-"""Report stage: metrics as JSON lines, the eval table (markdown + JSON), a loss plot, a terminal summary."""
+"""Report stage: metrics (JSON lines), the eval table (markdown, JSON), a loss plot, a summary."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-EVAL_JSON, EVAL_MD, METRICS_JSONL, LOSS_PNG = "eval.json", "eval.md", "metrics.jsonl", "loss_curve.png"
+EVAL_JSON, EVAL_MD, METRICS_JSONL, LOSS_PNG = (
+    "eval.json",
+    "eval.md",
+    "metrics.jsonl",
+    "loss_curve.png",
+)
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

@@ -1,4 +1,4 @@
-"""The leaf student: an encoder, mean pooling, a Linear layer into the teacher's space, normalisation.
+"""The leaf student: encoder, mean pooling, a Linear layer into the teacher's space, normalisation.
 
 Everything is a sentence-transformers module, so the projection is part of the saved model and
 `SentenceTransformer(path)` gives teacher-space vectors.
@@ -11,20 +11,29 @@ import copy
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+from sentence_transformers.sentence_transformer.modules import (
+    Dense,
+    Normalize,
+    Pooling,
+    Transformer,
+)
 from torch import nn
 
 from leaf_ray.config import StudentConfig
 from leaf_ray.teacher import normalizes
 
 
-def build_student(cfg: StudentConfig, teacher: SentenceTransformer, seed: int) -> SentenceTransformer:
+def build_student(
+    cfg: StudentConfig, teacher: SentenceTransformer, seed: int
+) -> SentenceTransformer:
     """The undistilled student: encoder from `cfg.init`, projection freshly initialised."""
     torch.manual_seed(seed)
     if cfg.init == "layer_reduction":
         encoder = reduce_layers(teacher[0], cfg.num_layers)
     else:
-        encoder = Transformer(cfg.model, model_kwargs={"revision": cfg.revision} if cfg.revision else None)
+        encoder = Transformer(
+            cfg.model, model_kwargs={"revision": cfg.revision} if cfg.revision else None
+        )
     encoder.max_seq_length = cfg.max_seq_length
     width = encoder.get_embedding_dimension()
     modules: list[nn.Module] = [
@@ -77,7 +86,7 @@ def _set_layer_list(model: nn.Module, layers: nn.ModuleList) -> None:
 
 
 def freeze_unused(student: SentenceTransformer) -> None:
-    """Freeze the encoder's pooler head: mean pooling never uses it, and DDP would wait on its grads."""
+    """Freeze the encoder's pooler head: mean pooling never uses it; DDP would wait on its grads."""
     pooler = getattr(student[0].auto_model, "pooler", None)
     if pooler is not None:
         pooler.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Teacher stage: Ray Data actors embed every training text with the teacher's prompt for its kind."""
+"""Teacher stage: Ray Data actors embed each text with the teacher's prompt for its kind."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def load_teacher(cfg: TeacherConfig, device: str | None = None) -> SentenceTrans
 
 
 def teacher_prompts(cfg: TeacherConfig, model: SentenceTransformer) -> dict[str, str | None]:
-    """Config prompts win; otherwise the teacher's own `query`/`document` prompts, if it has them."""
+    """Config prompts win; otherwise the teacher's own `query`/`document` prompts, if any."""
     return {
         "query": cfg.query_prompt if cfg.query_prompt is not None else model.prompts.get("query"),
         "document": (

@@ -1,4 +1,4 @@
-"""Student stage: Ray Train DDP workers pull teacher vectors from their dataset shard and align to them.
+"""Student stage: Ray Train DDP workers read teacher vectors from their shard and align to them.
 
 `train_loop` reads top to bottom like a plain PyTorch loop; Ray Train supplies the process group
 (gloo on CPU, NCCL on GPU), the data shard, and checkpoint storage.
@@ -131,7 +131,7 @@ def train_loop(config: dict) -> None:
 
 
 def _steps_per_epoch(rows_per_worker: int, batch: int) -> int:
-    """Batches `_length_bucketed` yields for a shard of this size (all workers agree: equal split)."""
+    """Batches `_length_bucketed` yields for a shard this size (equal split: workers agree)."""
     window = batch * BUCKET_BATCHES
     full, rest = divmod(rows_per_worker, window)
     return full * BUCKET_BATCHES + -(-rest // batch)
@@ -140,7 +140,7 @@ def _steps_per_epoch(rows_per_worker: int, batch: int) -> int:
 def _length_bucketed(
     shard: ray.data.DataIterator, batch: int, seed: int
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Shuffled batches of similar-length texts: sort each window of BUCKET_BATCHES batches by length.
+    """Shuffled batches of similar-length texts: each window of BUCKET_BATCHES batches is sorted.
 
     Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`).
     Sorting by characters is a cheap proxy for tokens.

@@ -1,0 +1,59 @@
+import gzip
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DATA = REPO / "data" / "demo"
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT sentence-transformer with MiniLM's real tokenizer."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from leaf_ray.config import ModelRef
+    from leaf_ray.models import resolve_model
+
+    minilm = resolve_model(ModelRef(model="sentence-transformers/all-MiniLM-L6-v2"))
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(root / "hf")
+    tokenizer.save_pretrained(root / "hf")
+    encoder = Transformer(str(root / "hf"), max_seq_length=64)
+    teacher = SentenceTransformer(modules=[encoder, Pooling(32, "mean"), Normalize()], device="cpu")
+    teacher.save_pretrained(str(root / "teacher"))
+    return root / "teacher"
+
+
+@pytest.fixture(scope="session")
+def demo_texts() -> list[dict]:
+    with gzip.open(DEMO_DATA / "train.jsonl.gz", "rt") as f:
+        return [json.loads(line) for line in itertools.islice(f, 2000)]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

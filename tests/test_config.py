@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from leaf_ray.cli import DEFAULT_CONFIG, main
+from leaf_ray.config import ConfigError, load_config
+
+MINIMAL = """\
+data:
+  sources:
+    - path: texts.jsonl
+teacher:
+  model: sentence-transformers/all-MiniLM-L6-v2
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_config_validates_and_resolves_paths_against_its_folder():
+    cfg = load_config(DEFAULT_CONFIG)
+    repo = DEFAULT_CONFIG.parent.parent
+    assert cfg.data.sources[0].path == str(repo / "data" / "demo" / "train.jsonl.gz")
+    assert cfg.eval.datasets == [str(repo / "data" / "demo" / "debian_desc")]
+    assert cfg.teacher.model == "sentence-transformers/all-MiniLM-L6-v2"  # hub names stay names
+    assert cfg.train.batch_size == 32
+
+
+def test_unknown_key_is_named_with_file_and_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  epochs: 2\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:8: train.learning_rate: unknown key" in str(err.value)
+
+
+def test_bad_value_is_named_with_its_key_path(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  epochs: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:7: train.epochs: Input should be greater than 0 (got 0)" in str(err.value)
+
+
+def test_error_inside_a_list_names_the_index(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("path: texts.jsonl", "path: a\n      hf_dataset: b"))
+    with pytest.raises(ConfigError, match=r"data\.sources\.0: Value error, give exactly one"):
+        load_config(path)
+
+
+def test_missing_section_and_cross_field_rules(tmp_path):
+    with pytest.raises(ConfigError, match="teacher: Field required"):
+        load_config(write(tmp_path, "data:\n  sources: [{path: x}]\n"))
+    with pytest.raises(ConfigError, match="must be a multiple of num_workers"):
+        load_config(write(tmp_path, MINIMAL), ["train.num_workers=3"])
+
+
+def test_overrides_set_single_keys_and_list_items(tmp_path):
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        ["train.epochs=3", "data.sources.0.limit=10", "teacher.sha256=null"],
+    )
+    assert cfg.train.epochs == 3
+    assert cfg.data.sources[0].limit == 10
+    with pytest.raises(ConfigError, match="train.epochs: Input should be a valid integer"):
+        load_config(write(tmp_path, MINIMAL), ["train.epochs=many"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(write(tmp_path, MINIMAL), ["train.epochs"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_nonzero_with_a_clear_message(tmp_path, capsys):
+    path = write(tmp_path, MINIMAL + "student:\n  init: magic\nrun:\n  output_dir: out\n")
+    assert main(["distill", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "leaf-ray: error: invalid config" in err
+    assert f"{path}:7: student.init" in err
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -1,0 +1,77 @@
+"""The whole recipe on local Ray with a tiny random teacher: seconds, no download."""
+
+import json
+import random
+
+import pyarrow.parquet as pq
+import yaml
+from sentence_transformers import SentenceTransformer
+
+from leaf_ray.config import load_config
+from leaf_ray.pipeline import distill
+from tests.conftest import DEMO_DATA
+
+
+def small_eval_set(root, n_queries=60, n_docs=300):
+    """A slice of the shipped debian_desc set: sampled queries, their documents, distractors."""
+    src = DEMO_DATA / "debian_desc"
+    queries = [json.loads(line) for line in (src / "queries.jsonl").open()]
+    corpus = {row["_id"]: row for row in map(json.loads, (src / "corpus.jsonl").open())}
+    qrels = [line.split("\t") for line in (src / "qrels" / "test.tsv").read_text().splitlines()[1:]]
+    picked = random.Random(1).sample(queries, n_queries)
+    ids = {q["_id"] for q in picked}
+    rel = [r for r in qrels if r[0] in ids]
+    docs = {r[1] for r in rel}
+    docs |= set(random.Random(2).sample(sorted(set(corpus) - docs), n_docs - len(docs)))
+    (root / "qrels").mkdir(parents=True)
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in picked))
+    (root / "corpus.jsonl").write_text("".join(json.dumps(corpus[d]) + "\n" for d in sorted(docs)))
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in rel)
+    )
+    return root
+
+
+def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
+    texts = demo_texts[:1200]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    config = {
+        "run": {"name": "tiny", "output_dir": "out"},
+        "data": {"sources": [{"path": "texts.jsonl"}]},
+        "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "num_actors": 2},
+        "student": {"max_seq_length": 64},
+        "train": {
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "epochs": 4,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "log_every": 5,
+        },
+        "eval": {"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    run_dir = distill(load_config(tmp_path / "cfg.yaml"))
+
+    assert run_dir == tmp_path / "out" / "tiny"
+    assert not (tmp_path / "out" / ".tiny.partial").exists()
+    for artifact in ("config.yaml", "metrics.jsonl", "eval.json", "eval.md", "loss_curve.png"):
+        assert (run_dir / artifact).is_file(), artifact
+
+    # Every input text was embedded by the teacher exactly once, with the teacher's dimension.
+    vectors = pq.read_table(run_dir / "teacher_vectors").to_pydict()
+    assert sorted(vectors["id"]) == sorted(t["id"] for t in texts)
+    assert {len(v) for v in vectors["embedding"]} == {32}
+
+    # The alignment loss falls.
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert last < 0.7 * first, (first, last)
+
+    # Distillation put student queries into the teacher's space.
+    scores = {r["mode"]: r["ndcg_at_10"] for r in json.loads((run_dir / "eval.json").read_text())}
+    assert set(scores) == {"teacher", "student", "student_init", "asymmetric", "asymmetric_init"}
+    assert scores["asymmetric"] > scores["asymmetric_init"] + 0.05, scores
+
+    student = SentenceTransformer(str(run_dir / "student"), device="cpu")
+    assert student.encode(["a query"]).shape == (1, 32)

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from leaf_ray.config import StudentConfig, TeacherConfig
+from leaf_ray.student import build_student, leaf_loss, reduce_layers
+from leaf_ray.teacher import load_teacher
+
+TEXTS = [
+    "Perl module for matching globbing patterns against text",
+    "the scattering of bomb fragments after the bomb explodes",
+    "Qt is a cross-platform C++ application framework.",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    return load_teacher(TeacherConfig(model=str(tiny_teacher), max_seq_length=64))
+
+
+def test_leaf_loss_is_mean_squared_l2():
+    s, t = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    assert leaf_loss(s, t).item() == pytest.approx((2.0 + 0.0) / 2)
+    unit = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    assert leaf_loss(unit, unit).item() == 0.0
+
+
+def test_layer_reduction_keeps_evenly_spaced_teacher_layers(teacher):
+    reduced = reduce_layers(teacher[0], 1)
+    layers = reduced.auto_model.encoder.layer
+    assert len(layers) == 1 and reduced.auto_model.config.num_hidden_layers == 1
+    original = teacher[0].auto_model.encoder.layer[0]
+    for a, b in zip(layers[0].parameters(), original.parameters(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # a copy, not a view
+    assert len(teacher[0].auto_model.encoder.layer) == 2  # the teacher is untouched
+    with pytest.raises(ValueError, match="exceeds the teacher's 2 layers"):
+        reduce_layers(teacher[0], 3)
+
+
+def test_student_is_mean_pool_then_linear_then_normalise(teacher):
+    student = build_student(StudentConfig(max_seq_length=64), teacher, seed=0).eval()
+    features = student.preprocess(TEXTS)
+    with torch.no_grad():
+        tokens = (
+            student[0]
+            .auto_model(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
+            .last_hidden_state
+        )
+        mask = features["attention_mask"].unsqueeze(-1).float()
+        pooled = (tokens * mask).sum(1) / mask.sum(1)
+        projected = student[2].linear(pooled)
+        expected = torch.nn.functional.normalize(projected, dim=-1)
+        got = student(features)["sentence_embedding"]
+    assert got.shape == (3, teacher.get_embedding_dimension())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip_gives_identical_embeddings(teacher, tmp_path):
+    student = build_student(StudentConfig(max_seq_length=64), teacher, seed=0)
+    student.save_pretrained(str(tmp_path / "s"))
+    loaded = SentenceTransformer(str(tmp_path / "s"), device="cpu")
+    a, b = student.encode(TEXTS), loaded.encode(TEXTS)
+    assert a.shape == (3, 32)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, rtol=1e-5)
