@@ -100,11 +100,13 @@ class StudentConfig(Strict):
 
 class TrainConfig(Strict):
     num_workers: int = Field(1, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="Reserved; leave some for Ray Data.")
+    torch_threads: int | None = Field(None, gt=0, description="Default: CPUs shared by workers.")
     use_gpu: bool | None = Field(None, description="Default: when the Ray cluster has GPUs.")
     epochs: int = Field(1, gt=0)
     batch_size: int = Field(32, gt=0, description="Global batch per optimiser step.")
     lr: float = Field(1e-4, gt=0)
+    head_lr: float | None = Field(None, gt=0, description="Projection's rate; default: lr.")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -70,9 +70,7 @@ def distill(cfg: LeafConfig) -> Path:
     if not vectors_dir.exists():
         tmp = work / f".{TEACHER_VECTORS}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        # Texts are read first so the teacher actors can hold every CPU without starving the reader.
-        texts = read_texts(cfg.data).materialize()
-        embed_texts(texts, cfg.teacher).write_parquet(str(tmp))
+        embed_texts(read_texts(cfg.data), cfg.teacher).write_parquet(str(tmp))
         os.replace(tmp, vectors_dir)
     embedded = ray.data.read_parquet(str(vectors_dir))
 

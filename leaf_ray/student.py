@@ -92,6 +92,16 @@ def freeze_unused(student: SentenceTransformer) -> None:
         pooler.requires_grad_(False)
 
 
+def param_groups(student: SentenceTransformer, lr: float, head_lr: float) -> list[dict]:
+    """The freshly initialised projection may learn faster than the pretrained encoder."""
+    head = {id(p) for m in student if isinstance(m, Dense) for p in m.parameters()}
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if id(p) not in head], "lr": lr},
+        {"params": [p for p in trainable if id(p) in head], "lr": head_lr},
+    ]
+
+
 def embed(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward a (possibly DDP-wrapped) SentenceTransformer to its sentence embedding."""
     return model(features)["sentence_embedding"]

@@ -61,15 +61,23 @@ class TeacherEmbedder:
 
 
 def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset:
-    """Add the teacher's `embedding` column; lazy, so it can feed training or be materialised."""
-    gpus = ray.cluster_resources().get("GPU", 0)
-    cpus_per_actor = 1 if gpus else max(1, int(ray.cluster_resources()["CPU"]) // cfg.num_actors)
-    return texts.map_batches(
+    """Add the teacher's `embedding` column; lazy, so it can feed training or be written out."""
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0):
+        gpus, reserved_cpus, threads = 1, 1.0, 1
+    else:
+        # On CPUs the actors reserve all but one CPU, so Ray Data's read, repartition and write
+        # tasks can always be scheduled (otherwise the pipeline deadlocks); torch uses them all.
+        cpus = resources["CPU"]
+        gpus, reserved_cpus = 0, max(cpus - 1, cpus / 2) / cfg.num_actors
+        threads = max(1, round(cpus / cfg.num_actors))
+    # Blocks of a few batches keep every actor busy and the progress bar moving.
+    return texts.repartition(target_num_rows_per_block=cfg.batch_size * 8).map_batches(
         TeacherEmbedder,
-        fn_constructor_kwargs={"cfg": cfg, "torch_threads": cpus_per_actor},
+        fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
         batch_size=cfg.batch_size * 4,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_gpus=1 if gpus else 0,
-        num_cpus=cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=2),
+        num_gpus=gpus,
+        num_cpus=reserved_cpus,
     )

@@ -28,7 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from leaf_ray.config import LeafConfig
 from leaf_ray.report import write_metrics
-from leaf_ray.student import embed, freeze_unused, leaf_loss
+from leaf_ray.student import embed, freeze_unused, leaf_loss, param_groups
 
 TRAIN_STATE = "train_state.pt"
 # Texts per length-sorting window, in batches: batches then carry little padding.
@@ -39,12 +39,18 @@ def train_student(
     cfg: LeafConfig, embedded: ray.data.Dataset, num_rows: int, init_path: str, storage: Path
 ) -> Checkpoint:
     """Fit the student on (text, embedding) rows; returns the final checkpoint."""
-    use_gpu = cfg.train.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    resources = ray.cluster_resources()
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else resources.get("GPU", 0) > 0
+    # Workers reserve less CPU than they compute with, so Ray Data can always feed them.
+    threads = cfg.train.torch_threads or max(1, round(resources["CPU"] / cfg.train.num_workers))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "init_path": init_path, "num_rows": num_rows},
+        train_loop_config={
+            "cfg": cfg,
+            "init_path": init_path,
+            "num_rows": num_rows,
+            "torch_threads": threads,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
@@ -68,7 +74,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed)
-    torch.set_num_threads(max(1, int(tcfg.cpus_per_worker)))  # Ray sets OMP_NUM_THREADS=1
+    torch.set_num_threads(config["torch_threads"])  # Ray sets OMP_NUM_THREADS=1
     device = ray.train.torch.get_device()
 
     checkpoint = ray.train.get_checkpoint()  # set when resuming after a failure or a rerun
@@ -79,7 +85,9 @@ def train_loop(config: dict) -> None:
     freeze_unused(student)
     model = ray.train.torch.prepare_model(student)  # DDP when world > 1
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(student, tcfg.lr, tcfg.head_lr or tcfg.lr), weight_decay=tcfg.weight_decay
+    )
     per_worker_batch = tcfg.batch_size // world
     steps_per_epoch = _steps_per_epoch(config["num_rows"] // world, per_worker_batch)
     total_steps = steps_per_epoch * tcfg.epochs

