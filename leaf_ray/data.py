@@ -21,6 +21,8 @@ class DataError(ValueError):
 
 def read_texts(cfg: DataConfig) -> ray.data.Dataset:
     """All configured sources, normalised to columns id, text, kind."""
+    # Bad rows surface as DataError (naming the file), not as Ray's generic UDF failure.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     datasets = [_read_source(src) for src in cfg.sources]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
@@ -58,7 +60,7 @@ def _read_source(src: SourceConfig) -> ray.data.Dataset:
 def _normalise(batch: dict[str, np.ndarray], src: SourceConfig, label: str, has_id: bool) -> dict:
     texts = batch[src.text_field].astype(str)
     kinds = np.full(len(texts), src.kind) if src.kind else batch[src.kind_field].astype(str)
-    bad = set(np.unique(kinds)) - set(KINDS)
+    bad = {str(k) for k in np.unique(kinds)} - set(KINDS)
     if bad:
         raise DataError(f"{label}: field {src.kind_field!r} has {sorted(bad)}; expected {KINDS}")
     if has_id:

@@ -36,7 +36,13 @@ def tiny_teacher(tmp_path_factory) -> Path:
         intermediate_size=64,
         max_position_embeddings=512,
     )
-    BertModel(config).save_pretrained(root / "hf")
+    bert = BertModel(config)
+    # Without position/segment signal the random encoder is a bag-of-words hash: texts sharing
+    # words get similar vectors, so retrieval scores mean something even with random weights.
+    with torch.no_grad():
+        bert.embeddings.position_embeddings.weight.zero_()
+        bert.embeddings.token_type_embeddings.weight.zero_()
+    bert.save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
     encoder = Transformer(str(root / "hf"), max_seq_length=64)
     teacher = SentenceTransformer(modules=[encoder, Pooling(32, "mean"), Normalize()], device="cpu")

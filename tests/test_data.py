@@ -34,7 +34,7 @@ def test_bad_sources_are_named(tmp_path, ray_local):
     with pytest.raises(DataError, match="no such file"):
         read_texts(DataConfig.model_validate({"sources": [{"path": str(tmp_path / "x.jsonl")}]}))
     bad_kind = write_jsonl(tmp_path / "k.jsonl", [{"id": "1", "text": "t", "kind": "passage"}])
-    with pytest.raises(Exception, match=r"k.jsonl: field 'kind' has \['passage'\]"):
+    with pytest.raises(DataError, match=r"k.jsonl: field 'kind' has \['passage'\]"):
         read_texts(DataConfig.model_validate({"sources": [{"path": str(bad_kind)}]})).take_all()
     no_text = write_jsonl(tmp_path / "t.jsonl", [{"id": "1", "body": "t", "kind": "query"}])
     with pytest.raises(DataError, match=r"t.jsonl: no field 'text'"):

@@ -47,6 +47,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
             "epochs": 4,
             "batch_size": 32,
             "lr": 1e-3,
+            "head_lr": 1e-2,
             "log_every": 5,
         },
         "eval": {"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
@@ -72,7 +73,8 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     # Distillation put student queries into the teacher's space.
     scores = {r["mode"]: r["ndcg_at_10"] for r in json.loads((run_dir / "eval.json").read_text())}
     assert set(scores) == {"teacher", "student", "student_init", "asymmetric", "asymmetric_init"}
-    assert scores["asymmetric"] > scores["asymmetric_init"] + 0.05, scores
+    assert scores["asymmetric"] > scores["asymmetric_init"] + 0.1, scores
+    assert scores["asymmetric"] > 0.5 * scores["teacher"], scores
 
     student = SentenceTransformer(str(run_dir / "student"), device="cpu")
     assert student.encode(["a query"]).shape == (1, 32)
