@@ -6,10 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import ray
+
 from leaf_ray.config import ConfigError, load_config
 from leaf_ray.data import DataError
 from leaf_ray.models import ModelPinError
 from leaf_ray.pipeline import RunError, distill, evaluate_run
+from leaf_ray.report import print_summary
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 USER_ERRORS = (ConfigError, DataError, ModelPinError, RunError)
@@ -27,12 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "distill":
-            distill(load_config(args.config, args.overrides))
+            run_dir = distill(load_config(args.config, args.overrides))
         else:
-            evaluate_run(args.run.resolve(), args.overrides)
+            run_dir = args.run.resolve()
+            evaluate_run(run_dir, args.overrides)
     except USER_ERRORS as e:
         print(f"leaf-ray: error: {e}", file=sys.stderr)
         return 2
+    ray.shutdown()  # first, so Ray's log stream cannot interleave with the summary
+    print_summary(run_dir)
     return 0
 
 

@@ -22,7 +22,6 @@ from leaf_ray.report import (
     METRICS_JSONL,
     atomic_write,
     plot_loss,
-    print_summary,
     read_metrics,
     write_eval,
     write_metrics,
@@ -85,9 +84,8 @@ def distill(cfg: LeafConfig) -> Path:
     write_metrics(history, work)
 
     # 3 + 4. Evaluation and report.
-    rows = _evaluate_into(work, cfg, history)
+    _evaluate_into(work, cfg, history)
     os.replace(work, run_dir)
-    print_summary(rows, history, run_dir)
     return run_dir
 
 
@@ -98,10 +96,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
         raise RunError(f"{run_dir}: not a leaf-ray run folder (no {CONFIG_YAML})")
     cfg = load_config(config_file, overrides)
     connect_ray(cfg.ray)
-    history = read_metrics(run_dir / METRICS_JSONL)
-    rows = _evaluate_into(run_dir, cfg, history)
-    print_summary(rows, history, run_dir)
-    return rows
+    return _evaluate_into(run_dir, cfg, read_metrics(run_dir / METRICS_JSONL))
 
 
 def _evaluate_into(run_dir: Path, cfg: LeafConfig, history: list[dict]) -> list[dict]:

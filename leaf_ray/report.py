@@ -64,7 +64,10 @@ def plot_loss(history: list[dict], run_dir: Path) -> None:
     os.replace(tmp, run_dir / LOSS_PNG)
 
 
-def print_summary(rows: list[dict], history: list[dict], run_dir: Path) -> None:
+def print_summary(run_dir: Path) -> None:
+    """The eval table and loss, read back from the run folder's files."""
+    rows = json.loads((run_dir / EVAL_JSON).read_text())
+    history = read_metrics(run_dir / METRICS_JSONL)
     console = Console()
     table = Table(title=f"LEAF distillation: {run_dir}")
     for column in ("dataset", "mode", "nDCG@10", "vs teacher"):

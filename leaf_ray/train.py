@@ -107,7 +107,7 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
-        tic, seen = time.perf_counter(), 0
+        tic, seen = time.perf_counter(), 0  # throughput over each logging window
         for texts, targets in _length_bucketed(shard, per_worker_batch, cfg.run.seed + epoch):
             features = batch_to_device(student.preprocess(texts), device)
             with autocast:
@@ -128,6 +128,7 @@ def train_loop(config: dict) -> None:
                     "grad_norm": float(grad_norm),
                     "seq_per_s": seen * world / (time.perf_counter() - tic),
                 }
+                tic, seen = time.perf_counter(), 0
                 history.append(row)
                 if bar:
                     bar.set_description(f"train student  loss {row['loss']:.4f}")
