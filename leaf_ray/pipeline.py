@@ -84,7 +84,7 @@ def distill(cfg: LeafConfig) -> Path:
     write_metrics(history, work)
 
     # 3 + 4. Evaluation and report.
-    _evaluate_into(work, cfg, history)
+    _evaluate_into(work, cfg, history, teacher_prompts(cfg.teacher, teacher))
     os.replace(work, run_dir)
     return run_dir
 
@@ -96,18 +96,21 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
         raise RunError(f"{run_dir}: not a leaf-ray run folder (no {CONFIG_YAML})")
     cfg = load_config(config_file, overrides)
     connect_ray(cfg.ray)
-    return _evaluate_into(run_dir, cfg, read_metrics(run_dir / METRICS_JSONL))
+    prompts = teacher_prompts(cfg.teacher, load_teacher(cfg.teacher))
+    return _evaluate_into(run_dir, cfg, read_metrics(run_dir / METRICS_JSONL), prompts)
 
 
-def _evaluate_into(run_dir: Path, cfg: LeafConfig, history: list[dict]) -> list[dict]:
-    teacher = load_teacher(cfg.teacher)
+def _evaluate_into(
+    run_dir: Path, cfg: LeafConfig, history: list[dict], prompts: dict[str, str | None]
+) -> list[dict]:
     models = {
         "teacher": resolve_model(cfg.teacher),
         STUDENT: str(run_dir / STUDENT),
         STUDENT_INIT: str(run_dir / STUDENT_INIT),
     }
-    prompts = {"teacher": teacher_prompts(cfg.teacher, teacher), STUDENT: {}, STUDENT_INIT: {}}
-    rows = evaluate(models, prompts, cfg.eval)
+    # Students see raw text: the teacher's prompts are part of its input, not of the space.
+    all_prompts = {"teacher": prompts, STUDENT: {}, STUDENT_INIT: {}}
+    rows = evaluate(models, all_prompts, cfg.eval)
     write_eval(rows, run_dir)
     plot_loss(history, run_dir)
     return rows

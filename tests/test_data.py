@@ -39,3 +39,17 @@ def test_bad_sources_are_named(tmp_path, ray_local):
     no_text = write_jsonl(tmp_path / "t.jsonl", [{"id": "1", "body": "t", "kind": "query"}])
     with pytest.raises(DataError, match=r"t.jsonl: no field 'text'"):
         read_texts(DataConfig.model_validate({"sources": [{"path": str(no_text)}]}))
+
+
+def test_hugging_face_dataset_source(tmp_path, ray_local):
+    """`hf_dataset` goes through `datasets.load_dataset`: a local folder here, a hub name online."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"sentence": f"example {i}"} for i in range(30)])
+    cfg = DataConfig.model_validate(
+        {"sources": [{"hf_dataset": str(folder), "text_field": "sentence", "kind": "document"}]}
+    )
+    rows = read_texts(cfg).take_all()
+    assert sorted(r["text"] for r in rows) == sorted(f"example {i}" for i in range(30))
+    assert {r["kind"] for r in rows} == {"document"}
+    assert len({r["id"] for r in rows}) == 30
