@@ -112,5 +112,5 @@ def _evaluate_into(
     all_prompts = {"teacher": prompts, STUDENT: {}, STUDENT_INIT: {}}
     rows = evaluate(models, all_prompts, cfg.eval)
     write_eval(rows, run_dir)
-    plot_loss(history, run_dir)
+    plot_loss(history, run_dir, cfg.run.name)
     return rows

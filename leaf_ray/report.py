@@ -45,7 +45,7 @@ def write_eval(rows: list[dict], run_dir: Path) -> None:
     atomic_write(run_dir / EVAL_MD, "\n".join(lines) + "\n")
 
 
-def plot_loss(history: list[dict], run_dir: Path) -> None:
+def plot_loss(history: list[dict], run_dir: Path, title: str) -> None:
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
     steps = [r["step"] for r in history]
     ax_loss.plot(steps, [r["loss"] for r in history], color="tab:blue")
@@ -56,7 +56,7 @@ def plot_loss(history: list[dict], run_dir: Path) -> None:
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimiser step")
     ax_lr.grid(alpha=0.3)
-    fig.suptitle(f"leaf-ray: {run_dir.name}")
+    fig.suptitle(f"leaf-ray: {title}")
     fig.tight_layout()
     tmp = run_dir / f".{LOSS_PNG}.tmp.png"
     fig.savefig(tmp, dpi=120)

@@ -19,7 +19,7 @@ from sentence_transformers.sentence_transformer.modules import (
 )
 from torch import nn
 
-from leaf_ray.config import StudentConfig
+from leaf_ray.config import ConfigError, StudentConfig
 from leaf_ray.teacher import normalizes
 
 
@@ -53,36 +53,27 @@ def reduce_layers(encoder: Transformer, num_layers: int | None) -> Transformer:
     """
     encoder = copy.deepcopy(encoder).cpu()
     model = encoder.auto_model
-    layers = _layer_list(model)
+    owner, name = _layer_slot(model)
+    layers = getattr(owner, name)
     keep_n = num_layers or max(1, len(layers) // 2)
     if keep_n > len(layers):
-        raise ValueError(f"student.num_layers {keep_n} exceeds the teacher's {len(layers)} layers")
+        raise ConfigError(f"student.num_layers {keep_n} exceeds the teacher's {len(layers)} layers")
     keep = np.unique(np.linspace(0, len(layers) - 1, keep_n).round().astype(int))
-    layers_kept = nn.ModuleList(layers[i] for i in keep)
-    _set_layer_list(model, layers_kept)
-    model.config.num_hidden_layers = len(layers_kept)
+    setattr(owner, name, nn.ModuleList(layers[i] for i in keep))
+    model.config.num_hidden_layers = len(keep)
     return encoder
 
 
-def _layer_list(model: nn.Module) -> nn.ModuleList:
-    for owner in ("encoder", ""):
-        holder = getattr(model, owner, None) if owner else model
+def _layer_slot(model: nn.Module) -> tuple[nn.Module, str]:
+    """Where the encoder keeps its ModuleList of layers: (owner, attribute name)."""
+    for owner in (getattr(model, "encoder", None), model):
         for name in ("layer", "layers"):
-            if isinstance(getattr(holder, name, None), nn.ModuleList):
-                return getattr(holder, name)
-    raise ValueError(
-        f"layer_reduction does not know where {type(model).__name__} keeps its layers; "
-        "use student.init: pretrained"
+            if isinstance(getattr(owner, name, None), nn.ModuleList):
+                return owner, name
+    raise ConfigError(
+        f"student.init: layer_reduction cannot find the layers of {type(model).__name__}; "
+        "use init: pretrained"
     )
-
-
-def _set_layer_list(model: nn.Module, layers: nn.ModuleList) -> None:
-    for owner in ("encoder", ""):
-        holder = getattr(model, owner, None) if owner else model
-        for name in ("layer", "layers"):
-            if isinstance(getattr(holder, name, None), nn.ModuleList):
-                setattr(holder, name, layers)
-                return
 
 
 def freeze_unused(student: SentenceTransformer) -> None:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from leaf_ray.config import StudentConfig, TeacherConfig
+from leaf_ray.config import ConfigError, StudentConfig, TeacherConfig
 from leaf_ray.student import build_student, leaf_loss, reduce_layers
 from leaf_ray.teacher import load_teacher
 
@@ -34,7 +34,7 @@ def test_layer_reduction_keeps_evenly_spaced_teacher_layers(teacher):
     for a, b in zip(layers[0].parameters(), original.parameters(), strict=True):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # a copy, not a view
     assert len(teacher[0].auto_model.encoder.layer) == 2  # the teacher is untouched
-    with pytest.raises(ValueError, match="exceeds the teacher's 2 layers"):
+    with pytest.raises(ConfigError, match="student.num_layers 3 exceeds the teacher's 2 layers"):
         reduce_layers(teacher[0], 3)
 
 
