@@ -71,11 +71,12 @@ def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset
         cpus = resources["CPU"]
         gpus, reserved_cpus = 0, max(cpus - 1, cpus / 2) / cfg.num_actors
         threads = max(1, round(cpus / cfg.num_actors))
-    # Blocks of a few batches keep every actor busy and the progress bar moving.
-    return texts.repartition(target_num_rows_per_block=cfg.batch_size * 8).map_batches(
+    # Each actor call embeds many batches: `encode` sorts them by length, so little padding.
+    rows_per_call = cfg.batch_size * 16
+    return texts.repartition(target_num_rows_per_block=rows_per_call).map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
-        batch_size=cfg.batch_size * 4,
+        batch_size=rows_per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=2),
         num_gpus=gpus,
