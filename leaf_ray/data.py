@@ -43,7 +43,7 @@ def _read_source(src: SourceConfig) -> ray.data.Dataset:
 
         label = src.hf_dataset
         hf = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split)
-        ds = ray.data.from_huggingface(hf)
+        ds = _from_hugging_face(hf, local=Path(src.hf_dataset).exists())
     if src.limit:
         ds = ds.limit(src.limit)
     columns = set(ds.columns() or [])
@@ -55,6 +55,16 @@ def _read_source(src: SourceConfig) -> ray.data.Dataset:
         fn_kwargs={"src": src, "label": label, "has_id": src.id_field in columns},
         batch_format="numpy",
     )
+
+
+def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
+    """Ray's `from_huggingface` first asks the Hub for Parquet files, which raises offline (an
+    uncaught ConnectionError): local folders and offline runs take Ray's own in-memory fallback."""
+    from huggingface_hub import constants
+
+    if local or constants.HF_HUB_OFFLINE:
+        return ray.data.from_arrow(hf.with_format("arrow")[:])
+    return ray.data.from_huggingface(hf)
 
 
 def _normalise(batch: dict[str, np.ndarray], src: SourceConfig, label: str, has_id: bool) -> dict:
