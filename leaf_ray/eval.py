@@ -7,6 +7,8 @@ embeddings are computed once and shared by every mode that needs them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pytrec_eval
 import ray
@@ -26,24 +28,30 @@ MODES = {
 }
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """What an eval task needs to load a model and encode each side with the right prompt."""
+
+    model: str  # local folder or hub name
+    revision: str | None = None
+    prompts: dict[str, str | None] = field(default_factory=dict)  # "query"/"document" -> prompt
+
+
 @ray.remote
 def _encode(
-    model: str, texts: list[str], prompt: str | None, batch_size: int, max_seq_length: int
+    spec: Encoder, side: str, texts: list[str], batch_size: int, max_seq_length: int
 ) -> np.ndarray:
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources()["CPU"])))
-    encoder = SentenceTransformer(model, device="cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = SentenceTransformer(spec.model, device=device, revision=spec.revision)
     encoder.max_seq_length = max_seq_length
+    prompt = spec.prompts.get(side)
     return encoder.encode(texts, prompt=prompt, batch_size=batch_size, convert_to_numpy=True)
 
 
-def evaluate(
-    models: dict[str, str], prompts: dict[str, dict[str, str | None]], cfg: EvalConfig
-) -> list[dict]:
-    """nDCG@10 for every mode whose models are given, on every eval set; one row per (set, mode).
-
-    `models` maps teacher/student/student_init to loadable paths or names; `prompts` gives each
-    model's query and document prompt.
-    """
+def evaluate(models: dict[str, Encoder], cfg: EvalConfig) -> list[dict]:
+    """nDCG@10 for every mode whose models are given (teacher, student, student_init), on every
+    eval set; one row per (set, mode)."""
     gpus = ray.cluster_resources().get("GPU", 0)
     encode = _encode.options(num_cpus=1, num_gpus=1 if gpus else 0)
     sets = [load_beir(folder, cfg.split) for folder in cfg.datasets]
@@ -59,8 +67,8 @@ def evaluate(
                 if key not in futures:  # each (set, model, side) is embedded once
                     futures[key] = encode.remote(
                         models[model],
+                        side,
                         list(texts.values()),
-                        prompts[model].get(side),
                         cfg.batch_size,
                         cfg.max_seq_length,
                     )

@@ -16,7 +16,7 @@ import yaml
 
 from leaf_ray.config import LeafConfig, RayConfig, load_config
 from leaf_ray.data import read_texts
-from leaf_ray.eval import evaluate
+from leaf_ray.eval import Encoder, evaluate
 from leaf_ray.models import resolve_model
 from leaf_ray.report import (
     METRICS_JSONL,
@@ -103,14 +103,13 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
 def _evaluate_into(
     run_dir: Path, cfg: LeafConfig, history: list[dict], prompts: dict[str, str | None]
 ) -> list[dict]:
-    models = {
-        "teacher": resolve_model(cfg.teacher),
-        STUDENT: str(run_dir / STUDENT),
-        STUDENT_INIT: str(run_dir / STUDENT_INIT),
-    }
     # Students see raw text: the teacher's prompts are part of its input, not of the space.
-    all_prompts = {"teacher": prompts, STUDENT: {}, STUDENT_INIT: {}}
-    rows = evaluate(models, all_prompts, cfg.eval)
+    models = {
+        "teacher": Encoder(resolve_model(cfg.teacher), cfg.teacher.revision, prompts),
+        STUDENT: Encoder(str(run_dir / STUDENT)),
+        STUDENT_INIT: Encoder(str(run_dir / STUDENT_INIT)),
+    }
+    rows = evaluate(models, cfg.eval)
     write_eval(rows, run_dir)
     plot_loss(history, run_dir, cfg.run.name)
     return rows
