@@ -13,12 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "demo"
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer BERT sentence-transformer with MiniLM's real tokenizer."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+def random_bert(folder: Path, hidden: int, layers: int):
+    """A randomly initialised BERT encoder with MiniLM's real tokenizer, saved to `folder`."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from leaf_ray.config import ModelRef
@@ -26,24 +22,34 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
     minilm = resolve_model(ModelRef(model="sentence-transformers/all-MiniLM-L6-v2"))
     tokenizer = AutoTokenizer.from_pretrained(minilm)
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
+        intermediate_size=2 * hidden,
     )
     bert = BertModel(config)
+    tokenizer.save_pretrained(folder)
+    return bert
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A random 2-layer, 32-d BERT sentence-transformer: mean pooling, normalised."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    bert = random_bert(root / "hf", hidden=32, layers=2)
     # Without position/segment signal the random encoder is a bag-of-words hash: texts sharing
     # words get similar vectors, so retrieval scores mean something even with random weights.
     with torch.no_grad():
         bert.embeddings.position_embeddings.weight.zero_()
         bert.embeddings.token_type_embeddings.weight.zero_()
     bert.save_pretrained(root / "hf")
-    tokenizer.save_pretrained(root / "hf")
     encoder = Transformer(str(root / "hf"), max_seq_length=64)
     teacher = SentenceTransformer(modules=[encoder, Pooling(32, "mean"), Normalize()], device="cpu")
     teacher.save_pretrained(str(root / "teacher"))

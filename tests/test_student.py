@@ -6,6 +6,7 @@ from sentence_transformers import SentenceTransformer
 from leaf_ray.config import ConfigError, StudentConfig, TeacherConfig
 from leaf_ray.student import build_student, leaf_loss, reduce_layers
 from leaf_ray.teacher import load_teacher
+from tests.conftest import random_bert
 
 TEXTS = [
     "Perl module for matching globbing patterns against text",
@@ -66,21 +67,10 @@ def test_save_load_round_trip_gives_identical_embeddings(teacher, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, rtol=1e-5)
 
 
-def test_pretrained_student_may_differ_from_the_teacher(teacher, tiny_teacher, tmp_path):
+def test_pretrained_student_may_differ_from_the_teacher(teacher, tmp_path):
     """Any Hugging Face encoder folder (or hub name) as the student, projected to teacher space."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    hf = tmp_path / "other"
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_teacher))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=48,
-    )
-    BertModel(config).save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
-    student = build_student(StudentConfig(init="pretrained", model=str(hf)), teacher, seed=0)
+    random_bert(tmp_path / "other", hidden=24, layers=1).save_pretrained(tmp_path / "other")
+    cfg = StudentConfig(init="pretrained", model=str(tmp_path / "other"))
+    student = build_student(cfg, teacher, seed=0)
     assert student[2].linear.weight.shape == (32, 24)  # Linear 24 -> teacher's 32
     assert student.encode(TEXTS).shape == (3, 32)
