@@ -12,7 +12,7 @@ from leaf_ray.config import ConfigError, load_config
 from leaf_ray.data import DataError
 from leaf_ray.models import ModelPinError
 from leaf_ray.pipeline import RunError, distill, evaluate_run
-from leaf_ray.report import print_summary
+from leaf_ray.report import print_plan, print_summary
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 USER_ERRORS = (ConfigError, DataError, ModelPinError, RunError)
@@ -23,12 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("distill", help="distill a teacher into a leaf student")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML (default: demo)")
+    run.add_argument(
+        "--dry-run", action="store_true", help="validate and print the resolved plan; run nothing"
+    )
     ev = commands.add_parser("eval", help="evaluate a finished run folder again")
     ev.add_argument("--run", type=Path, required=True, help="run folder written by distill")
     for sub in (run, ev):
         sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
     try:
+        if args.command == "distill" and args.dry_run:
+            print_plan(load_config(args.config, args.overrides))
+            return 0
         if args.command == "distill":
             run_dir = distill(load_config(args.config, args.overrides))
         else:

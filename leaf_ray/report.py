@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from leaf_ray.config import LeafConfig  # noqa: E402
+
 EVAL_JSON, EVAL_MD, METRICS_JSONL, LOSS_PNG = (
     "eval.json",
     "eval.md",
@@ -62,6 +64,31 @@ def plot_loss(history: list[dict], run_dir: Path, title: str) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, run_dir / LOSS_PNG)
+
+
+def print_plan(cfg: LeafConfig) -> None:
+    """What `distill` would do, from the config alone: nothing is loaded, downloaded or started."""
+    t, s, tr = cfg.teacher, cfg.student, cfg.train
+    student = (
+        f"{s.num_layers or 'half the'} teacher layers" if s.init == "layer_reduction" else s.model
+    )
+    sources = [src.path or f"hf:{src.hf_dataset}" for src in cfg.data.sources]
+    local = f"a local Ray ({cfg.ray.num_cpus or 'all'} CPUs)"
+    console = Console(soft_wrap=True)
+    console.print(f"[bold]config[/] {cfg.source_file}")
+    console.print(f"[bold]run[/] {Path(cfg.run.output_dir) / cfg.run_name()}")
+    console.print(f"[bold]ray[/] {cfg.ray.address or f'RAY_ADDRESS if set, else {local}'}")
+    console.print(
+        f"[bold]1. teacher[/] {t.model} on {t.num_actors} Ray Data actor(s), batch {t.batch_size}"
+    )
+    for src, limit in zip(sources, (src.limit for src in cfg.data.sources), strict=True):
+        console.print(f"   texts from {src}" + (f" (first {limit})" if limit else ""))
+    console.print(
+        f"[bold]2. student[/] {s.init}: {student}, max length {s.max_seq_length}; "
+        f"{tr.num_workers} DDP worker(s), {tr.epochs} epoch(s) of batch {tr.batch_size}, "
+        f"lr {tr.lr} (projection {tr.head_lr or tr.lr})"
+    )
+    console.print(f"[bold]3. eval[/] {', '.join(cfg.eval.datasets) or 'none'}")
 
 
 def print_summary(run_dir: Path) -> None:

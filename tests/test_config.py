@@ -83,3 +83,14 @@ def test_cli_exits_nonzero_with_a_clear_message(tmp_path, capsys):
     assert "leaf-ray: error: invalid config" in err
     assert f"{path}:7: student.init" in err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+    path = write(tmp_path, MINIMAL + "run:\n  output_dir: out\n  name: plan\n")
+    assert main(["distill", "--config", str(path), "--dry-run", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"run {tmp_path / 'out' / 'plan'}" in out
+    assert "1. teacher sentence-transformers/all-MiniLM-L6-v2 on 1 Ray Data actor(s)" in out
+    assert f"texts from {tmp_path / 'texts.jsonl'}" in out
+    assert "3 epoch(s) of batch 32" in out
+    assert not (tmp_path / "out").exists()
