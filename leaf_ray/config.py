@@ -112,6 +112,10 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
 
+    @property
+    def projection_lr(self) -> float:
+        return self.head_lr or self.lr
+
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
         if self.batch_size % self.num_workers:

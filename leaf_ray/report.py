@@ -42,9 +42,12 @@ def write_eval(rows: list[dict], run_dir: Path) -> None:
     atomic_write(run_dir / EVAL_JSON, json.dumps(rows, indent=2) + "\n")
     lines = ["| dataset | mode | nDCG@10 | vs teacher |", "|---|---|---:|---:|"]
     for r in rows:
-        retention = f"{r['retention']:.1%}" if r["retention"] is not None else "-"
-        lines.append(f"| {r['dataset']} | {r['mode']} | {r['ndcg_at_10']:.4f} | {retention} |")
+        lines.append(f"| {r['dataset']} | {r['mode']} | {r['ndcg_at_10']:.4f} | {_retention(r)} |")
     atomic_write(run_dir / EVAL_MD, "\n".join(lines) + "\n")
+
+
+def _retention(row: dict) -> str:
+    return f"{row['retention']:.1%}" if row["retention"] is not None else "-"
 
 
 def plot_loss(history: list[dict], run_dir: Path, title: str) -> None:
@@ -72,7 +75,6 @@ def print_plan(cfg: LeafConfig) -> None:
     student = (
         f"{s.num_layers or 'half the'} teacher layers" if s.init == "layer_reduction" else s.model
     )
-    sources = [src.path or f"hf:{src.hf_dataset}" for src in cfg.data.sources]
     local = f"a local Ray ({cfg.ray.num_cpus or 'all'} CPUs)"
     console = Console(soft_wrap=True)
     console.print(f"[bold]config[/] {cfg.source_file}")
@@ -81,12 +83,13 @@ def print_plan(cfg: LeafConfig) -> None:
     console.print(
         f"[bold]1. teacher[/] {t.model} on {t.num_actors} Ray Data actor(s), batch {t.batch_size}"
     )
-    for src, limit in zip(sources, (src.limit for src in cfg.data.sources), strict=True):
-        console.print(f"   texts from {src}" + (f" (first {limit})" if limit else ""))
+    for src in cfg.data.sources:
+        where = src.path or f"hf:{src.hf_dataset}"
+        console.print(f"   texts from {where}" + (f" (first {src.limit})" if src.limit else ""))
     console.print(
         f"[bold]2. student[/] {s.init}: {student}, max length {s.max_seq_length}; "
         f"{tr.num_workers} DDP worker(s), {tr.epochs} epoch(s) of batch {tr.batch_size}, "
-        f"lr {tr.lr} (projection {tr.head_lr or tr.lr})"
+        f"lr {tr.lr} (projection {tr.projection_lr})"
     )
     console.print(f"[bold]3. eval[/] {', '.join(cfg.eval.datasets) or 'none'}")
 
@@ -100,8 +103,7 @@ def print_summary(run_dir: Path) -> None:
     for column in ("dataset", "mode", "nDCG@10", "vs teacher"):
         table.add_column(column, justify="left" if column in ("dataset", "mode") else "right")
     for r in rows:
-        retention = f"{r['retention']:.1%}" if r["retention"] is not None else "-"
-        table.add_row(r["dataset"], r["mode"], f"{r['ndcg_at_10']:.4f}", retention)
+        table.add_row(r["dataset"], r["mode"], f"{r['ndcg_at_10']:.4f}", _retention(r))
     console.print(table)
     if history:
         console.print(

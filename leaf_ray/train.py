@@ -84,10 +84,9 @@ def train_loop(config: dict) -> None:
     student.max_seq_length = cfg.student.max_seq_length
     freeze_unused(student)
     model = ray.train.torch.prepare_model(student)  # DDP when world > 1
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        param_groups(student, tcfg.lr, tcfg.head_lr or tcfg.lr), weight_decay=tcfg.weight_decay
-    )
+    groups = param_groups(student, tcfg.lr, tcfg.projection_lr)
+    trainable = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
     per_worker_batch = tcfg.batch_size // world
     steps_per_epoch = _steps_per_epoch(config["num_rows"] // world, per_worker_batch)
     total_steps = steps_per_epoch * tcfg.epochs
