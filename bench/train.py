@@ -28,7 +28,7 @@ from sentence_transformers.util import batch_to_device
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
 from leaf_ray.report import METRICS_JSONL, read_metrics
 from leaf_ray.student import build_student, embed, freeze_unused, leaf_loss, param_groups
-from leaf_ray.teacher import load_teacher
+from leaf_ray.teacher import load_teacher, teacher_space
 from leaf_ray.train import train_student
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +84,8 @@ def main() -> None:
     targets /= np.linalg.norm(targets, axis=1, keepdims=True)
     storage = Path("/tmp/leaf-ray-bench-train")
     init = str(storage / "student_init")
-    build_student(StudentConfig(), teacher, seed=0).save_pretrained(init)
+    space = teacher_space(teacher_cfg, on_gpu=False)
+    build_student(StudentConfig(), space, 0, teacher).save_pretrained(init)
     cpus = os.cpu_count() or 1
     torch.set_num_threads(cpus)
 

@@ -1,4 +1,5 @@
-"""`leaf-ray`: distill (the whole recipe) and eval (re-evaluate a finished run)."""
+"""`leaf-ray`: distill (the whole recipe), embed (the teacher stage alone), cache verify, and eval
+(re-evaluate a finished run)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import ray
 from leaf_ray.config import ConfigError, load_config
 from leaf_ray.data import DataError
 from leaf_ray.models import ModelPinError
-from leaf_ray.pipeline import RunError, distill, evaluate_run
-from leaf_ray.report import print_plan, print_summary
+from leaf_ray.pipeline import RunError, distill, embed, evaluate_run, verify_cache
+from leaf_ray.report import print_embedded, print_plan, print_summary, print_verify
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 USER_ERRORS = (ConfigError, DataError, ModelPinError, RunError)
@@ -26,15 +27,32 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--dry-run", action="store_true", help="validate and print the resolved plan; run nothing"
     )
+    emb = commands.add_parser("embed", help="run the teacher stage alone: fill the vector cache")
+    cache = commands.add_parser("cache", help="teacher-vector cache tools")
+    check = cache.add_subparsers(dest="action", required=True).add_parser(
+        "verify", help="re-read the config's cache: missing, duplicated or corrupt rows"
+    )
     ev = commands.add_parser("eval", help="evaluate a finished run folder again")
     ev.add_argument("--run", type=Path, required=True, help="run folder written by distill")
-    for sub in (run, ev):
+    for sub in (emb, check):
+        sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML (default: demo)")
+    for sub in (run, emb, check, ev):
         sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
     try:
         if args.command == "distill" and args.dry_run:
             print_plan(load_config(args.config, args.overrides))
             return 0
+        if args.command == "embed":
+            vectors = embed(load_config(args.config, args.overrides))
+            ray.shutdown()
+            print_embedded(vectors)
+            return 0
+        if args.command == "cache":
+            report = verify_cache(load_config(args.config, args.overrides))
+            ray.shutdown()
+            print_verify(report)
+            return 0 if report.ok else 1
         if args.command == "distill":
             run_dir = distill(load_config(args.config, args.overrides))
         else:

@@ -7,6 +7,7 @@ from any working directory (and inside `ray job submit --working-dir`).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +72,21 @@ class ModelRef(Strict):
     )
 
 
+class HttpTeacherConfig(Strict):
+    """An OpenAI-compatible `/v1/embeddings` endpoint; `teacher.model` is the model it serves."""
+
+    url: str = Field(description="Base URL, e.g. http://host:8000/v1 (POSTs to <url>/embeddings).")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Environment variable with the key; unset: no key sent."
+    )
+    max_concurrency: int = Field(8, gt=0, description="Requests in flight per teacher actor.")
+    requests_per_second: float | None = Field(None, gt=0, description="Per actor; None: no limit.")
+    max_retries: int = Field(6, ge=0, description="On 429, 5xx, timeouts; exponential backoff.")
+    timeout_s: float = Field(60.0, gt=0)
+    texts_per_request: int = Field(64, gt=0)
+    dimensions: int | None = Field(None, gt=0, description="Sent as `dimensions` (MRL APIs).")
+
+
 class TeacherConfig(ModelRef):
     max_seq_length: int = Field(128, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -79,6 +95,28 @@ class TeacherConfig(ModelRef):
     document_prompt: str | None = Field(
         None, description="Default: the teacher's 'document' prompt."
     )
+    vectors: str | None = Field(
+        None, description="Black box: precomputed vectors (Parquet/JSONL: kind, text, embedding)."
+    )
+    http: HttpTeacherConfig | None = Field(None, description="Black box: an embeddings API.")
+    normalized: bool | None = Field(
+        None, description="Black boxes: are the vectors unit length? Default: measured."
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 autocast on GPU, float32 on CPU."
+    )
+    vector_dtype: Literal["float32", "float16"] = Field("float32", description="As cached.")
+    cache_dir: str | None = Field(None, description="Default: <run.output_dir>/teacher_cache.")
+
+    @property
+    def backend(self) -> Literal["sentence_transformers", "vectors", "http"]:
+        return "vectors" if self.vectors else "http" if self.http else "sentence_transformers"
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> TeacherConfig:
+        if self.vectors and self.http:
+            raise ValueError("give at most one of 'vectors' or 'http'")
+        return self
 
 
 class StudentConfig(Strict):
@@ -143,13 +181,20 @@ class LeafConfig(Strict):
     eval: EvalConfig = EvalConfig()
     source_file: str | None = Field(None, description="Set by load_config; not for YAML.")
 
+    @model_validator(mode="after")
+    def _black_box_students(self) -> LeafConfig:
+        if self.teacher.backend != "sentence_transformers" and self.student.init != "pretrained":
+            raise ValueError(
+                "student.init: a black-box teacher has no layers to copy; use init: pretrained"
+            )
+        return self
+
+    def cache_dir(self) -> Path:
+        return Path(self.teacher.cache_dir or Path(self.run.output_dir) / "teacher_cache")
+
     def run_name(self) -> str:
         stem = Path(self.source_file).stem if self.source_file else "run"
         return self.run.name or f"{stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-
-
-# Keys whose values are paths, resolved against the config file's folder.
-_PATH_KEYS = {("run", "output_dir"), ("eval", "datasets"), ("data", "sources", "path")}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> LeafConfig:
@@ -210,6 +255,11 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     ev = raw.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("datasets"), list):
         ev["datasets"] = [fix(d) for d in ev["datasets"]]
+    teacher = raw.get("teacher")
+    if isinstance(teacher, dict):
+        for key in ("vectors", "cache_dir"):
+            if key in teacher:
+                teacher[key] = fix(teacher[key])
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("sources"), list):
         for src in data["sources"]:
@@ -243,10 +293,15 @@ def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) ->
     msgs = []
     for e in err.errors():
         loc = tuple(e["loc"])
+        named = re.match(r"Value error, ([\w.]+): (.*)", e["msg"]) if not loc else None
+        if named:  # a cross-section check names its key in the message
+            loc = tuple(int(p) if p.isdigit() else p for p in named[1].split("."))
+            e = {**e, "msg": named[2], "type": "value_error_named"}
         key = ".".join(str(p) for p in loc) or "<top>"
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{path}:{line}" if line else str(path)
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e['input']!r})"
+        quiet = ("missing", "extra_forbidden", "value_error_named")
+        got = "" if e["type"] in quiet else f" (got {e['input']!r})"
         msgs.append(f"{where}: {key}: {msg}{got}")
     return "invalid config:\n  " + "\n  ".join(msgs)

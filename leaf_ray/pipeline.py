@@ -6,33 +6,43 @@ every stage has finished, so a folder without the dot is always a complete run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.data
 import yaml
 
+from leaf_ray.cache import TeacherCache, VerifyReport, add_text_hash, atomic_write, verify
 from leaf_ray.config import LeafConfig, RayConfig, load_config
 from leaf_ray.data import read_texts
 from leaf_ray.eval import Encoder, evaluate
 from leaf_ray.models import resolve_model
 from leaf_ray.report import (
     METRICS_JSONL,
-    atomic_write,
     plot_loss,
     read_metrics,
     write_eval,
     write_metrics,
 )
 from leaf_ray.student import build_student
-from leaf_ray.teacher import embed_texts, load_teacher, teacher_prompts
+from leaf_ray.teacher import (
+    TeacherSpace,
+    embed_texts,
+    load_teacher,
+    rows_per_actor_call,
+    teacher_prompts,
+    teacher_space,
+)
 from leaf_ray.train import TRAIN_STATE, train_student
 
-CONFIG_YAML, TEACHER_VECTORS, STUDENT, STUDENT_INIT = (
+CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT = (
     "config.yaml",
-    "teacher_vectors",
+    "teacher_cache.json",
     "student",
     "student_init",
 )
@@ -50,6 +60,79 @@ def connect_ray(cfg: RayConfig) -> None:
     ray.init(address=address, num_cpus=None if address else cfg.num_cpus)
 
 
+@dataclass(frozen=True)
+class TeacherVectors:
+    """The teacher's vectors for one config's texts, as committed in the cache."""
+
+    cache: TeacherCache
+    space: TeacherSpace
+    hashes: np.ndarray  # one per input row (duplicates included)
+    embedded: int  # texts this call embedded; 0 when the cache had them all
+
+    @property
+    def unique(self) -> int:
+        return int(np.unique(self.hashes).size)
+
+    def dataset(self) -> ray.data.Dataset:
+        """Rows (text_hash, kind, text, embedding), one per distinct text."""
+        return self.cache.read(self.hashes)
+
+
+def embed(cfg: LeafConfig) -> TeacherVectors:
+    """The teacher stage (`leaf-ray embed`): embed each distinct text the cache lacks, once.
+
+    Rerunning after a crash or kill embeds only what is still missing; with the same teacher
+    settings and texts, a second run embeds nothing.
+    """
+    connect_ray(cfg.ray)
+    space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
+    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    ids, hashes = _ids_and_hashes(texts)
+    todo = _first_rows_missing(ids, hashes, cache.hashes())
+    if todo:
+        chosen = texts.map_batches(_select_rows, fn_args=(todo,), batch_format="numpy")
+        sink = cache.sink(cfg.teacher.vector_dtype, rows_per_actor_call(cfg.teacher))
+        embed_texts(chosen, cfg.teacher).write_datasink(sink)
+    missing = np.setdiff1d(np.unique(hashes.astype(str)), cache.hashes().astype(str))
+    if missing.size:
+        raise RunError(f"{cache.root}: {missing.size} texts still have no vector after the stage")
+    return TeacherVectors(cache, space, hashes, embedded=len(todo))
+
+
+def verify_cache(cfg: LeafConfig) -> VerifyReport:
+    """`leaf-ray cache verify`: the config's cache, and which of its texts have no vector."""
+    connect_ray(cfg.ray)
+    space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
+    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    return verify(cache, _ids_and_hashes(texts)[1])
+
+
+def _ids_and_hashes(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Only these two small columns come to the driver; the texts stay in Ray."""
+    ids, hashes = [], []
+    for batch in texts.select_columns(["id", "text_hash"]).iter_batches(batch_format="numpy"):
+        ids.append(batch["id"].astype(str))
+        hashes.append(batch["text_hash"].astype(str))
+    return np.concatenate(ids), np.concatenate(hashes)
+
+
+def _first_rows_missing(ids: np.ndarray, hashes: np.ndarray, cached: np.ndarray) -> dict:
+    """text_hash -> the id of its first row, for each distinct text not in the cache."""
+    unique, first = np.unique(hashes, return_index=True)
+    missing = ~np.isin(unique, cached.astype(str))
+    return dict(zip(unique[missing].tolist(), ids[first[missing]].tolist(), strict=True))
+
+
+def _select_rows(batch: dict[str, np.ndarray], todo: dict) -> dict[str, np.ndarray]:
+    keep = np.array(
+        [todo.get(h) == i for h, i in zip(batch["text_hash"], batch["id"], strict=True)],
+        dtype=bool,
+    )
+    return {column: values[keep] for column, values in batch.items()}
+
+
 def distill(cfg: LeafConfig) -> Path:
     """Run every stage; return the finished run folder."""
     output_dir = Path(cfg.run.output_dir).resolve()
@@ -61,21 +144,22 @@ def distill(cfg: LeafConfig) -> Path:
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     dump = cfg.model_dump(mode="json", exclude={"source_file"})
     atomic_write(work / CONFIG_YAML, yaml.safe_dump(dump, sort_keys=False))
-    connect_ray(cfg.ray)
 
-    # 1. Teacher: actors embed every text; the vectors land in Parquet, freeing the actors.
-    teacher = load_teacher(cfg.teacher)
-    vectors_dir = work / TEACHER_VECTORS
-    if not vectors_dir.exists():
-        tmp = work / f".{TEACHER_VECTORS}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        embed_texts(read_texts(cfg.data), cfg.teacher).write_parquet(str(tmp))
-        os.replace(tmp, vectors_dir)
-    embedded = ray.data.read_parquet(str(vectors_dir))
+    # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
+    vectors = embed(cfg)
+    cache_note = {"cache": str(vectors.cache.root), "rows": len(vectors.hashes)}
+    atomic_write(
+        work / TEACHER_CACHE_JSON,
+        json.dumps(cache_note | {"distinct": vectors.unique, "embedded": vectors.embedded}),
+    )
 
     # 2. Student: layer-reduced (or pretrained) encoder + projection, trained on Ray Train.
-    build_student(cfg.student, teacher, cfg.run.seed).save_pretrained(str(work / STUDENT_INIT))
-    checkpoint = train_student(cfg, embedded, embedded.count(), str(work / STUDENT_INIT), work)
+    teacher = load_teacher(cfg.teacher) if cfg.teacher.backend == "sentence_transformers" else None
+    student = build_student(cfg.student, vectors.space, cfg.run.seed, teacher)
+    student.save_pretrained(str(work / STUDENT_INIT))
+    checkpoint = train_student(
+        cfg, vectors.dataset(), vectors.unique, str(work / STUDENT_INIT), work
+    )
     with checkpoint.as_directory() as ckpt:
         shutil.copytree(
             ckpt, work / STUDENT, ignore=shutil.ignore_patterns(TRAIN_STATE, METRICS_JSONL)
@@ -84,7 +168,7 @@ def distill(cfg: LeafConfig) -> Path:
     write_metrics(history, work)
 
     # 3 + 4. Evaluation and report.
-    _evaluate_into(work, cfg, history, teacher_prompts(cfg.teacher, teacher))
+    _evaluate_into(work, cfg, history)
     os.replace(work, run_dir)
     return run_dir
 
@@ -96,19 +180,18 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
         raise RunError(f"{run_dir}: not a leaf-ray run folder (no {CONFIG_YAML})")
     cfg = load_config(config_file, overrides)
     connect_ray(cfg.ray)
-    prompts = teacher_prompts(cfg.teacher, load_teacher(cfg.teacher))
-    return _evaluate_into(run_dir, cfg, read_metrics(run_dir / METRICS_JSONL), prompts)
+    return _evaluate_into(run_dir, cfg, read_metrics(run_dir / METRICS_JSONL))
 
 
-def _evaluate_into(
-    run_dir: Path, cfg: LeafConfig, history: list[dict], prompts: dict[str, str | None]
-) -> list[dict]:
+def _evaluate_into(run_dir: Path, cfg: LeafConfig, history: list[dict]) -> list[dict]:
     # Students see raw text: the teacher's prompts are part of its input, not of the space.
     models = {
-        "teacher": Encoder(resolve_model(cfg.teacher), cfg.teacher.revision, prompts),
         STUDENT: Encoder(str(run_dir / STUDENT)),
         STUDENT_INIT: Encoder(str(run_dir / STUDENT_INIT)),
     }
+    if cfg.teacher.backend == "sentence_transformers":  # black boxes: students only, for now
+        prompts = teacher_prompts(cfg.teacher, load_teacher(cfg.teacher))
+        models["teacher"] = Encoder(resolve_model(cfg.teacher), cfg.teacher.revision, prompts)
     rows = evaluate(models, cfg.eval)
     write_eval(rows, run_dir)
     plot_loss(history, run_dir, cfg.run.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,7 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from leaf_ray.cache import VerifyReport, atomic_write  # noqa: E402
 from leaf_ray.config import LeafConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from leaf_ray.pipeline import TeacherVectors
 
 EVAL_JSON, EVAL_MD, METRICS_JSONL, LOSS_PNG = (
     "eval.json",
@@ -21,13 +26,6 @@ EVAL_JSON, EVAL_MD, METRICS_JSONL, LOSS_PNG = (
     "metrics.jsonl",
     "loss_curve.png",
 )
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary sibling, then rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def write_metrics(history: list[dict], run_dir: Path) -> None:
@@ -110,3 +108,24 @@ def print_summary(run_dir: Path) -> None:
             f"alignment loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
             f"over {history[-1]['step']} steps"
         )
+
+
+def print_embedded(vectors: TeacherVectors) -> None:
+    rows, unique = len(vectors.hashes), vectors.unique
+    Console(soft_wrap=True).print(
+        f"[bold]teacher vectors[/] {rows} texts ({unique} distinct): {vectors.embedded} embedded "
+        f"now, {unique - vectors.embedded} already cached\n[bold]cache[/] {vectors.cache.root}"
+    )
+
+
+def print_verify(report: VerifyReport) -> None:
+    console = Console(soft_wrap=True)
+    status = "[green]ok[/]" if report.ok else "[red]FAILED[/]"
+    console.print(
+        f"[bold]cache verify[/] {status}: {report.rows} rows in {report.shards} shards; "
+        f"{report.missing} missing, {report.duplicated} duplicated, {len(report.corrupt)} corrupt"
+    )
+    for problem in report.corrupt:
+        console.print(f"  corrupt: {problem}")
+    if report.orphans:
+        console.print(f"  {len(report.orphans)} uncommitted shard(s) ignored (an interrupted run)")

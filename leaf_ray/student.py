@@ -20,13 +20,17 @@ from sentence_transformers.sentence_transformer.modules import (
 from torch import nn
 
 from leaf_ray.config import ConfigError, StudentConfig
-from leaf_ray.teacher import normalizes
+from leaf_ray.teacher import TeacherSpace
 
 
 def build_student(
-    cfg: StudentConfig, teacher: SentenceTransformer, seed: int
+    cfg: StudentConfig,
+    space: TeacherSpace,
+    seed: int,
+    teacher: SentenceTransformer | None = None,
 ) -> SentenceTransformer:
-    """The undistilled student: encoder from `cfg.init`, projection freshly initialised."""
+    """The undistilled student: encoder from `cfg.init` (layer reduction copies `teacher`'s
+    layers), projection into the teacher's space freshly initialised."""
     torch.manual_seed(seed)
     if cfg.init == "layer_reduction":
         encoder = reduce_layers(teacher[0], cfg.num_layers)
@@ -39,9 +43,9 @@ def build_student(
     modules: list[nn.Module] = [
         encoder,
         Pooling(width, pooling_mode="mean"),
-        Dense(width, teacher.get_embedding_dimension(), activation_function=nn.Identity()),
+        Dense(width, space.dimension, activation_function=nn.Identity()),
     ]
-    if cfg.normalize if cfg.normalize is not None else normalizes(teacher):
+    if cfg.normalize if cfg.normalize is not None else space.normalized:
         modules.append(Normalize())
     return SentenceTransformer(modules=modules, device="cpu")
 

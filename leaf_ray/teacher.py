@@ -1,16 +1,38 @@
-"""Teacher stage: Ray Data actors embed each text with the teacher's prompt for its kind."""
+"""Teacher stage: Ray Data actors embed each text with the teacher's prompt for its kind.
+
+A teacher is a sentence-transformers model (local, bundled or hub) or a black box that only gives
+vectors: precomputed vectors in a file, or an OpenAI-compatible embeddings endpoint. All three sit
+behind `embed(texts, kind)`, inside the same actor, and are keyed the same way in the cache.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.json
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.models import Normalize
+from sentence_transformers.sentence_transformer.modules import Normalize
+from sentence_transformers.util import batch_to_device
 
+from leaf_ray.cache import FORMAT_VERSION, text_hash
 from leaf_ray.config import TeacherConfig
+from leaf_ray.data import KINDS, DataError
+from leaf_ray.http_teacher import HttpEmbedder, HttpSettings
 from leaf_ray.models import resolve_model
+
+PROBE_TEXTS = ["leaf-ray probe: what space do your vectors live in?", "a second probe text"]
 
 
 def load_teacher(cfg: TeacherConfig, device: str | None = None) -> SentenceTransformer:
@@ -19,14 +41,15 @@ def load_teacher(cfg: TeacherConfig, device: str | None = None) -> SentenceTrans
     return model
 
 
-def teacher_prompts(cfg: TeacherConfig, model: SentenceTransformer) -> dict[str, str | None]:
-    """Config prompts win; otherwise the teacher's own `query`/`document` prompts, if any."""
+def teacher_prompts(
+    cfg: TeacherConfig, model: SentenceTransformer | None = None
+) -> dict[str, str | None]:
+    """Config prompts win; otherwise the teacher model's own `query`/`document` prompts, if any."""
+    own = model.prompts if model is not None else {}
     return {
-        "query": cfg.query_prompt if cfg.query_prompt is not None else model.prompts.get("query"),
+        "query": cfg.query_prompt if cfg.query_prompt is not None else own.get("query"),
         "document": (
-            cfg.document_prompt
-            if cfg.document_prompt is not None
-            else model.prompts.get("document")
+            cfg.document_prompt if cfg.document_prompt is not None else own.get("document")
         ),
     }
 
@@ -35,35 +58,155 @@ def normalizes(model: SentenceTransformer) -> bool:
     return any(isinstance(module, Normalize) for module in model)
 
 
+def compute_dtype(cfg: TeacherConfig, device: str) -> torch.dtype:
+    if cfg.compute_dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, cfg.compute_dtype)
+
+
+class Teacher(Protocol):
+    def embed(self, texts: list[str], kind: str) -> np.ndarray: ...
+
+
+class LocalTeacher:
+    """A sentence-transformers model run by hand rather than through `encode()`: the whole call is
+    sorted by length once, the next batch is tokenized in a thread while this one runs, autocast
+    is applied, and results stay on the device until the end (one transfer, no per-batch sync)."""
+
+    def __init__(self, cfg: TeacherConfig, device: str):
+        self.model = load_teacher(cfg, device).eval()
+        self.device, self.batch_size = device, cfg.batch_size
+        self.dtype = compute_dtype(cfg, device)
+        self.prompts = teacher_prompts(cfg, self.model)
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1)
+
+    def embed(self, texts: list[str], kind: str) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks = [
+            [texts[i] for i in order[s : s + self.batch_size]]
+            for s in range(0, len(texts), self.batch_size)
+        ]
+        prompt = self.prompts[kind]
+        tokenize = self.tokenizer_thread.submit
+        pending = tokenize(self.model.preprocess, chunks[0], prompt=prompt)
+        out = []
+        autocast = (
+            torch.autocast(device_type=self.device, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            for i in range(len(chunks)):
+                features = pending.result()
+                if i + 1 < len(chunks):
+                    pending = tokenize(self.model.preprocess, chunks[i + 1], prompt=prompt)
+                features = batch_to_device(features, self.device)
+                out.append(self.model(features)["sentence_embedding"].float())
+        vectors = torch.cat(out).cpu().numpy()
+        result = np.empty_like(vectors)
+        result[order] = vectors
+        return result
+
+
+class VectorsTeacher:
+    """Precomputed vectors, matched to texts by the hash of (kind, text)."""
+
+    def __init__(self, cfg: TeacherConfig):
+        self.path = cfg.vectors
+        table = read_vectors_file(cfg.vectors)
+        hashes = [
+            text_hash(k, t)
+            for k, t in zip(table["kind"].to_pylist(), table["text"].to_pylist(), strict=True)
+        ]
+        self.row = {h: i for i, h in enumerate(hashes)}
+        self.vectors = np.asarray(table["embedding"].to_pylist(), dtype=np.float32)
+
+    def embed(self, texts: list[str], kind: str) -> np.ndarray:
+        rows = [self.row.get(text_hash(kind, t)) for t in texts]
+        missing = [t for t, r in zip(texts, rows, strict=True) if r is None]
+        if missing:
+            raise DataError(
+                f"teacher.vectors: {self.path}: no vector for {len(missing)} {kind} text(s), "
+                f"e.g. {missing[0][:80]!r}"
+            )
+        return self.vectors[rows]
+
+
+def read_vectors_file(path: str) -> pa.Table:
+    """Parquet or JSON lines with `kind`, `text` and `embedding` (other columns are ignored)."""
+    file = Path(path)
+    if not file.exists():
+        raise DataError(f"teacher.vectors: {path}: no such file or folder")
+    try:
+        if ".parquet" in file.suffixes or file.is_dir():
+            table = pq.read_table(path, columns=None)
+        else:
+            table = pyarrow.json.read_json(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"teacher.vectors: {path}: cannot read: {e}") from None
+    absent = {"kind", "text", "embedding"} - set(table.column_names)
+    if absent:
+        raise DataError(f"teacher.vectors: {path}: missing column(s) {sorted(absent)}")
+    return table
+
+
+class HttpTeacher:
+    """An OpenAI-compatible endpoint; prompts (from the config) are prepended to the text."""
+
+    def __init__(self, cfg: TeacherConfig):
+        http = cfg.http
+        self.prompts = teacher_prompts(cfg)
+        self.client = HttpEmbedder(
+            HttpSettings(
+                url=http.url,
+                model=cfg.model,
+                api_key=os.environ.get(http.api_key_env) if http.api_key_env else None,
+                max_concurrency=http.max_concurrency,
+                requests_per_second=http.requests_per_second,
+                max_retries=http.max_retries,
+                timeout_s=http.timeout_s,
+                texts_per_request=http.texts_per_request,
+                dimensions=http.dimensions,
+            )
+        )
+
+    def embed(self, texts: list[str], kind: str) -> np.ndarray:
+        prompt = self.prompts[kind] or ""
+        return self.client.embed([prompt + t for t in texts])
+
+
+def open_teacher(cfg: TeacherConfig, device: str = "cpu") -> Teacher:
+    if cfg.backend == "vectors":
+        return VectorsTeacher(cfg)
+    if cfg.backend == "http":
+        return HttpTeacher(cfg)
+    return LocalTeacher(cfg, device)
+
+
 class TeacherEmbedder:
-    """One Ray Data actor: holds the teacher on its device and embeds a batch, kind by kind."""
+    """One Ray Data actor: holds the teacher (on its GPU, if any) and embeds a batch, kind by
+    kind, each kind with its own prompt."""
 
     def __init__(self, cfg: TeacherConfig, torch_threads: int):
         torch.set_num_threads(torch_threads)  # Ray sets OMP_NUM_THREADS=1 in workers
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.cfg = cfg
-        self.model = load_teacher(cfg, device)
-        self.prompts = teacher_prompts(cfg, self.model)
+        self.teacher = open_teacher(cfg, "cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dim = self.model.get_embedding_dimension()
-        embeddings = np.empty((len(batch["text"]), dim), dtype=np.float32)
-        for kind, prompt in self.prompts.items():
+        embeddings = None
+        for kind in KINDS:
             rows = batch["kind"] == kind
             if rows.any():
-                embeddings[rows] = self.model.encode(
-                    batch["text"][rows].tolist(),
-                    prompt=prompt,
-                    batch_size=self.cfg.batch_size,
-                    convert_to_numpy=True,
-                )
+                vectors = self.teacher.embed(batch["text"][rows].tolist(), kind)
+                if embeddings is None:
+                    embeddings = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)
+                embeddings[rows] = vectors
         return {**batch, "embedding": embeddings}
 
 
 def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset:
     """Add the teacher's `embedding` column; lazy, so it can feed training or be written out."""
     resources = ray.cluster_resources()
-    if resources.get("GPU", 0):
+    if resources.get("GPU", 0) and cfg.backend == "sentence_transformers":
         gpus, reserved_cpus, threads = 1, 1.0, 1
     else:
         # On CPUs the actors reserve all but one CPU, so Ray Data's read, repartition and write
@@ -71,8 +214,8 @@ def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset
         cpus = resources["CPU"]
         gpus, reserved_cpus = 0, max(cpus - 1, cpus / 2) / cfg.num_actors
         threads = max(1, round(cpus / cfg.num_actors))
-    # Each actor call embeds many batches: `encode` sorts them by length, so little padding.
-    rows_per_call = cfg.batch_size * 16
+    # Large calls: each is sorted by length once, so batches carry little padding.
+    rows_per_call = rows_per_actor_call(cfg)
     return texts.repartition(target_num_rows_per_block=rows_per_call).map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
@@ -82,3 +225,82 @@ def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset
         num_gpus=gpus,
         num_cpus=reserved_cpus,
     )
+
+
+def rows_per_actor_call(cfg: TeacherConfig) -> int:
+    return cfg.batch_size * 32
+
+
+@dataclass(frozen=True)
+class TeacherSpace:
+    """What the student has to match, and everything that changes a vector (the cache key)."""
+
+    key: dict
+
+    @property
+    def dimension(self) -> int:
+        return self.key["dimension"]
+
+    @property
+    def normalized(self) -> bool:
+        return self.key["normalized"]
+
+
+def teacher_space(cfg: TeacherConfig, on_gpu: bool) -> TeacherSpace:
+    """Identify the teacher without running the stage: weights hash (or endpoint, or vectors file
+    hash), prompts, length, modules (pooling, normalisation), compute and storage dtypes."""
+    key = {"format": FORMAT_VERSION, "vector_dtype": cfg.vector_dtype}
+    if cfg.backend == "sentence_transformers":
+        model = load_teacher(cfg, "cpu")
+        weights = cfg.sha256 or _weights_sha256(Path(model[0].auto_model.name_or_path))
+        key |= {
+            # The weights, not the name or folder, say which teacher this is.
+            "teacher": (
+                {"weights_sha256": weights}
+                if weights
+                else {"model": cfg.model, "revision": cfg.revision}
+            ),
+            "modules": [[type(m).__name__, _module_config(m)] for m in model],
+            "prompts": teacher_prompts(cfg, model),
+            "max_seq_length": cfg.max_seq_length,
+            "compute_dtype": str(compute_dtype(cfg, "cuda" if on_gpu else "cpu")),
+            "dimension": model.get_embedding_dimension(),
+            "normalized": normalizes(model),
+        }
+        return TeacherSpace(key)
+    if cfg.backend == "vectors":
+        table = read_vectors_file(cfg.vectors)
+        probe = np.asarray(table["embedding"].slice(0, 256).to_pylist(), dtype=np.float32)
+        key["teacher"] = {"vectors_sha256": _files_sha256(Path(cfg.vectors))}
+    else:
+        probe = HttpTeacher(cfg).embed(PROBE_TEXTS, "query")
+        http = cfg.http
+        key["teacher"] = {"model": cfg.model, "url": http.url, "dimensions": http.dimensions}
+        key["prompts"] = teacher_prompts(cfg)
+    measured = bool(np.allclose(np.linalg.norm(probe, axis=1), 1.0, atol=1e-2))
+    key |= {
+        "dimension": int(probe.shape[1]),
+        "normalized": cfg.normalized if cfg.normalized is not None else measured,
+    }
+    return TeacherSpace(key)
+
+
+def _module_config(module: torch.nn.Module) -> dict:
+    get = getattr(module, "get_config_dict", None)
+    return get() if get else {}
+
+
+def _weights_sha256(folder: Path) -> str | None:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return _files_sha256(*files) if files else None
+
+
+def _files_sha256(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                with file.open("rb") as f:
+                    for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                        digest.update(chunk)
+    return digest.hexdigest()

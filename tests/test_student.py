@@ -5,7 +5,7 @@ from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import ConfigError, StudentConfig, TeacherConfig
 from leaf_ray.student import build_student, leaf_loss, reduce_layers
-from leaf_ray.teacher import load_teacher
+from leaf_ray.teacher import load_teacher, teacher_space
 from tests.conftest import random_bert
 
 TEXTS = [
@@ -18,6 +18,11 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def teacher(tiny_teacher):
     return load_teacher(TeacherConfig(model=str(tiny_teacher), max_seq_length=64))
+
+
+@pytest.fixture(scope="module")
+def space(tiny_teacher):
+    return teacher_space(TeacherConfig(model=str(tiny_teacher), max_seq_length=64), on_gpu=False)
 
 
 def test_leaf_loss_is_mean_squared_l2():
@@ -39,8 +44,8 @@ def test_layer_reduction_keeps_evenly_spaced_teacher_layers(teacher):
         reduce_layers(teacher[0], 3)
 
 
-def test_student_is_mean_pool_then_linear_then_normalise(teacher):
-    student = build_student(StudentConfig(max_seq_length=64), teacher, seed=0).eval()
+def test_student_is_mean_pool_then_linear_then_normalise(teacher, space):
+    student = build_student(StudentConfig(max_seq_length=64), space, 0, teacher).eval()
     features = student.preprocess(TEXTS)
     with torch.no_grad():
         tokens = (
@@ -57,8 +62,8 @@ def test_student_is_mean_pool_then_linear_then_normalise(teacher):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_save_load_round_trip_gives_identical_embeddings(teacher, tmp_path):
-    student = build_student(StudentConfig(max_seq_length=64), teacher, seed=0)
+def test_save_load_round_trip_gives_identical_embeddings(teacher, space, tmp_path):
+    student = build_student(StudentConfig(max_seq_length=64), space, 0, teacher)
     student.save_pretrained(str(tmp_path / "s"))
     loaded = SentenceTransformer(str(tmp_path / "s"), device="cpu")
     a, b = student.encode(TEXTS), loaded.encode(TEXTS)
@@ -67,10 +72,10 @@ def test_save_load_round_trip_gives_identical_embeddings(teacher, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, rtol=1e-5)
 
 
-def test_pretrained_student_may_differ_from_the_teacher(teacher, tmp_path):
+def test_pretrained_student_may_differ_from_the_teacher(teacher, space, tmp_path):
     """Any Hugging Face encoder folder (or hub name) as the student, projected to teacher space."""
     random_bert(tmp_path / "other", hidden=24, layers=1).save_pretrained(tmp_path / "other")
     cfg = StudentConfig(init="pretrained", model=str(tmp_path / "other"))
-    student = build_student(cfg, teacher, seed=0)
+    student = build_student(cfg, space, 0, teacher)
     assert student[2].linear.weight.shape == (32, 24)  # Linear 24 -> teacher's 32
     assert student.encode(TEXTS).shape == (3, 32)

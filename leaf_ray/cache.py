@@ -1,0 +1,209 @@
+"""The persistent teacher-embedding cache: a folder per teacher setting, Parquet shards + manifest.
+
+    <cache_dir>/<teacher>-<key>/key.json            everything that changes a vector
+                                /shards/<uuid>.parquet   text_hash, kind, text, embedding
+                                /manifest/<uuid>.json    rows and sha256 of one committed shard
+
+A shard is written under a temporary name and renamed, then its manifest entry is written the
+same way: a shard counts only once its entry exists, so a run killed at any point leaves a cache
+that the next run extends (it embeds only the texts whose hash is missing). Rows are keyed by a
+hash of (kind, text), so a text is embedded once however many runs, sources or students use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
+
+FORMAT_VERSION = 1
+KEY_JSON, SHARDS, MANIFEST = "key.json", "shards", "manifest"
+TEXT_COLUMNS = ("text_hash", "kind", "text")
+
+
+def text_hash(kind: str, text: str) -> str:
+    """The cache's row key: the prompt (hence the vector) depends on the kind as well."""
+    return hashlib.blake2b(f"{kind}\x1f{text}".encode(), digest_size=16).hexdigest()
+
+
+def add_text_hash(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    hashes = [text_hash(k, t) for k, t in zip(batch["kind"], batch["text"], strict=True)]
+    return {**batch, "text_hash": np.array(hashes, dtype=object)}
+
+
+@dataclass(frozen=True)
+class TeacherCache:
+    root: Path
+    key: dict = field(compare=False)
+
+    @classmethod
+    def open(cls, cache_dir: str | Path, key: dict, label: str) -> TeacherCache:
+        """The cache folder for these teacher settings, created (with key.json) when new. The
+        label (the teacher's name) only names the folder: the key decides which folder."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(label).name)[:48]
+        root = Path(cache_dir) / f"{slug}-{digest}"
+        for sub in (SHARDS, MANIFEST):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        if not (root / KEY_JSON).exists():
+            described = json.dumps({"label": label, **key}, indent=2, sort_keys=True)
+            atomic_write(root / KEY_JSON, described.encode())
+        return cls(root, key)
+
+    def entries(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((self.root / MANIFEST).glob("*.json"))]
+
+    def shard_paths(self) -> list[str]:
+        return [str(self.root / SHARDS / e["shard"]) for e in self.entries()]
+
+    def hashes(self) -> np.ndarray:
+        """Hashes of every committed row (a text may appear twice if two runs raced)."""
+        paths = self.shard_paths()
+        if not paths:
+            return np.array([], dtype=object)
+        table = pq.read_table(paths, columns=["text_hash"])
+        return table.column("text_hash").to_numpy(zero_copy_only=False)
+
+    def sink(self, vector_dtype: str, rows_per_shard: int) -> CacheSink:
+        return CacheSink(self.root, vector_dtype, rows_per_shard)
+
+    def read(self, wanted: np.ndarray) -> ray.data.Dataset:
+        """The committed rows whose hash is in `wanted`, each hash once."""
+        return ray.data.read_parquet(self.shard_paths()).map_batches(
+            _keep_wanted, fn_args=(np.unique(wanted.astype(str)),), batch_format="pyarrow"
+        )
+
+
+def _keep_wanted(table: pa.Table, wanted: np.ndarray) -> pa.Table:
+    hashes = table.column("text_hash").to_numpy(zero_copy_only=False).astype(str)
+    mask = np.isin(hashes, wanted)
+    _, first = np.unique(hashes, return_index=True)  # a hash written twice is read once
+    once = np.zeros(len(hashes), dtype=bool)
+    once[first] = True
+    return table.filter(pa.array(mask & once))
+
+
+class CacheSink(Datasink):
+    """Ray Data sink: each write task commits one shard, then its manifest entry."""
+
+    def __init__(self, root: Path, vector_dtype: str, rows_per_shard: int):
+        self.root, self.vector_dtype, self.rows_per_shard = root, vector_dtype, rows_per_shard
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def write(self, blocks: Iterable[Block], ctx) -> int:
+        batches = [BlockAccessor.for_block(b).to_batch_format("numpy") for b in blocks]
+        batches = [b for b in batches if len(b["text_hash"])]
+        if not batches:
+            return 0
+        columns = {c: np.concatenate([b[c] for b in batches]) for c in TEXT_COLUMNS}
+        vectors = np.concatenate([b["embedding"] for b in batches]).astype(self.vector_dtype)
+        # A text listed twice with the same id reaches the sink twice: keep one.
+        _, first = np.unique(columns["text_hash"].astype(str), return_index=True)
+        first.sort()
+        shard = pa.table(
+            {
+                **{c: pa.array(v[first].astype(str), pa.string()) for c, v in columns.items()},
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(vectors[first].ravel()), vectors.shape[1]
+                ),
+            }
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(shard, sink)
+        data = sink.getvalue().to_pybytes()
+        name = f"{uuid.uuid4().hex}.parquet"
+        atomic_write(self.root / SHARDS / name, data)
+        entry = {"shard": name, "rows": shard.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
+        atomic_write(self.root / MANIFEST / f"{name}.json", json.dumps(entry).encode())
+        return shard.num_rows
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary sibling, then rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    tmp.replace(path)
+
+
+@dataclass
+class VerifyReport:
+    rows: int = 0
+    shards: int = 0
+    missing: int = 0  # texts of the given data with no vector
+    duplicated: int = 0  # rows whose hash was already seen
+    corrupt: list[str] = field(default_factory=list)  # shards or rows that fail a check
+    orphans: list[str] = field(default_factory=list)  # shards never committed (harmless)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.duplicated or self.corrupt)
+
+
+def verify(cache: TeacherCache, wanted: np.ndarray | None = None) -> VerifyReport:
+    """Re-read every committed shard: checksum, row count, hash of (kind, text), vector sanity,
+    duplicates across shards; and, given the hashes a dataset needs, what is missing."""
+    report = VerifyReport()
+    dim, normalized = cache.key.get("dimension"), cache.key.get("normalized")
+    seen: set[str] = set()
+    committed = set()
+    for entry in cache.entries():
+        path = cache.root / SHARDS / entry["shard"]
+        committed.add(entry["shard"])
+        report.shards += 1
+        if not path.is_file():
+            report.corrupt.append(f"{entry['shard']}: in the manifest but missing")
+            continue
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            report.corrupt.append(f"{entry['shard']}: sha256 differs from the manifest")
+            continue
+        table = pq.read_table(pa.BufferReader(data))
+        if table.num_rows != entry["rows"]:
+            report.corrupt.append(
+                f"{entry['shard']}: {table.num_rows} rows, the manifest says {entry['rows']}"
+            )
+        report.corrupt += _check_rows(entry["shard"], table, dim, normalized)
+        for h in table.column("text_hash").to_pylist():
+            report.duplicated += h in seen
+            seen.add(h)
+        report.rows += table.num_rows
+    report.orphans = sorted(
+        p.name for p in (cache.root / SHARDS).glob("*.parquet") if p.name not in committed
+    )
+    if wanted is not None:
+        report.missing = int(np.setdiff1d(np.unique(wanted.astype(str)), list(seen)).size)
+    return report
+
+
+def _check_rows(shard: str, table: pa.Table, dim: int | None, normalized: bool | None) -> list:
+    problems = []
+    rows = table.to_pydict()
+    triples = zip(rows["text_hash"], rows["kind"], rows["text"], strict=True)
+    for i, (h, kind, text) in enumerate(triples):
+        if text_hash(kind, text) != h:
+            problems.append(f"{shard}: row {i}: text_hash does not match its kind and text")
+    vectors = np.asarray(rows["embedding"], dtype=np.float32)
+    if dim is not None and vectors.shape[1:] != (dim,):
+        problems.append(f"{shard}: vectors of shape {vectors.shape[1:]}, expected ({dim},)")
+        return problems
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if normalized:
+        norms = np.linalg.norm(vectors, axis=1)
+        bad |= np.abs(norms - 1) > 1e-2  # float16 storage keeps norms within ~1e-3
+    for i in np.where(bad)[0]:
+        problems.append(f"{shard}: row {i}: vector not finite or not unit length")
+    return problems
