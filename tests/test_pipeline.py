@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -57,12 +58,15 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
 
     assert run_dir == tmp_path / "out" / "tiny"
     assert not (tmp_path / "out" / ".tiny.partial").exists()
-    for artifact in ("config.yaml", "metrics.jsonl", "eval.json", "eval.md", "loss_curve.png"):
+    for artifact in ("config.yaml", "teacher_cache.json", "metrics.jsonl", "eval.json", "eval.md", "loss_curve.png"):
         assert (run_dir / artifact).is_file(), artifact
 
-    # Every input text was embedded by the teacher exactly once, with the teacher's dimension.
-    vectors = pq.read_table(run_dir / "teacher_vectors").to_pydict()
-    assert sorted(vectors["id"]) == sorted(t["id"] for t in texts)
+    # Every input text was embedded by the teacher exactly once, with the teacher's dimension,
+    # into the shared cache (under output_dir by default), which a second run would reuse.
+    note = json.loads((run_dir / "teacher_cache.json").read_text())
+    assert (note["rows"], note["embedded"]) == (len(texts), len(texts))
+    vectors = pq.read_table(Path(note["cache"]) / "shards").to_pydict()
+    assert sorted(vectors["text"]) == sorted(t["text"] for t in texts)
     assert {len(v) for v in vectors["embedding"]} == {32}
 
     # The alignment loss falls.

@@ -1,0 +1,225 @@
+"""The teacher stage and its cache: keying, dedup, resume after a kill, verify, black boxes."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from aiohttp import web
+from sentence_transformers import SentenceTransformer
+
+from leaf_ray.cache import MANIFEST, SHARDS, TeacherCache, text_hash, verify
+from leaf_ray.config import TeacherConfig, load_config
+from leaf_ray.data import DataError
+from leaf_ray.pipeline import embed
+from leaf_ray.teacher import teacher_space
+from tests.conftest import REPO
+from tests.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
+
+
+def write_config(root, texts: list[dict], teacher: dict, **sections) -> object:
+    """A config over `texts` (written as JSONL) with the given teacher section; returns its path."""
+    (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    config = {
+        "run": {"output_dir": "out"},
+        "data": {"sources": [{"path": "texts.jsonl"}]},
+        "teacher": {"cache_dir": "cache", **teacher},
+        **sections,
+    }
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cache_rows(vectors) -> dict[str, np.ndarray]:
+    table = pq.read_table(vectors.cache.shard_paths())
+    hashes = table.column("text_hash").to_pylist()
+    return dict(zip(hashes, np.asarray(table.column("embedding").to_pylist()), strict=True))
+
+
+def test_cache_key_changes_with_anything_that_changes_a_vector(tiny_teacher, tmp_path):
+    def root(**changes):
+        cfg = TeacherConfig(**{"model": str(tiny_teacher), "max_seq_length": 64, **changes})
+        return TeacherCache.open(tmp_path, teacher_space(cfg, on_gpu=False).key, cfg.model).root
+
+    base = root()
+    assert root() == base  # same settings, same cache
+    assert root(batch_size=7, num_actors=3) == base  # throughput knobs do not change vectors
+    changed = [
+        root(query_prompt="query: "),
+        root(max_seq_length=32),
+        root(vector_dtype="float16"),
+        root(compute_dtype="bfloat16"),
+    ]
+    assert len({base, *changed}) == 5
+    # The weights identify the teacher: a copy in another folder shares the cache.
+    shutil.copytree(tiny_teacher, tmp_path / "copy")
+    copy = TeacherConfig(model=str(tmp_path / "copy"), max_seq_length=64)
+    assert (
+        TeacherCache.open(tmp_path, teacher_space(copy, on_gpu=False).key, "x").root.name[-16:]
+        == base.name[-16:]
+    )
+
+
+def test_each_distinct_text_is_embedded_once_and_never_again(
+    tiny_teacher, demo_texts, tmp_path, ray_local
+):
+    texts = demo_texts[:300]
+    repeats = [{**t, "id": f"again-{t['id']}"} for t in texts[:40]]  # same text, other ids
+    other_kind = [
+        {**t, "id": f"kind-{t['id']}", "kind": "document" if t["kind"] == "query" else "query"}
+        for t in texts[40:60]
+    ]
+    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "query_prompt": "q: "}
+    cfg = load_config(write_config(tmp_path, texts + repeats + other_kind, teacher))
+
+    first = embed(cfg)
+    assert (len(first.hashes), first.unique, first.embedded) == (360, 320, 320)
+    rows = cache_rows(first)
+    assert len(rows) == 320  # no hash written twice
+    assert verify(first.cache, first.hashes).ok
+
+    # Every text got exactly its own vector: the teacher's, with its kind's prompt.
+    model = SentenceTransformer(str(tiny_teacher), device="cpu")
+    model.max_seq_length = 64
+    for t in texts[:5] + other_kind[:5]:
+        prompt = "q: " if t["kind"] == "query" else None
+        want = model.encode(t["text"], prompt=prompt)
+        np.testing.assert_allclose(rows[text_hash(t["kind"], t["text"])], want, atol=1e-5)
+
+    again = embed(cfg)
+    assert (again.embedded, again.cache.root) == (0, first.cache.root)
+    more = load_config(write_config(tmp_path, texts + demo_texts[300:350], teacher))
+    assert embed(more).embedded == 50
+
+
+def test_verify_finds_missing_duplicated_and_corrupt_rows(
+    tiny_teacher, demo_texts, tmp_path, ray_local
+):
+    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 2}  # shards of 64+ rows
+    vectors = embed(load_config(write_config(tmp_path, demo_texts[:400], teacher)))
+    cache = vectors.cache
+    assert verify(cache, vectors.hashes).ok
+    assert not verify(cache, np.append(vectors.hashes, "0" * 32)).ok  # a text with no vector
+
+    entries = cache.entries()
+    assert len(entries) >= 3
+    # A shard committed twice: every one of its rows is a duplicate.
+    shard = cache.root / SHARDS / entries[0]["shard"]
+    shutil.copy(shard, cache.root / SHARDS / "copy.parquet")
+    (cache.root / MANIFEST / "copy.parquet.json").write_text(
+        json.dumps({**entries[0], "shard": "copy.parquet"})
+    )
+    report = verify(cache)
+    assert report.duplicated == entries[0]["rows"] and not report.ok
+
+    # Bytes changed on disk after commit: the checksum catches it.
+    other = cache.root / SHARDS / entries[1]["shard"]
+    data = bytearray(other.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    other.write_bytes(bytes(data))
+    assert any(entries[1]["shard"] in p for p in verify(cache).corrupt)
+
+    # A row whose text no longer matches its hash, or whose vector is not unit length.
+    third = cache.root / SHARDS / entries[2]["shard"]
+    table = pq.read_table(third)
+    texts = table.column("text").to_pylist()
+    texts[3] = texts[3] + " (edited)"
+    table = table.set_column(2, "text", pa.array(texts))
+    pq.write_table(table, third)
+    manifest = cache.root / MANIFEST / f"{entries[2]['shard']}.json"
+    manifest.write_text(
+        json.dumps({**entries[2], "sha256": hashlib.sha256(third.read_bytes()).hexdigest()})
+    )
+    corrupt = verify(cache).corrupt
+    assert any(f"{entries[2]['shard']}: row 3" in p for p in corrupt), corrupt
+
+
+def test_a_killed_embed_resumes_and_embeds_each_text_exactly_once(demo_texts, tmp_path, ray_local):
+    """A real kill -9 of `leaf-ray embed` (driver, local Ray and actors) midway, then a rerun."""
+    texts = demo_texts[:2000]
+    teacher = {"model": "sentence-transformers/all-MiniLM-L6-v2", "batch_size": 8, "num_actors": 1}
+    path = write_config(tmp_path, texts, teacher, ray={"num_cpus": 2})
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leaf_ray.cli", "embed", "--config", str(path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    committed: list = []
+    deadline = time.monotonic() + 240
+    while not committed and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        committed = list((tmp_path / "cache").glob(f"*/{MANIFEST}/*.json"))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert committed, "no shard was committed before the kill"
+    rows_before = sum(json.loads(p.read_text())["rows"] for p in committed)
+    assert 0 < rows_before < len(texts)
+
+    resumed = embed(load_config(path))
+    assert resumed.embedded == len(texts) - rows_before  # only what was missing
+    report = verify(resumed.cache, resumed.hashes)
+    assert report.ok and report.rows == len(texts), report
+    assert embed(load_config(path)).embedded == 0
+
+
+def test_precomputed_vectors_are_a_teacher(tiny_teacher, demo_texts, tmp_path, ray_local):
+    texts = demo_texts[:200]
+    model = SentenceTransformer(str(tiny_teacher), device="cpu")
+    vectors = model.encode([t["text"] for t in texts]).astype(np.float16)
+    file = tmp_path / "vectors.parquet"
+    table = pa.table(
+        {
+            "id": [t["id"] for t in texts],
+            "text": [t["text"] for t in texts],
+            "kind": [t["kind"] for t in texts],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 32),
+        }
+    )
+    pq.write_table(table, file)
+    teacher = {"model": "all-mpnet-base-v2 (precomputed)", "vectors": "vectors.parquet"}
+    student = {"init": "pretrained", "model": str(tiny_teacher)}
+    result = embed(load_config(write_config(tmp_path, texts, teacher, student=student)))
+    assert result.space.dimension == 32 and result.space.normalized
+    rows = cache_rows(result)
+    for t, v in zip(texts, vectors, strict=True):
+        np.testing.assert_array_equal(rows[text_hash(t["kind"], t["text"])], v.astype(np.float32))
+
+    extra = texts + [{"id": "new", "text": "a text the file lacks", "kind": "query"}]
+    with pytest.raises(DataError, match="vectors.parquet: no vector for 1 query text"):
+        embed(load_config(write_config(tmp_path, extra, teacher, student=student)))
+
+
+def test_http_teacher_through_ray_with_a_flaky_server(server, demo_texts, tmp_path, ray_local):  # noqa: F811
+    async def flaky(batch: list[str], tries: int) -> web.Response | None:
+        if tries == 1 and hash(batch[0]) % 3 == 0:
+            return web.json_response({"error": {"message": "overloaded"}}, status=503)
+        return None
+
+    server.policy = flaky
+    texts = demo_texts[:150]
+    teacher = {
+        "model": "remote-teacher",
+        "query_prompt": "query: ",
+        "http": {"url": server.url, "texts_per_request": 16, "max_concurrency": 4},
+    }
+    student = {"init": "pretrained", "model": "sentence-transformers/all-MiniLM-L6-v2"}
+    result = embed(load_config(write_config(tmp_path, texts, teacher, student=student)))
+    assert result.embedded == 150 and server.statuses[503] > 0
+    rows = cache_rows(result)
+    inputs = [("query: " if t["kind"] == "query" else "") + t["text"] for t in texts]
+    got = np.stack([rows[text_hash(t["kind"], t["text"])] for t in texts])
+    np.testing.assert_allclose(got, expected(inputs), rtol=1e-6)
