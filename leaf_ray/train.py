@@ -160,7 +160,8 @@ def _length_bucketed(
         local_shuffle_buffer_size=batch * BUCKET_BATCHES * 4,
         local_shuffle_seed=seed,
     ):
-        texts, vectors = window["text"], np.asarray(window["embedding"], dtype=np.float32)
+        # Parquet list columns arrive as an object array of rows: stack them.
+        texts, vectors = window["text"], np.stack(window["embedding"]).astype(np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
         batches = [order[i : i + batch] for i in range(0, len(order), batch)]
         for idx in rng.permutation(len(batches)):

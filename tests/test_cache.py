@@ -105,7 +105,8 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
 def test_verify_finds_missing_duplicated_and_corrupt_rows(
     tiny_teacher, demo_texts, tmp_path, ray_local
 ):
-    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 2}  # shards of 64+ rows
+    # batch 2: shards of 64 or more rows, so several of them
+    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 2}
     vectors = embed(load_config(write_config(tmp_path, demo_texts[:400], teacher)))
     cache = vectors.cache
     assert verify(cache, vectors.hashes).ok
