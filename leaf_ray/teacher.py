@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,6 @@ import ray.data
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize
-from sentence_transformers.util import batch_to_device
 
 from leaf_ray.cache import FORMAT_VERSION, text_hash
 from leaf_ray.config import TeacherConfig
@@ -69,43 +69,70 @@ class Teacher(Protocol):
 
 
 class LocalTeacher:
-    """A sentence-transformers model run by hand rather than through `encode()`: the whole call is
-    sorted by length once, the next batch is tokenized in a thread while this one runs, autocast
-    is applied, and results stay on the device until the end (one transfer, no per-batch sync)."""
+    """A sentence-transformers model run by hand rather than through `encode()`:
+    - a call is tokenized once, unpadded, by the model's own `preprocess` (prompts included),
+      then batched by exact token length, so batches carry almost no padding;
+    - in a threaded actor the next call is tokenized while this one runs on the device;
+    - autocast (bf16 on GPU by default), and one device-to-host copy per call."""
+
+    UNPADDED = {"text": {"padding": False}, "common": {"return_tensors": None}}
 
     def __init__(self, cfg: TeacherConfig, device: str):
         self.model = load_teacher(cfg, device).eval()
         self.device, self.batch_size = device, cfg.batch_size
         self.dtype = compute_dtype(cfg, device)
         self.prompts = teacher_prompts(cfg, self.model)
-        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1)
+        self.tokenizing = threading.Lock()
+        # Every forward runs on this one thread: one device queue, and on CPU one OpenMP team
+        # (a team per calling thread would spin against the other on the same cores).
+        self.device_thread = ThreadPoolExecutor(max_workers=1)
 
     def embed(self, texts: list[str], kind: str) -> np.ndarray:
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        chunks = [
-            [texts[i] for i in order[s : s + self.batch_size]]
-            for s in range(0, len(texts), self.batch_size)
-        ]
-        prompt = self.prompts[kind]
-        tokenize = self.tokenizer_thread.submit
-        pending = tokenize(self.model.preprocess, chunks[0], prompt=prompt)
-        out = []
+        with self.tokenizing:
+            features = self.model.preprocess(
+                texts, prompt=self.prompts[kind], processing_kwargs=self.UNPADDED
+            )
+        return self.device_thread.submit(self._forward, features).result()
+
+    def _forward(self, features: dict) -> np.ndarray:
+        order = np.argsort([-len(ids) for ids in features["input_ids"]], kind="stable")
         autocast = (
             torch.autocast(device_type=self.device, dtype=self.dtype)
             if self.dtype != torch.float32
             else contextlib.nullcontext()
         )
+        out = []
         with torch.inference_mode(), autocast:
-            for i in range(len(chunks)):
-                features = pending.result()
-                if i + 1 < len(chunks):
-                    pending = tokenize(self.model.preprocess, chunks[i + 1], prompt=prompt)
-                features = batch_to_device(features, self.device)
-                out.append(self.model(features)["sentence_embedding"].float())
+            for start in range(0, len(order), self.batch_size):
+                batch = self._pad(features, order[start : start + self.batch_size])
+                out.append(self.model(batch)["sentence_embedding"].float())
         vectors = torch.cat(out).cpu().numpy()
         result = np.empty_like(vectors)
         result[order] = vectors
         return result
+
+    def _pad(self, features: dict, rows: np.ndarray) -> dict:
+        """Pad the chosen rows to their longest, on the tokenizer's side. Hand-written: the
+        tokenizer's own `pad` is slow Python for fast tokenizers, and another thread may be
+        tokenizing with that tokenizer meanwhile."""
+        tokenizer = self.model.tokenizer
+        width = max(len(features["input_ids"][i]) for i in rows)
+        left = tokenizer.padding_side == "left"
+        batch = {}
+        for name, values in features.items():
+            if not isinstance(values, list):  # modality, prompt_length: per batch, not per row
+                batch[name] = values
+                continue
+            fill = tokenizer.pad_token_id if name == "input_ids" else 0
+            padded = np.full((len(rows), width), fill, dtype=np.int64)
+            for r, i in enumerate(rows):
+                seq = values[i]
+                if left:
+                    padded[r, width - len(seq) :] = seq
+                else:
+                    padded[r, : len(seq)] = seq
+            batch[name] = torch.from_numpy(padded).to(self.device, non_blocking=True)
+        return batch
 
 
 class VectorsTeacher:
@@ -214,21 +241,27 @@ def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset
         cpus = resources["CPU"]
         gpus, reserved_cpus = 0, max(cpus - 1, cpus / 2) / cfg.num_actors
         threads = max(1, round(cpus / cfg.num_actors))
-    # Large calls: each is sorted by length once, so batches carry little padding.
+    # Large calls: each is sorted by token length once, so batches carry little padding. Two
+    # calls run at once in an actor (threads): one is tokenized while the other computes.
     rows_per_call = rows_per_actor_call(cfg)
     return texts.repartition(target_num_rows_per_block=rows_per_call).map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
         batch_size=rows_per_call,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(
+            size=cfg.num_actors,
+            max_tasks_in_flight_per_actor=3,
+            max_concurrent_calls_per_actor=2,
+            enable_true_multi_threading=True,  # safe: one device thread per teacher
+        ),
         num_gpus=gpus,
         num_cpus=reserved_cpus,
     )
 
 
 def rows_per_actor_call(cfg: TeacherConfig) -> int:
-    return cfg.batch_size * 32
+    return cfg.batch_size * 128
 
 
 @dataclass(frozen=True)
