@@ -149,6 +149,9 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts from the last checkpoint; -1: unlimited."
+    )
 
     @property
     def projection_lr(self) -> float:

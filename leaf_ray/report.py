@@ -78,8 +78,14 @@ def print_plan(cfg: LeafConfig) -> None:
     console.print(f"[bold]config[/] {cfg.source_file}")
     console.print(f"[bold]run[/] {Path(cfg.run.output_dir) / cfg.run_name()}")
     console.print(f"[bold]ray[/] {cfg.ray.address or f'RAY_ADDRESS if set, else {local}'}")
+    source = {
+        "vectors": f"precomputed vectors {t.vectors}",
+        "http": f"endpoint {t.http and t.http.url}",
+    }
     console.print(
-        f"[bold]1. teacher[/] {t.model} on {t.num_actors} Ray Data actor(s), batch {t.batch_size}"
+        f"[bold]1. teacher[/] {t.model} ({source.get(t.backend, 'sentence-transformers')}) on "
+        f"{t.num_actors} Ray Data actor(s), batch {t.batch_size}; "
+        f"vectors cached ({t.vector_dtype}) in {cfg.cache_dir()}"
     )
     for src in cfg.data.sources:
         where = src.path or f"hf:{src.hf_dataset}"

@@ -60,7 +60,7 @@ def train_student(
             name="ray_train",
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": embedded.select_columns(["text", "embedding"])},
     )
@@ -93,11 +93,12 @@ def train_loop(config: dict) -> None:
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(tcfg.warmup_ratio * total_steps), total_steps
     )
-    step, start_epoch, history = 0, 0, []
-    if state:
+    step, start_epoch, history, resumes = 0, 0, [], 0
+    if state:  # continue the schedule where the checkpoint left it
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
+        resumes = state["resumes"] + 1
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm_ray.tqdm(desc="train student", total=total_steps) if rank == 0 else None
@@ -126,6 +127,7 @@ def train_loop(config: dict) -> None:
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "seq_per_s": seen * world / (time.perf_counter() - tic),
+                    "resumes": resumes,  # restarts from a checkpoint so far (failures, reruns)
                 }
                 tic, seen = time.perf_counter(), 0
                 history.append(row)
@@ -133,7 +135,7 @@ def train_loop(config: dict) -> None:
                     bar.set_description(f"train student  loss {row['loss']:.4f}")
             if bar:
                 bar.update(1)
-        _report_epoch(student, optimizer, scheduler, step, epoch, history, rank)
+        _report_epoch(student, optimizer, scheduler, (step, epoch, resumes), history, rank)
     if bar:
         bar.close()
 
@@ -177,8 +179,9 @@ def _mean_over_workers(value: torch.Tensor, world: int) -> float:
     return float(value)
 
 
-def _report_epoch(student, optimizer, scheduler, step, epoch, history, rank) -> None:
+def _report_epoch(student, optimizer, scheduler, position, history, rank) -> None:
     """Rank 0 writes a loadable sentence-transformers folder plus the state needed to resume."""
+    step, epoch, resumes = position
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -188,6 +191,7 @@ def _report_epoch(student, optimizer, scheduler, step, epoch, history, rank) -> 
                 "scheduler": scheduler.state_dict(),
                 "step": step,
                 "epoch": epoch,
+                "resumes": resumes,
                 "history": history,
             }
             torch.save(state, Path(tmp) / TRAIN_STATE)

@@ -105,9 +105,9 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
 def test_verify_finds_missing_duplicated_and_corrupt_rows(
     tiny_teacher, demo_texts, tmp_path, ray_local
 ):
-    # batch 2: shards of 64 or more rows, so several of them
-    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 2}
-    vectors = embed(load_config(write_config(tmp_path, demo_texts[:400], teacher)))
+    # batch 1: shards of 128 or more rows (an actor call), so several of them
+    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 1}
+    vectors = embed(load_config(write_config(tmp_path, demo_texts[:800], teacher)))
     cache = vectors.cache
     assert verify(cache, vectors.hashes).ok
     assert not verify(cache, np.append(vectors.hashes, "0" * 32)).ok  # a text with no vector
@@ -148,7 +148,8 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(
 def test_a_killed_embed_resumes_and_embeds_each_text_exactly_once(demo_texts, tmp_path, ray_local):
     """A real kill -9 of `leaf-ray embed` (driver, local Ray and actors) midway, then a rerun."""
     texts = demo_texts[:2000]
-    teacher = {"model": "sentence-transformers/all-MiniLM-L6-v2", "batch_size": 8, "num_actors": 1}
+    # batch 2: a shard per 256 texts, so the kill lands between shards
+    teacher = {"model": "sentence-transformers/all-MiniLM-L6-v2", "batch_size": 2, "num_actors": 1}
     path = write_config(tmp_path, texts, teacher, ray={"num_cpus": 2})
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.Popen(

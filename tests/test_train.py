@@ -1,0 +1,96 @@
+"""Fault tolerance: a Ray Train worker killed mid-run is replaced and training resumes from the
+last checkpoint, with no step repeated or skipped in the history."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from leaf_ray.config import load_config
+from leaf_ray.pipeline import distill
+
+
+def train_worker_pids() -> list[int]:
+    """Ray titles its worker processes `ray::<ActorClass>...`: find the Ray Train workers."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.startswith("ray::RayTrainWorker"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def kill_a_worker_after_first_checkpoint(storage: Path, killed: list) -> None:
+    """Kill once Ray Train has registered a checkpoint (its snapshot file lists it); a checkpoint
+    folder still being written does not count."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if (storage / "checkpoint_manager_snapshot.json").exists():
+            pids = train_worker_pids()
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+                return
+        time.sleep(0.2)
+
+
+def run_config(root: Path, texts: list[dict], tiny_teacher, name: str) -> Path:
+    (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    config = {
+        "run": {"name": name, "output_dir": "out"},
+        "data": {"sources": [{"path": "texts.jsonl"}]},
+        "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "cache_dir": "cache"},
+        "student": {"max_seq_length": 64},
+        "train": {
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "epochs": 4,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "head_lr": 1e-2,
+            "log_every": 1,
+            "max_failures": 1,
+        },
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes(
+    tmp_path, tiny_teacher, demo_texts, ray_local
+):
+    texts = demo_texts[:640]  # 2 workers x 10 batches of 16 per epoch
+    steady = distill(load_config(run_config(tmp_path, texts, tiny_teacher, "steady")))
+
+    killed: list[int] = []
+    storage = tmp_path / "out" / ".killed.partial" / "ray_train"
+    killer = threading.Thread(
+        target=kill_a_worker_after_first_checkpoint, args=(storage, killed), daemon=True
+    )
+    killer.start()
+    resumed = distill(load_config(run_config(tmp_path, texts, tiny_teacher, "killed")))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    assert history(resumed)[-1]["resumes"] == 1  # Ray Train restarted it from a checkpoint
+    assert history(steady)[-1]["resumes"] == 0
+
+    # Every step appears once, in order, up to the full schedule: none repeated, none skipped.
+    steps = [row["step"] for row in history(resumed)]
+    assert steps == list(range(1, len(steps) + 1))
+    assert steps == [row["step"] for row in history(steady)]
+    # Same schedule and data, resumed from a checkpoint: it ends where the steady run ends.
+    final_steady, final_resumed = history(steady)[-1]["loss"], history(resumed)[-1]["loss"]
+    assert abs(final_resumed - final_steady) < 0.25 * final_steady, (final_steady, final_resumed)
+    assert history(resumed)[-1]["loss"] < 0.7 * history(resumed)[0]["loss"]
