@@ -92,8 +92,9 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
         chosen = texts.map_batches(_select_rows, fn_args=(todo,), batch_format="numpy")
-        sink = cache.sink(cfg.teacher.vector_dtype, rows_per_actor_call(cfg.teacher))
-        embed_texts(chosen, cfg.teacher).write_datasink(sink)
+        rows_per_call = rows_per_actor_call(cfg.teacher, len(todo))
+        sink = cache.sink(cfg.teacher.vector_dtype, rows_per_call)
+        embed_texts(chosen, cfg.teacher, len(todo)).write_datasink(sink)
     missing = np.setdiff1d(np.unique(hashes.astype(str)), cache.hashes().astype(str))
     if missing.size:
         raise RunError(f"{cache.root}: {missing.size} texts still have no vector after the stage")

@@ -230,8 +230,11 @@ class TeacherEmbedder:
         return {**batch, "embedding": embeddings}
 
 
-def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset:
-    """Add the teacher's `embedding` column; lazy, so it can feed training or be written out."""
+def embed_texts(
+    texts: ray.data.Dataset, cfg: TeacherConfig, num_rows: int | None = None
+) -> ray.data.Dataset:
+    """Add the teacher's `embedding` column; lazy, so it can feed training or be written out.
+    `num_rows`, when known, keeps calls small enough to give every actor work."""
     resources = ray.cluster_resources()
     if resources.get("GPU", 0) and cfg.backend == "sentence_transformers":
         gpus, reserved_cpus, threads = 1, 1.0, 1
@@ -243,7 +246,7 @@ def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset
         threads = max(1, round(cpus / cfg.num_actors))
     # Large calls: each is sorted by token length once, so batches carry little padding. Two
     # calls run at once in an actor (threads): one is tokenized while the other computes.
-    rows_per_call = rows_per_actor_call(cfg)
+    rows_per_call = rows_per_actor_call(cfg, num_rows)
     return texts.repartition(target_num_rows_per_block=rows_per_call).map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
@@ -260,8 +263,11 @@ def embed_texts(texts: ray.data.Dataset, cfg: TeacherConfig) -> ray.data.Dataset
     )
 
 
-def rows_per_actor_call(cfg: TeacherConfig) -> int:
-    return cfg.batch_size * 128
+def rows_per_actor_call(cfg: TeacherConfig, num_rows: int | None = None) -> int:
+    largest = cfg.batch_size * 128
+    if num_rows is None:
+        return largest
+    return max(cfg.batch_size, min(largest, -(-num_rows // cfg.num_actors)))
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,15 @@ def test_missing_section_and_cross_field_rules(tmp_path):
         load_config(write(tmp_path, "data:\n  sources: [{path: x}]\n"))
     with pytest.raises(ConfigError, match="must be a multiple of num_workers"):
         load_config(write(tmp_path, MINIMAL), ["train.num_workers=3"])
+    # A black-box teacher has no layers to copy: the error names the student's key and line.
+    black_box = MINIMAL + "  vectors: v.parquet\nstudent:\n  init: layer_reduction\n"
+    with pytest.raises(ConfigError, match=r"cfg.yaml:8: student.init: a black-box teacher"):
+        load_config(write(tmp_path, black_box))
+    pretrained = ["student.init=pretrained", "student.model=m", "teacher.http.url=http://h/v1"]
+    with pytest.raises(ConfigError, match="give at most one of 'vectors' or 'http'"):
+        load_config(write(tmp_path, black_box), pretrained)
+    cfg = load_config(write(tmp_path, black_box), pretrained[:2])
+    assert (cfg.teacher.backend, cfg.teacher.vectors) == ("vectors", str(tmp_path / "v.parquet"))
 
 
 def test_overrides_set_single_keys_and_list_items(tmp_path):
@@ -90,7 +99,9 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert main(["distill", "--config", str(path), "--dry-run", "train.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert f"run {tmp_path / 'out' / 'plan'}" in out
-    assert "1. teacher sentence-transformers/all-MiniLM-L6-v2 on 1 Ray Data actor(s)" in out
+    teacher = "1. teacher sentence-transformers/all-MiniLM-L6-v2 (sentence-transformers) on 1 Ray"
+    assert teacher in out
+    assert f"vectors cached (float32) in {tmp_path / 'out' / 'teacher_cache'}" in out
     assert f"texts from {tmp_path / 'texts.jsonl'}" in out
     assert "3 epoch(s) of batch 32" in out
     assert not (tmp_path / "out").exists()
