@@ -178,11 +178,13 @@ def read_vectors_file(path: str) -> pa.Table:
 
 
 class HttpTeacher:
-    """An OpenAI-compatible endpoint; prompts (from the config) are prepended to the text."""
+    """An OpenAI-compatible endpoint; prompts (from the config) are prepended to the text. One
+    call at a time per actor, so `max_concurrency` and the rate limit hold per actor."""
 
     def __init__(self, cfg: TeacherConfig):
         http = cfg.http
         self.prompts = teacher_prompts(cfg)
+        self.one_call = threading.Lock()
         self.client = HttpEmbedder(
             HttpSettings(
                 url=http.url,
@@ -199,7 +201,8 @@ class HttpTeacher:
 
     def embed(self, texts: list[str], kind: str) -> np.ndarray:
         prompt = self.prompts[kind] or ""
-        return self.client.embed([prompt + t for t in texts])
+        with self.one_call:
+            return self.client.embed([prompt + t for t in texts])
 
 
 def open_teacher(cfg: TeacherConfig, device: str = "cpu") -> Teacher:
