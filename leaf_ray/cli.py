@@ -11,12 +11,13 @@ import ray
 
 from leaf_ray.config import ConfigError, load_config
 from leaf_ray.data import DataError
+from leaf_ray.http_teacher import HttpTeacherError
 from leaf_ray.models import ModelPinError
 from leaf_ray.pipeline import RunError, distill, embed, evaluate_run, verify_cache
 from leaf_ray.report import print_embedded, print_plan, print_summary, print_verify
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-USER_ERRORS = (ConfigError, DataError, ModelPinError, RunError)
+USER_ERRORS = (ConfigError, DataError, HttpTeacherError, ModelPinError, RunError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,7 +166,7 @@ def read_vectors_file(path: str) -> pa.Table:
         raise DataError(f"teacher.vectors: {path}: no such file or folder")
     try:
         if ".parquet" in file.suffixes or file.is_dir():
-            table = pq.read_table(path, columns=None)
+            table = pq.read_table(path)
         else:
             table = pyarrow.json.read_json(path)
     except (pa.ArrowInvalid, OSError) as e:
