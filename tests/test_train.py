@@ -51,7 +51,7 @@ def run_config(root: Path, texts: list[dict], tiny_teacher, name: str) -> Path:
         "train": {
             "num_workers": 2,
             "cpus_per_worker": 0.5,
-            "epochs": 4,
+            "epochs": 3,
             "batch_size": 32,
             "lr": 1e-3,
             "head_lr": 1e-2,
@@ -71,7 +71,7 @@ def history(run_dir: Path) -> list[dict]:
 def test_a_killed_worker_is_replaced_and_training_resumes(
     tmp_path, tiny_teacher, demo_texts, ray_local
 ):
-    texts = demo_texts[:640]  # 2 workers x 10 batches of 16 per epoch
+    texts = demo_texts[:512]  # 2 workers x 8 batches of 16 per epoch
     steady = distill(load_config(run_config(tmp_path, texts, tiny_teacher, "steady")))
 
     killed: list[int] = []
