@@ -37,6 +37,11 @@ def text_hash(kind: str, text: str) -> str:
     return hashlib.blake2b(f"{kind}\x1f{text}".encode(), digest_size=16).hexdigest()
 
 
+def first_of_each(hashes: np.ndarray) -> np.ndarray:
+    """Row indices of each hash's first occurrence, in row order."""
+    return np.sort(np.unique(hashes, return_index=True)[1])
+
+
 def add_text_hash(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     hashes = [text_hash(k, t) for k, t in zip(batch["kind"], batch["text"], strict=True)]
     return {**batch, "text_hash": np.array(hashes, dtype=object)}
@@ -87,11 +92,8 @@ class TeacherCache:
 
 def _keep_wanted(table: pa.Table, wanted: np.ndarray) -> pa.Table:
     hashes = table.column("text_hash").to_numpy(zero_copy_only=False).astype(str)
-    mask = np.isin(hashes, wanted)
-    _, first = np.unique(hashes, return_index=True)  # a hash written twice is read once
-    once = np.zeros(len(hashes), dtype=bool)
-    once[first] = True
-    return table.filter(pa.array(mask & once))
+    first = first_of_each(hashes)  # a hash written twice is read once
+    return table.take(first[np.isin(hashes[first], wanted)])
 
 
 class CacheSink(Datasink):
@@ -112,8 +114,7 @@ class CacheSink(Datasink):
         columns = {c: np.concatenate([b[c] for b in batches]) for c in TEXT_COLUMNS}
         vectors = np.concatenate([b["embedding"] for b in batches]).astype(self.vector_dtype)
         # A text listed twice with the same id reaches the sink twice: keep one.
-        _, first = np.unique(columns["text_hash"].astype(str), return_index=True)
-        first.sort()
+        first = first_of_each(columns["text_hash"].astype(str))
         shard = pa.table(
             {
                 **{c: pa.array(v[first].astype(str), pa.string()) for c, v in columns.items()},

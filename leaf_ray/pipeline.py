@@ -17,7 +17,14 @@ import ray
 import ray.data
 import yaml
 
-from leaf_ray.cache import TeacherCache, VerifyReport, add_text_hash, atomic_write, verify
+from leaf_ray.cache import (
+    TeacherCache,
+    VerifyReport,
+    add_text_hash,
+    atomic_write,
+    first_of_each,
+    verify,
+)
 from leaf_ray.config import LeafConfig, RayConfig, load_config
 from leaf_ray.data import read_texts
 from leaf_ray.eval import Encoder, evaluate
@@ -121,9 +128,9 @@ def _ids_and_hashes(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def _first_rows_missing(ids: np.ndarray, hashes: np.ndarray, cached: np.ndarray) -> dict:
     """text_hash -> the id of its first row, for each distinct text not in the cache."""
-    unique, first = np.unique(hashes, return_index=True)
-    missing = ~np.isin(unique, cached.astype(str))
-    return dict(zip(unique[missing].tolist(), ids[first[missing]].tolist(), strict=True))
+    first = first_of_each(hashes)
+    first = first[~np.isin(hashes[first], cached.astype(str))]
+    return dict(zip(hashes[first].tolist(), ids[first].tolist(), strict=True))
 
 
 def _select_rows(batch: dict[str, np.ndarray], todo: dict) -> dict[str, np.ndarray]:
