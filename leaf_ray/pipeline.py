@@ -91,10 +91,7 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     Rerunning after a crash or kill embeds only what is still missing; with the same teacher
     settings and texts, a second run embeds nothing.
     """
-    connect_ray(cfg.ray)
-    space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
-    cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
-    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    space, cache, texts = _cache_and_texts(cfg)
     ids, hashes = _ids_and_hashes(texts)
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
@@ -110,11 +107,16 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
 
 def verify_cache(cfg: LeafConfig) -> VerifyReport:
     """`leaf-ray cache verify`: the config's cache, and which of its texts have no vector."""
+    _, cache, texts = _cache_and_texts(cfg)
+    return verify(cache, _ids_and_hashes(texts)[1])
+
+
+def _cache_and_texts(cfg: LeafConfig) -> tuple[TeacherSpace, TeacherCache, ray.data.Dataset]:
+    """The teacher's space, its cache folder, and the config's texts with their row hashes."""
     connect_ray(cfg.ray)
     space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
     cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
-    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
-    return verify(cache, _ids_and_hashes(texts)[1])
+    return space, cache, read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
 
 
 def _ids_and_hashes(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
