@@ -1,6 +1,6 @@
 """Teacher-stage throughput as a ratio to a bare PyTorch forward and to `encode()`.
 
-    .venv/bin/python bench/teacher.py [--texts 8000] [--model NAME] [--actors 1]
+    .venv/bin/python bench/teacher.py [--texts 8000] [--model NAME] [--actors 1] [--texts-file F]
 
 Three measurements of the same model on the same texts and threads, in this process:
   bare    pre-tokenized batches sorted by token length over all texts, inference_mode forward +
@@ -11,7 +11,8 @@ Three measurements of the same model on the same texts and threads, in this proc
           from the difference between runs on all texts and on the first SMALL (start-up and
           warm-up cancel out, as the warm-up is excluded from bare and encode)
 Each of bare, encode and the full stage runs twice (the baselines before and after the stage) and
-the faster run counts, so the machine's noise treats all three alike.
+the faster run counts, so the machine's noise treats all three alike. All three compute in the
+teacher's compute dtype (bf16 autocast on GPU, float32 on CPU).
 Writes bench/results/teacher-<device>.json.
 """
 
@@ -32,14 +33,18 @@ import ray.data
 import torch
 
 from leaf_ray.config import TeacherConfig
-from leaf_ray.teacher import LocalTeacher, embed_texts, load_teacher
+from leaf_ray.teacher import LocalTeacher, compute_dtype, embed_texts, load_teacher
 
 UNPADDED = LocalTeacher.UNPADDED
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def bare_forward(model, texts: list[str], batch_size: int) -> float:
+def autocast(device: str, dtype: torch.dtype):
+    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def bare_forward(model, texts: list[str], batch_size: int, dtype: torch.dtype) -> float:
     """Seconds for a forward over pre-tokenized batches sorted by token length over all texts
     (the least padding possible; tokenizing excluded)."""
     lengths = [len(ids) for ids in model.preprocess(texts, processing_kwargs=UNPADDED)["input_ids"]]
@@ -51,12 +56,12 @@ def bare_forward(model, texts: list[str], batch_size: int) -> float:
     encoder = model[0].auto_model
     device = model.device
     tic = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device.type, dtype):
         for features in batches:
             ids, mask = features["input_ids"].to(device), features["attention_mask"].to(device)
             tokens = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = (tokens * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-            torch.nn.functional.normalize(pooled, dim=-1).cpu()
+            torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
     return time.perf_counter() - tic
 
 
@@ -78,10 +83,11 @@ def run_stage(rows: list[dict], cfg: TeacherConfig) -> float:
     return seconds
 
 
-def baselines(model, texts: list[str], batch_size: int) -> tuple[float, float]:
-    bare = bare_forward(model, texts, batch_size)
+def baselines(model, texts: list[str], batch_size: int, dtype: torch.dtype) -> tuple[float, float]:
+    bare = bare_forward(model, texts, batch_size, dtype)
     tic = time.perf_counter()
-    model.encode(texts, batch_size=batch_size)
+    with autocast(model.device.type, dtype):
+        model.encode(texts, batch_size=batch_size)
     return bare, time.perf_counter() - tic
 
 
@@ -92,9 +98,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument(
+        "--texts-file", type=Path, default=REPO / "data" / "demo" / "train.jsonl.gz"
+    )
     args = parser.parse_args()
 
-    with gzip.open(REPO / "data" / "demo" / "train.jsonl.gz", "rt") as f:
+    with gzip.open(args.texts_file, "rt") as f:
         rows = [json.loads(line) for line in itertools.islice(f, args.texts)]
     texts = [r["text"] for r in rows]
     cpus = os.cpu_count() or 1
@@ -105,31 +114,33 @@ def main() -> None:
         batch_size=args.batch_size,
         num_actors=args.actors,
     )
-    model = load_teacher(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    model.encode(texts[:256], batch_size=args.batch_size)  # warm-up
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_teacher(cfg, device)
+    dtype = compute_dtype(cfg, device)
+    baselines(model, texts[:SMALL], args.batch_size, dtype)  # warm-up
 
-    first = baselines(model, texts, args.batch_size)
+    first = baselines(model, texts, args.batch_size, dtype)
 
     ray.init(num_cpus=cpus, include_dashboard=False)
     run_stage(rows[:SMALL], cfg)  # warm-up: worker processes, imports, file cache
     small = run_stage(rows[:SMALL], cfg)
     stage = min(run_stage(rows, cfg), run_stage(rows, cfg))
     ray.shutdown()
-    second = baselines(model, texts, args.batch_size)
+    second = baselines(model, texts, args.batch_size, dtype)
     bare, encode = min(first[0], second[0]), min(first[1], second[1])
     n = len(texts)
     marginal = (n - SMALL) / (stage - small)
 
     result = {
         "model": args.model,
+        "texts_file": args.texts_file.name,
         "texts": n,
+        "compute_dtype": str(dtype),
         "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length,
         "actors": args.actors,
         "threads": cpus,
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
+        "device": device_name(),
         "seq_per_s": {
             "bare": n / bare,
             "encode": n / encode,

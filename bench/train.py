@@ -1,10 +1,13 @@
 """Student-training throughput through Ray Train as a ratio to a bare PyTorch loop, same script.
 
     .venv/bin/python bench/train.py [--batch-sizes 32 256] [--texts 2048] [--workers 1]
+        [--teacher NAME_OR_DIR] [--student DIR] [--texts-file F]
 
-The same student (3-layer MiniLM-L6 layer reduction + Linear + Normalize), the same texts with
+The same student (default: 3-layer MiniLM-L6 layer reduction + Linear + Normalize; or --student,
+a sentence-transformers folder, + Linear into the teacher's space), the same texts with
 teacher-shaped random target vectors (throughput does not depend on their values), the same
-AdamW step and threads. Each side does one warm-up epoch; seq/s is measured on the second.
+AdamW step, bf16 autocast on GPU, and threads. Each side does one warm-up epoch; seq/s is
+measured on the second.
 Writes bench/results/train-<device>.json.
 """
 
@@ -15,6 +18,7 @@ import gzip
 import itertools
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +42,7 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
     """seq/s of a plain loop over length-sorted windows, second epoch (as `train_loop` batches)."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     student = SentenceTransformer(init, device=device)
     freeze_unused(student)
     optimizer = torch.optim.AdamW(param_groups(student, 2e-4, 1e-2), weight_decay=0.01)
@@ -47,11 +52,15 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
         tic = time.perf_counter()
         for rows in batches:
             features = batch_to_device(student.preprocess(texts[rows].tolist()), device)
-            loss = leaf_loss(embed(student, features), torch.from_numpy(targets[rows]).to(device))
+            with autocast:
+                predicted = embed(student, features)
+            loss = leaf_loss(predicted.float(), torch.from_numpy(targets[rows]).to(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - tic
     return len(texts) / seconds
 
@@ -62,7 +71,8 @@ def ray_train(cfg: LeafConfig, init: str, rows: list[dict], storage: Path) -> fl
     checkpoint = train_student(cfg, ds, len(rows), init, storage)
     with checkpoint.as_directory() as ckpt:
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
-    # One row per step (log_every=1): the epoch's rate is the harmonic mean of step rates.
+    # Rows are logged every `log_every` steps, each with its window's rate: the epoch's rate is
+    # their harmonic mean (windows of equal size; logging syncs the device only once a window).
     second = [r["seq_per_s"] for r in history if r["epoch"] == 1]
     return len(second) / sum(1 / r for r in second)
 
@@ -72,20 +82,29 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--teacher", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--student", help="pretrained student folder (default: layer reduction)")
+    parser.add_argument(
+        "--texts-file", type=Path, default=REPO / "data" / "demo" / "train.jsonl.gz"
+    )
     args = parser.parse_args()
 
-    with gzip.open(REPO / "data" / "demo" / "train.jsonl.gz", "rt") as f:
+    with gzip.open(args.texts_file, "rt") as f:
         texts = np.array([json.loads(line)["text"] for line in itertools.islice(f, args.texts)])
-    teacher_cfg = TeacherConfig(model="sentence-transformers/all-MiniLM-L6-v2", max_seq_length=128)
+    teacher_cfg = TeacherConfig(model=args.teacher, max_seq_length=128)
     teacher = load_teacher(teacher_cfg, "cpu")
     dim = teacher.get_embedding_dimension()
     rng = np.random.default_rng(0)
     targets = rng.standard_normal((len(texts), dim)).astype(np.float32)
     targets /= np.linalg.norm(targets, axis=1, keepdims=True)
-    storage = Path("/tmp/leaf-ray-bench-train")
+    storage = Path(tempfile.mkdtemp(prefix="leaf-ray-bench-train-"))  # fresh: no run to resume
     init = str(storage / "student_init")
     space = teacher_space(teacher_cfg, on_gpu=False)
-    build_student(StudentConfig(), space, 0, teacher).save_pretrained(init)
+    student_cfg = (
+        StudentConfig(init="pretrained", model=args.student) if args.student else StudentConfig()
+    )
+    build_student(student_cfg, space, 0, teacher).save_pretrained(init)
     cpus = os.cpu_count() or 1
     torch.set_num_threads(cpus)
 
@@ -106,7 +125,7 @@ def main() -> None:
                     "batch_size": batch,
                     "lr": 2e-4,
                     "head_lr": 1e-2,
-                    "log_every": 1,
+                    "log_every": args.log_every,
                 },
             }
         )
@@ -121,7 +140,15 @@ def main() -> None:
         )
         print(json.dumps(results[-1]), flush=True)
     ray.shutdown()
-    out = {"texts": len(texts), "workers": args.workers, "threads": cpus, "results": results}
+    out = {
+        "teacher": args.teacher,
+        "student": args.student or "layer_reduction",
+        "texts": len(texts),
+        "workers": args.workers,
+        "threads": cpus,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "results": results,
+    }
     kind = "gpu" if torch.cuda.is_available() else "cpu"
     (REPO / "bench" / "results" / f"train-{kind}.json").write_text(json.dumps(out, indent=2) + "\n")
 

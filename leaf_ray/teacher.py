@@ -131,7 +131,10 @@ class LocalTeacher:
                     padded[r, width - len(seq) :] = seq
                 else:
                     padded[r, : len(seq)] = seq
-            batch[name] = torch.from_numpy(padded).to(self.device, non_blocking=True)
+            tensor = torch.from_numpy(padded)
+            if self.device == "cuda":  # pinned: the copy overlaps the running forward
+                tensor = tensor.pin_memory()
+            batch[name] = tensor.to(self.device, non_blocking=True)
         return batch
 
 
@@ -249,7 +252,7 @@ def embed_texts(
         threads = max(1, round(cpus / cfg.num_actors))
     # Large calls: each is sorted by token length once, so batches carry little padding. Two
     # calls run at once in an actor (threads): one is tokenized while the other computes.
-    rows_per_call = rows_per_actor_call(cfg, num_rows)
+    rows_per_call = rows_per_actor_call(cfg, num_rows, on_gpu=bool(gpus))
     return texts.repartition(target_num_rows_per_block=rows_per_call).map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
@@ -266,8 +269,12 @@ def embed_texts(
     )
 
 
-def rows_per_actor_call(cfg: TeacherConfig, num_rows: int | None = None) -> int:
-    largest = cfg.batch_size * 128
+def rows_per_actor_call(
+    cfg: TeacherConfig, num_rows: int | None = None, on_gpu: bool = False
+) -> int:
+    # A GPU waits while an actor tokenizes its first call, so GPU calls are smaller; on CPU the
+    # forward dwarfs tokenizing and larger calls sort away more padding.
+    largest = cfg.batch_size * (16 if on_gpu else 128)
     if num_rows is None:
         return largest
     return max(cfg.batch_size, min(largest, -(-num_rows // cfg.num_actors)))

@@ -1,0 +1,33 @@
+#!/bin/bash
+# The GPU benchmarks as one prepared script for a lent GPU machine (see README "Benchmarks"):
+# a random-weight bert-base teacher and MiniLM-L6-H384 student, built from carried tokenizer
+# files, on carried real texts. Prepare here, from the repo root:
+#   ../shared/device/prepare-wheels.sh sentence-transformers==6.2.0   # Ray etc. into .whl/
+#   .gpu/tokenizer/ (a BERT-uncased tokenizer) and .gpu/debian-documents.jsonl.gz (texts)
+# then run `bash bench/gpu.sh` there with carry [".whl", ".gpu"]. Results land in $OUT
+# (or bench/results/ alone when OUT is unset). Sizes: TEACHER_TEXTS, TRAIN_TEXTS.
+set -u -o pipefail
+if ! python3 -c "import ray" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 \
+  RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  RAY_DATA_DISABLE_PROGRESS_BARS=1
+OUT=${OUT:-}
+models=/tmp/leaf-ray-bench-models
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import torch, transformers, sentence_transformers as st, ray
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'st', st.__version__, 'ray', ray.__version__)"
+python3 bench/random_model.py .gpu/tokenizer $models/bert-base --preset bert-base --max-seq-length 512 || exit 1
+python3 bench/random_model.py .gpu/tokenizer $models/minilm --preset minilm-l6-h384 --max-seq-length 128 || exit 1
+
+date; timeout "${TEACHER_TIMEOUT:-240}" python3 bench/teacher.py --model $models/bert-base \
+  --texts "${TEACHER_TEXTS:-55000}" --texts-file .gpu/debian-documents.jsonl.gz \
+  --batch-size 256 --max-seq-length 512 2>&1 | tee ${OUT:+$OUT/}teacher-gpu.log | grep -v "^\s*$"
+date; timeout "${TRAIN_TIMEOUT:-200}" python3 bench/train.py --teacher $models/bert-base \
+  --student $models/minilm --texts "${TRAIN_TEXTS:-12000}" --batch-sizes 32 256 2>&1 \
+  | tee ${OUT:+$OUT/}train-gpu.log | grep -v "^\s*$"
+[ -n "$OUT" ] && cp bench/results/*-gpu.json "$OUT"/ 2>/dev/null
+ls bench/results
