@@ -45,6 +45,7 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     student = SentenceTransformer(init, device=device)
     freeze_unused(student)
+    student.train()  # dropout on, as in `train_loop` (a loaded model starts in eval mode)
     optimizer = torch.optim.AdamW(param_groups(student, 2e-4, 1e-2), weight_decay=0.01)
     order = np.argsort([len(t) for t in texts], kind="stable")
     batches = [order[i : i + batch] for i in range(0, len(order), batch)]
@@ -122,6 +123,7 @@ def main() -> None:
                     "cpus_per_worker": max(0.5, (cpus - 1) / args.workers),
                     "torch_threads": cpus // args.workers,
                     "epochs": 2,
+                    "cycles": 1,
                     "batch_size": batch,
                     "lr": 2e-4,
                     "head_lr": 1e-2,

@@ -141,12 +141,24 @@ class TrainConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="Reserved; leave some for Ray Data.")
     torch_threads: int | None = Field(None, gt=0, description="Default: CPUs shared by workers.")
     use_gpu: bool | None = Field(None, description="Default: when the Ray cluster has GPUs.")
-    epochs: int = Field(1, gt=0)
+    epochs: int = Field(30, gt=0, description="LEAF: 3 cycles of 10 epochs.")
+    cycles: int = Field(
+        3, gt=0, description="Learning-rate cycles over the epochs: warm-up, then linear decay."
+    )
     batch_size: int = Field(32, gt=0, description="Global batch per optimiser step.")
+    grad_accumulation: int = Field(
+        1, gt=0, description="Micro-batches per optimiser step (per worker: batch_size/workers/n)."
+    )
     lr: float = Field(1e-4, gt=0)
+    final_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Each cycle decays linearly to lr x this (LEAF: 1e-4 -> 1e-5)."
+    )
     head_lr: float | None = Field(None, gt=0, description="Projection's rate; default: lr.")
+    loss: Literal["l2", "cosine"] = Field(
+        "l2", description="l2: LEAF's mean squared L2 distance; cosine: mean (1 - cosine)."
+    )
     weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Of each cycle.")
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
     max_failures: int = Field(
@@ -159,9 +171,16 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
-        if self.batch_size % self.num_workers:
+        parts = self.num_workers * self.grad_accumulation
+        if self.batch_size % parts:
             raise ValueError(
-                f"batch_size {self.batch_size} must be a multiple of num_workers {self.num_workers}"
+                f"batch_size: {self.batch_size} is not a multiple of num_workers x "
+                f"grad_accumulation ({self.num_workers} x {self.grad_accumulation})"
+            )
+        if self.epochs % self.cycles:
+            raise ValueError(
+                f"epochs: {self.epochs} is not a multiple of cycles ({self.cycles}; LEAF: 3 cycles "
+                "of 10 epochs); set train.cycles"
             )
         return self
 
@@ -296,9 +315,9 @@ def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) ->
     msgs = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        named = re.match(r"Value error, ([\w.]+): (.*)", e["msg"]) if not loc else None
-        if named:  # a cross-section check names its key in the message
-            loc = tuple(int(p) if p.isdigit() else p for p in named[1].split("."))
+        named = re.match(r"Value error, ([\w.]+): (.*)", e["msg"])
+        if named:  # a cross-field check names its key (below its section) in the message
+            loc += tuple(int(p) if p.isdigit() else p for p in named[1].split("."))
             e = {**e, "msg": named[2], "type": "value_error_named"}
         key = ".".join(str(p) for p in loc) or "<top>"
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)

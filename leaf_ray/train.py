@@ -24,9 +24,8 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
-from transformers import get_linear_schedule_with_warmup
 
-from leaf_ray.config import LeafConfig
+from leaf_ray.config import LeafConfig, TrainConfig
 from leaf_ray.report import write_metrics
 from leaf_ray.student import embed, freeze_unused, leaf_loss, param_groups
 
@@ -87,12 +86,12 @@ def train_loop(config: dict) -> None:
     groups = param_groups(student, tcfg.lr, tcfg.projection_lr)
     trainable = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
-    per_worker_batch = tcfg.batch_size // world
-    steps_per_epoch = _steps_per_epoch(config["num_rows"] // world, per_worker_batch)
+    accumulation = tcfg.grad_accumulation
+    micro_batch = tcfg.batch_size // world // accumulation
+    micro_per_epoch = _steps_per_epoch(config["num_rows"] // world, micro_batch)
+    steps_per_epoch = -(-micro_per_epoch // accumulation)
     total_steps = steps_per_epoch * tcfg.epochs
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(tcfg.warmup_ratio * total_steps), total_steps
-    )
+    scheduler = leaf_schedule(optimizer, total_steps, tcfg)
     step, start_epoch, history, resumes = 0, 0, [], 0
     if state:  # continue the schedule where the checkpoint left it
         optimizer.load_state_dict(state["optimizer"])
@@ -108,23 +107,36 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         tic, seen = time.perf_counter(), 0  # throughput over each logging window
-        for texts, targets in _length_bucketed(shard, per_worker_batch, cfg.run.seed + epoch):
+        micro_batches = _length_bucketed(shard, micro_batch, cfg.run.seed + epoch)
+        step_loss = torch.zeros((), device=device)
+        for i, (texts, targets) in enumerate(micro_batches):
+            # A step takes `accumulation` micro-batches; the epoch's last step may take fewer.
+            group = min(accumulation, micro_per_epoch - i // accumulation * accumulation)
+            stepping = (i + 1) % accumulation == 0 or i + 1 == micro_per_epoch
             features = batch_to_device(student.preprocess(texts), device)
-            with autocast:
-                predicted = embed(model, features)
-            loss = leaf_loss(predicted.float(), torch.from_numpy(targets).to(device))
-            loss.backward()
+            # DDP all-reduces gradients on the micro-batch that ends a step, not before.
+            with nullcontext() if stepping or world == 1 else model.no_sync():
+                with autocast:
+                    predicted = embed(model, features)
+                target = torch.from_numpy(targets).to(device)
+                loss = leaf_loss(predicted.float(), target, tcfg.loss) / group
+                loss.backward()
+            step_loss += loss.detach()
+            seen += len(texts)
+            if not stepping:
+                continue
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # this step's rate, before the schedule moves on
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step, seen = step + 1, seen + len(texts)
+            step += 1
             if step % tcfg.log_every == 0 or step == 1:
                 row = {
                     "step": step,
                     "epoch": epoch,
-                    "loss": _mean_over_workers(loss.detach(), world),
-                    "lr": scheduler.get_last_lr()[0],
+                    "loss": _mean_over_workers(step_loss, world),
+                    "lr": lr,
                     "grad_norm": float(grad_norm),
                     "seq_per_s": seen * world / (time.perf_counter() - tic),
                     "resumes": resumes,  # restarts from a checkpoint so far (failures, reruns)
@@ -133,11 +145,32 @@ def train_loop(config: dict) -> None:
                 history.append(row)
                 if bar:
                     bar.set_description(f"train student  loss {row['loss']:.4f}")
+            step_loss = torch.zeros((), device=device)
             if bar:
                 bar.update(1)
         _report_epoch(student, optimizer, scheduler, (step, epoch, resumes), history, rank)
     if bar:
         bar.close()
+
+
+def leaf_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LEAF's schedule: `cycles` equal cycles, each a linear warm-up then a linear decay to
+    `final_lr_ratio` of the peak. Hand-written: transformers restarts only cosine schedules."""
+    bounds = np.linspace(0, total_steps, cfg.cycles + 1).round().astype(int)
+
+    def factor(step: int) -> float:
+        cycle = min(int(np.searchsorted(bounds, step, side="right")) - 1, cfg.cycles - 1)
+        length = max(1, bounds[cycle + 1] - bounds[cycle])
+        into = step - bounds[cycle]
+        warmup = int(cfg.warmup_ratio * length)
+        if into < warmup:
+            return (into + 1) / (warmup + 1)
+        decayed = (into - warmup) / max(1, length - warmup - 1)  # 1 at the cycle's last step
+        return float(1 - (1 - cfg.final_lr_ratio) * min(1.0, decayed))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _steps_per_epoch(rows_per_worker: int, batch: int) -> int:

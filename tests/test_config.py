@@ -43,6 +43,18 @@ def test_bad_value_is_named_with_its_key_path(tmp_path):
     assert f"{path}:7: train.epochs: Input should be greater than 0 (got 0)" in str(err.value)
 
 
+def test_cross_field_training_rules_name_their_key_and_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  num_workers: 2\n  batch_size: 31\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:8: train.batch_size: 31 is not a multiple of num_workers" in str(err.value)
+    path = write(tmp_path, MINIMAL + "train:\n  epochs: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:7: train.epochs: 4 is not a multiple of cycles (3;" in str(err.value)
+    assert load_config(path, ["train.cycles=2"]).train.cycles == 2
+
+
 def test_error_inside_a_list_names_the_index(tmp_path):
     path = write(tmp_path, MINIMAL.replace("path: texts.jsonl", "path: a\n      hf_dataset: b"))
     with pytest.raises(ConfigError, match=r"data\.sources\.0: Value error, give exactly one"):
@@ -52,7 +64,7 @@ def test_error_inside_a_list_names_the_index(tmp_path):
 def test_missing_section_and_cross_field_rules(tmp_path):
     with pytest.raises(ConfigError, match="teacher: Field required"):
         load_config(write(tmp_path, "data:\n  sources: [{path: x}]\n"))
-    with pytest.raises(ConfigError, match="must be a multiple of num_workers"):
+    with pytest.raises(ConfigError, match="train.batch_size: 32 is not a multiple of num_workers"):
         load_config(write(tmp_path, MINIMAL), ["train.num_workers=3"])
     # A black-box teacher has no layers to copy: the error names the student's key and line.
     black_box = MINIMAL + "  vectors: v.parquet\nstudent:\n  init: layer_reduction\n"

@@ -46,6 +46,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
             "num_workers": 2,
             "cpus_per_worker": 0.5,
             "epochs": 4,
+            "cycles": 1,
             "batch_size": 32,
             "lr": 1e-3,
             "head_lr": 1e-2,

@@ -32,6 +32,12 @@ def test_leaf_loss_is_mean_squared_l2():
     assert leaf_loss(unit, unit).item() == 0.0
 
 
+def test_cosine_loss_ignores_the_students_norm():
+    s, t = torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert leaf_loss(s, t, "cosine").item() == pytest.approx((0.0 + 1.0) / 2)
+    assert leaf_loss(s, t, "l2").item() == pytest.approx((1.0 + 10.0) / 2)
+
+
 def test_layer_reduction_keeps_evenly_spaced_teacher_layers(teacher):
     reduced = reduce_layers(teacher[0], 1)
     layers = reduced.auto_model.encoder.layer

@@ -8,6 +8,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
 import yaml
 
 from leaf_ray.config import load_config
@@ -52,7 +55,9 @@ def run_config(root: Path, texts: list[dict], tiny_teacher, name: str) -> Path:
             "num_workers": 2,
             "cpus_per_worker": 0.5,
             "epochs": 3,
+            "cycles": 3,  # LEAF's restarts, one per epoch here
             "batch_size": 32,
+            "grad_accumulation": 2,  # 2 workers x 2 micro-batches of 8 per step
             "lr": 1e-3,
             "head_lr": 1e-2,
             "log_every": 1,
@@ -71,7 +76,7 @@ def history(run_dir: Path) -> list[dict]:
 def test_a_killed_worker_is_replaced_and_training_resumes(
     tmp_path, tiny_teacher, demo_texts, ray_local
 ):
-    texts = demo_texts[:512]  # 2 workers x 8 batches of 16 per epoch
+    texts = demo_texts[:512]  # 2 workers x 16 steps x 2 micro-batches of 8 per epoch
     steady = distill(load_config(run_config(tmp_path, texts, tiny_teacher, "steady")))
 
     killed: list[int] = []
@@ -88,9 +93,37 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
 
     # Every step appears once, in order, up to the full schedule: none repeated, none skipped.
     steps = [row["step"] for row in history(resumed)]
-    assert steps == list(range(1, len(steps) + 1))
+    assert steps == list(range(1, 3 * 16 + 1))
     assert steps == [row["step"] for row in history(steady)]
     # Same schedule and data, resumed from a checkpoint: it ends where the steady run ends.
     final_steady, final_resumed = history(steady)[-1]["loss"], history(resumed)[-1]["loss"]
     assert abs(final_resumed - final_steady) < 0.25 * final_steady, (final_steady, final_resumed)
     assert history(resumed)[-1]["loss"] < 0.7 * history(resumed)[0]["loss"]
+    # LEAF's schedule: each epoch here is a cycle that peaks at lr and ends at lr x 0.1.
+    rates: dict[int, list[float]] = {}
+    for row in history(steady):
+        rates.setdefault(row["epoch"], []).append(row["lr"])
+    assert len(rates) == 3
+    assert all(
+        max(r) == pytest.approx(1e-3) and r[-1] == pytest.approx(1e-4) for r in rates.values()
+    )
+
+
+def test_schedule_restarts_each_cycle_and_decays_to_the_final_ratio(tmp_path):
+    from leaf_ray.config import TrainConfig
+    from leaf_ray.train import leaf_schedule
+
+    cfg = TrainConfig(epochs=3, cycles=3, lr=1.0, warmup_ratio=0.2, final_lr_ratio=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = leaf_schedule(optimizer, 30, cfg)
+    rates = []
+    for _ in range(30):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    cycles = [rates[0:10], rates[10:20], rates[20:30]]
+    assert cycles[0] == cycles[1] == cycles[2]  # restarts: every cycle is the same
+    first = cycles[0]
+    assert first[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # warm-up: 20% of 10 steps
+    assert first[-1] == pytest.approx(0.1)  # each cycle ends at lr x final_lr_ratio
+    assert np.diff(first[2:]) == pytest.approx(np.full(7, (0.1 - 1.0) / 7))
