@@ -83,17 +83,25 @@ class TeacherCache:
     def sink(self, vector_dtype: str, rows_per_shard: int) -> CacheSink:
         return CacheSink(self.root, vector_dtype, rows_per_shard)
 
-    def read(self, wanted: np.ndarray) -> ray.data.Dataset:
-        """The committed rows whose hash is in `wanted`, each hash once."""
+    def read(self, wanted: np.ndarray, counts: np.ndarray | None = None) -> ray.data.Dataset:
+        """The committed rows whose hash is in `wanted`: each once, or `counts[i]` times for
+        `wanted[i]` (then `wanted` must be sorted and distinct, as `mixture_counts` gives)."""
+        if counts is None:
+            wanted, counts = np.unique(wanted.astype(str)), None
         return ray.data.read_parquet(self.shard_paths()).map_batches(
-            _keep_wanted, fn_args=(np.unique(wanted.astype(str)),), batch_format="pyarrow"
+            _keep_wanted, fn_args=(wanted.astype(str), counts), batch_format="pyarrow"
         )
 
 
-def _keep_wanted(table: pa.Table, wanted: np.ndarray) -> pa.Table:
+def _keep_wanted(table: pa.Table, wanted: np.ndarray, counts: np.ndarray | None) -> pa.Table:
+    if not len(wanted):
+        return table.slice(0, 0)
     hashes = table.column("text_hash").to_numpy(zero_copy_only=False).astype(str)
     first = first_of_each(hashes)  # a hash written twice is read once
-    return table.take(first[np.isin(hashes[first], wanted)])
+    at = np.minimum(np.searchsorted(wanted, hashes[first]), len(wanted) - 1)
+    hit = wanted[at] == hashes[first]
+    rows = first[hit]
+    return table.take(rows if counts is None else np.repeat(rows, counts[at[hit]]))
 
 
 class CacheSink(Datasink):

@@ -52,6 +52,11 @@ class SourceConfig(Strict):
         None, description="Fixed kind for every text (instead of kind_field)."
     )
     limit: int | None = Field(None, gt=0)
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Times each text is trained on per epoch: 2 twice; 0.5 a seeded half.",
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:

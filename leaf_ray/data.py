@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import ray.data
 
+from leaf_ray.cache import first_of_each
 from leaf_ray.config import DataConfig, SourceConfig
 
 KINDS = ("query", "document")
@@ -23,11 +24,11 @@ def read_texts(cfg: DataConfig) -> ray.data.Dataset:
     """All configured sources, normalised to columns id, text, kind."""
     # Bad rows surface as DataError (naming the file), not as Ray's generic UDF failure.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    datasets = [_read_source(src) for src in cfg.sources]
+    datasets = [_read_source(src, index) for index, src in enumerate(cfg.sources)]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def _read_source(src: SourceConfig) -> ray.data.Dataset:
+def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:
     if src.path is not None:
         label = src.path
         path = Path(src.path)
@@ -52,7 +53,7 @@ def _read_source(src: SourceConfig) -> ray.data.Dataset:
             raise DataError(f"{label}: no field {field!r} (fields: {sorted(columns)})")
     return ds.map_batches(
         _normalise,
-        fn_kwargs={"src": src, "label": label, "has_id": src.id_field in columns},
+        fn_kwargs={"src": src, "index": index, "label": label, "has_id": src.id_field in columns},
         batch_format="numpy",
     )
 
@@ -67,7 +68,9 @@ def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
     return ray.data.from_huggingface(hf)
 
 
-def _normalise(batch: dict[str, np.ndarray], src: SourceConfig, label: str, has_id: bool) -> dict:
+def _normalise(
+    batch: dict[str, np.ndarray], src: SourceConfig, index: int, label: str, has_id: bool
+) -> dict:
     texts = batch[src.text_field].astype(str)
     kinds = np.full(len(texts), src.kind) if src.kind else batch[src.kind_field].astype(str)
     bad = {str(k) for k in np.unique(kinds)} - set(KINDS)
@@ -77,7 +80,26 @@ def _normalise(batch: dict[str, np.ndarray], src: SourceConfig, label: str, has_
         ids = batch[src.id_field].astype(str)
     else:  # No ids in the source: a content hash is stable across runs and shards.
         ids = np.array([hashlib.sha1(t.encode()).hexdigest()[:16] for t in texts])
-    return {"id": ids, "text": texts, "kind": kinds}
+    return {"id": ids, "text": texts, "kind": kinds, "source": np.full(len(texts), index)}
+
+
+def mixture_counts(
+    hashes: np.ndarray, sources: np.ndarray, weights: list[float], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Times each distinct text is trained on per epoch, from its source's weight (a text in
+    several sources takes its first source's). A fractional part picks exactly that fraction of
+    the source's texts for one more pass, seeded, so every worker and rerun sees the same set.
+    Returns the distinct hashes, sorted, and their counts."""
+    first = first_of_each(hashes)
+    distinct, source = hashes[first], sources[first]
+    counts = np.floor(np.asarray(weights)[source]).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    for index, weight in enumerate(weights):
+        members = np.flatnonzero(source == index)
+        extra = round((weight % 1) * members.size)
+        counts[rng.choice(members, size=extra, replace=False)] += 1
+    order = np.argsort(distinct)
+    return distinct[order], counts[order]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from leaf_ray.cache import (
     verify,
 )
 from leaf_ray.config import LeafConfig, RayConfig, load_config
-from leaf_ray.data import read_texts
+from leaf_ray.data import mixture_counts, read_texts
 from leaf_ray.eval import Encoder, evaluate
 from leaf_ray.models import resolve_model
 from leaf_ray.report import (
@@ -74,15 +74,19 @@ class TeacherVectors:
     cache: TeacherCache
     space: TeacherSpace
     hashes: np.ndarray  # one per input row (duplicates included)
+    sources: np.ndarray  # each row's index in data.sources
     embedded: int  # texts this call embedded; 0 when the cache had them all
 
     @property
     def unique(self) -> int:
         return int(np.unique(self.hashes).size)
 
-    def dataset(self) -> ray.data.Dataset:
-        """Rows (text_hash, kind, text, embedding), one per distinct text."""
-        return self.cache.read(self.hashes)
+    def training_set(self, cfg: LeafConfig) -> tuple[ray.data.Dataset, int]:
+        """Rows (text_hash, kind, text, embedding) for one epoch, each distinct text as many
+        times as its source's weight says, and their number."""
+        weights = [src.weight for src in cfg.data.sources]
+        wanted, counts = mixture_counts(self.hashes, self.sources, weights, cfg.run.seed)
+        return self.cache.read(wanted, counts), int(counts.sum())
 
 
 def embed(cfg: LeafConfig) -> TeacherVectors:
@@ -92,7 +96,7 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     settings and texts, a second run embeds nothing.
     """
     space, cache, texts = _cache_and_texts(cfg)
-    ids, hashes = _ids_and_hashes(texts)
+    ids, hashes, sources = _row_keys(texts)
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
         chosen = texts.map_batches(_select_rows, fn_args=(todo,), batch_format="numpy")
@@ -102,13 +106,13 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     missing = np.setdiff1d(np.unique(hashes.astype(str)), cache.hashes().astype(str))
     if missing.size:
         raise RunError(f"{cache.root}: {missing.size} texts still have no vector after the stage")
-    return TeacherVectors(cache, space, hashes, embedded=len(todo))
+    return TeacherVectors(cache, space, hashes, sources, embedded=len(todo))
 
 
 def verify_cache(cfg: LeafConfig) -> VerifyReport:
     """`leaf-ray cache verify`: the config's cache, and which of its texts have no vector."""
     _, cache, texts = _cache_and_texts(cfg)
-    return verify(cache, _ids_and_hashes(texts)[1])
+    return verify(cache, _row_keys(texts)[1])
 
 
 def _cache_and_texts(cfg: LeafConfig) -> tuple[TeacherSpace, TeacherCache, ray.data.Dataset]:
@@ -119,13 +123,16 @@ def _cache_and_texts(cfg: LeafConfig) -> tuple[TeacherSpace, TeacherCache, ray.d
     return space, cache, read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
 
 
-def _ids_and_hashes(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Only these two small columns come to the driver; the texts stay in Ray."""
-    ids, hashes = [], []
-    for batch in texts.select_columns(["id", "text_hash"]).iter_batches(batch_format="numpy"):
-        ids.append(batch["id"].astype(str))
-        hashes.append(batch["text_hash"].astype(str))
-    return np.concatenate(ids), np.concatenate(hashes)
+def _row_keys(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's id, text hash and source index: only these small columns come to the driver;
+    the texts stay in Ray."""
+    keys = ("id", "text_hash", "source")
+    parts: dict[str, list] = {key: [] for key in keys}
+    for batch in texts.select_columns(list(keys)).iter_batches(batch_format="numpy"):
+        for key in keys:
+            parts[key].append(batch[key])
+    ids, hashes, sources = (np.concatenate(parts[key]) for key in keys)
+    return ids.astype(str), hashes.astype(str), sources.astype(np.int64)
 
 
 def _first_rows_missing(ids: np.ndarray, hashes: np.ndarray, cached: np.ndarray) -> dict:
@@ -157,19 +164,18 @@ def distill(cfg: LeafConfig) -> Path:
 
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     vectors = embed(cfg)
+    training_set, training_rows = vectors.training_set(cfg)
     cache_note = {"cache": str(vectors.cache.root), "rows": len(vectors.hashes)}
+    cache_note |= {"distinct": vectors.unique, "embedded": vectors.embedded}
     atomic_write(
-        work / TEACHER_CACHE_JSON,
-        json.dumps(cache_note | {"distinct": vectors.unique, "embedded": vectors.embedded}),
+        work / TEACHER_CACHE_JSON, json.dumps(cache_note | {"training_rows": training_rows})
     )
 
     # 2. Student: layer-reduced (or pretrained) encoder + projection, trained on Ray Train.
     teacher = load_teacher(cfg.teacher) if cfg.teacher.backend == "sentence_transformers" else None
     student = build_student(cfg.student, vectors.space, cfg.run.seed, teacher)
     student.save_pretrained(str(work / STUDENT_INIT))
-    checkpoint = train_student(
-        cfg, vectors.dataset(), vectors.unique, str(work / STUDENT_INIT), work
-    )
+    checkpoint = train_student(cfg, training_set, training_rows, str(work / STUDENT_INIT), work)
     with checkpoint.as_directory() as ckpt:
         shutil.copytree(
             ckpt, work / STUDENT, ignore=shutil.ignore_patterns(TRAIN_STATE, METRICS_JSONL)

@@ -74,7 +74,7 @@ def print_plan(cfg: LeafConfig) -> None:
         f"{s.num_layers or 'half the'} teacher layers" if s.init == "layer_reduction" else s.model
     )
     local = f"a local Ray ({cfg.ray.num_cpus or 'all'} CPUs)"
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)  # ":train:" is a split, not an emoji
     console.print(f"[bold]config[/] {cfg.source_file}")
     console.print(f"[bold]run[/] {Path(cfg.run.output_dir) / cfg.run_name()}")
     console.print(f"[bold]ray[/] {cfg.ray.address or f'RAY_ADDRESS if set, else {local}'}")
@@ -88,12 +88,16 @@ def print_plan(cfg: LeafConfig) -> None:
         f"vectors cached ({t.vector_dtype}) in {cfg.cache_dir()}"
     )
     for src in cfg.data.sources:
-        where = src.path or f"hf:{src.hf_dataset}"
-        console.print(f"   texts from {where}" + (f" (first {src.limit})" if src.limit else ""))
+        where = src.path or ":".join(
+            filter(None, (f"hf:{src.hf_dataset}", src.hf_config, src.split, src.text_field))
+        )
+        notes = [f"first {src.limit}" if src.limit else "", src.kind or "", f"weight {src.weight}"]
+        console.print(f"   texts from {where} ({', '.join(filter(None, notes))})")
     console.print(
         f"[bold]2. student[/] {s.init}: {student}, max length {s.max_seq_length}; "
-        f"{tr.num_workers} DDP worker(s), {tr.epochs} epoch(s) of batch {tr.batch_size}, "
-        f"lr {tr.lr} (projection {tr.projection_lr})"
+        f"{tr.num_workers} DDP worker(s), {tr.epochs} epoch(s) in {tr.cycles} cycle(s) of batch "
+        f"{tr.batch_size} ({tr.grad_accumulation} micro-batch(es) per step), {tr.loss} loss, "
+        f"lr {tr.lr} -> {tr.lr * tr.final_lr_ratio:g} per cycle (projection {tr.projection_lr})"
     )
     console.print(f"[bold]3. eval[/] {', '.join(cfg.eval.datasets) or 'none'}")
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -95,6 +96,15 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
         prompt = "q: " if t["kind"] == "query" else None
         want = model.encode(t["text"], prompt=prompt)
         np.testing.assert_allclose(rows[text_hash(t["kind"], t["text"])], want, atol=1e-5)
+
+    # One epoch's training rows: each distinct text once, or as often as its source's weight.
+    data, count = first.training_set(cfg)
+    assert count == 320 and sorted(r["text_hash"] for r in data.take_all()) == sorted(rows)
+    weighted = load_config(cfg.source_file, ["data.sources.0.weight=2.5"])
+    data, count = first.training_set(weighted)
+    times = Counter(r["text_hash"] for r in data.take_all())
+    assert count == sum(times.values()) == 2 * 320 + 160
+    assert set(times) == set(rows) and Counter(times.values()) == {2: 160, 3: 160}
 
     again = embed(cfg)
     assert (again.embedded, again.cache.root) == (0, first.cache.root)

@@ -115,5 +115,28 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert teacher in out
     assert f"vectors cached (float32) in {tmp_path / 'out' / 'teacher_cache'}" in out
     assert f"texts from {tmp_path / 'texts.jsonl'}" in out
-    assert "3 epoch(s) of batch 32" in out
+    assert "3 epoch(s) in 3 cycle(s) of batch 32" in out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "teacher"),
+    [
+        ("leaf-ir", "Snowflake/snowflake-arctic-embed-m-v1.5"),
+        ("leaf-mt", "mixedbread-ai/mxbai-embed-large-v1"),
+    ],
+)
+def test_paper_recipes_validate_offline(recipe, teacher, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub names must not be looked up
+    config = DEFAULT_CONFIG.parent / f"{recipe}.yaml"
+    assert main(["distill", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"1. teacher {teacher} (sentence-transformers)" in out
+    assert "pretrained: nreimers/MiniLM-L6-H384-uncased, max length 512" in out
+    assert "30 epoch(s) in 3 cycle(s) of batch 32" in out
+    assert "lr 0.0001 -> 1e-05 per cycle" in out
+    cfg = load_config(config)
+    assert len(cfg.data.sources) == 7
+    assert {s.kind for s in cfg.data.sources} == {"query", "document"}  # both, as in LEAF
+    for source in cfg.data.sources:
+        assert f"hf:{source.hf_dataset}:{source.hf_config}:{source.split}:" in out

@@ -1,9 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 
 from leaf_ray.config import DataConfig
-from leaf_ray.data import DataError, read_texts
+from leaf_ray.data import DataError, mixture_counts, read_texts
 
 
 def write_jsonl(path, rows):
@@ -23,9 +24,10 @@ def test_sources_are_unioned_and_normalised(tmp_path, demo_texts, ray_local):
     )
     rows = read_texts(cfg).take_all()
     assert len(rows) == 52
-    assert set(rows[0]) == {"id", "text", "kind"}
+    assert set(rows[0]) == {"id", "text", "kind", "source"}
     by_text = {r["text"]: r for r in rows}
     assert by_text["no id here"]["kind"] == "query"
+    assert by_text["no id here"]["source"] == 1 and rows[0]["source"] in (0, 1)
     assert len(by_text["no id here"]["id"]) == 16  # content hash when the source has no ids
     assert {r["id"] for r in rows} >= {t["id"] for t in demo_texts[:50]}
 
@@ -53,3 +55,20 @@ def test_hugging_face_dataset_source(tmp_path, ray_local):
     assert sorted(r["text"] for r in rows) == sorted(f"example {i}" for i in range(30))
     assert {r["kind"] for r in rows} == {"document"}
     assert len({r["id"] for r in rows}) == 30
+
+
+def test_mixture_weights_set_how_often_each_source_is_seen():
+    # Source 0: 4 texts at weight 2; source 1: 10 texts at 0.5 (one also in source 0); 2: 3 at 1.
+    hashes = np.array(["a", "b", "c", "d"] + ["a"] + [f"h{i}" for i in range(9)] + ["x", "y", "z"])
+    sources = np.array([0] * 4 + [1] * 10 + [2] * 3)
+    distinct, counts = mixture_counts(hashes, sources, [2.0, 0.5, 1.0], seed=0)
+    times = dict(zip(distinct.tolist(), counts.tolist(), strict=True))
+    assert list(distinct) == sorted(times)
+    assert [times[h] for h in "abcd"] == [2, 2, 2, 2]  # "a" keeps its first source's weight
+    assert [times[h] for h in "xyz"] == [1, 1, 1]
+    halves = [times[f"h{i}"] for i in range(9)]
+    assert sorted(halves) == [0] * 4 + [1] * 5  # exactly round(0.5 x 9) of them, once each
+    again = mixture_counts(hashes, sources, [2.0, 0.5, 1.0], seed=0)[1]
+    other = mixture_counts(hashes, sources, [2.0, 0.5, 1.0], seed=1)[1]
+    assert again.tolist() == counts.tolist()  # seeded: every worker and rerun agrees
+    assert other.sum() == counts.sum()
