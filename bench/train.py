@@ -69,7 +69,7 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
 def ray_train(cfg: LeafConfig, init: str, rows: list[dict], storage: Path) -> float:
     """seq/s through `train_student` in its second epoch, from the loop's own per-step log."""
     ds = ray.data.from_items(rows).materialize()
-    checkpoint = train_student(cfg, ds, len(rows), init, storage)
+    checkpoint, _ = train_student(cfg, ds, len(rows), init, storage)
     with checkpoint.as_directory() as ckpt:
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
     # Rows are logged every `log_every` steps, each with its window's rate: the epoch's rate is

@@ -166,6 +166,15 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Of each cycle.")
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Steps between checkpoints; each epoch's end checkpoints too."
+    )
+    keep_checkpoints: int = Field(
+        2, gt=0, description="Best checkpoints kept, by validation loss (plus the latest)."
+    )
+    validation_texts: int = Field(
+        512, ge=0, description="Held out from training (chosen by hash) to score checkpoints."
+    )
     max_failures: int = Field(
         2, ge=-1, description="Worker-group restarts from the last checkpoint; -1: unlimited."
     )

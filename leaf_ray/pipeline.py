@@ -31,6 +31,7 @@ from leaf_ray.eval import Encoder, evaluate
 from leaf_ray.models import resolve_model
 from leaf_ray.report import (
     METRICS_JSONL,
+    VALIDATION_JSONL,
     plot_loss,
     read_metrics,
     write_eval,
@@ -45,7 +46,7 @@ from leaf_ray.teacher import (
     teacher_prompts,
     teacher_space,
 )
-from leaf_ray.train import TRAIN_STATE, train_student
+from leaf_ray.train import TRAIN_STATE, Validation, train_student
 
 CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT = (
     "config.yaml",
@@ -81,12 +82,21 @@ class TeacherVectors:
     def unique(self) -> int:
         return int(np.unique(self.hashes).size)
 
-    def training_set(self, cfg: LeafConfig) -> tuple[ray.data.Dataset, int]:
+    def training_set(self, cfg: LeafConfig) -> tuple[ray.data.Dataset, int, Validation | None]:
         """Rows (text_hash, kind, text, embedding) for one epoch, each distinct text as many
-        times as its source's weight says, and their number."""
+        times as its source's weight says, and their number; and the held-out validation texts
+        with their vectors: the first hashes in sorted order (uniform, and stable across runs),
+        at most a tenth of the texts."""
         weights = [src.weight for src in cfg.data.sources]
         wanted, counts = mixture_counts(self.hashes, self.sources, weights, cfg.run.seed)
-        return self.cache.read(wanted, counts), int(counts.sum())
+        held_out = min(cfg.train.validation_texts, len(wanted) // 10)
+        counts[:held_out] = 0
+        validation = None
+        if held_out:
+            rows = self.cache.read(wanted[:held_out]).take_all()
+            texts = [r["text"] for r in rows]
+            validation = texts, np.stack([r["embedding"] for r in rows]).astype(np.float32)
+        return self.cache.read(wanted, counts), int(counts.sum()), validation
 
 
 def embed(cfg: LeafConfig) -> TeacherVectors:
@@ -164,9 +174,10 @@ def distill(cfg: LeafConfig) -> Path:
 
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     vectors = embed(cfg)
-    training_set, training_rows = vectors.training_set(cfg)
+    training_set, training_rows, validation = vectors.training_set(cfg)
     cache_note = {"cache": str(vectors.cache.root), "rows": len(vectors.hashes)}
     cache_note |= {"distinct": vectors.unique, "embedded": vectors.embedded}
+    cache_note |= {"validation_texts": len(validation[0]) if validation else 0}
     atomic_write(
         work / TEACHER_CACHE_JSON, json.dumps(cache_note | {"training_rows": training_rows})
     )
@@ -175,16 +186,21 @@ def distill(cfg: LeafConfig) -> Path:
     teacher = load_teacher(cfg.teacher) if cfg.teacher.backend == "sentence_transformers" else None
     student = build_student(cfg.student, vectors.space, cfg.run.seed, teacher)
     student.save_pretrained(str(work / STUDENT_INIT))
-    checkpoint = train_student(cfg, training_set, training_rows, str(work / STUDENT_INIT), work)
-    with checkpoint.as_directory() as ckpt:
-        shutil.copytree(
-            ckpt, work / STUDENT, ignore=shutil.ignore_patterns(TRAIN_STATE, METRICS_JSONL)
-        )
+    latest, best = train_student(
+        cfg, training_set, training_rows, str(work / STUDENT_INIT), work, validation
+    )
+    with best.as_directory() as ckpt:  # the student: the best checkpoint by validation loss
+        logs = (TRAIN_STATE, METRICS_JSONL, VALIDATION_JSONL)
+        shutil.copytree(ckpt, work / STUDENT, ignore=shutil.ignore_patterns(*logs))
+    with latest.as_directory() as ckpt:  # the whole run's logs
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
+        validations = read_metrics(Path(ckpt) / VALIDATION_JSONL)
     write_metrics(history, work)
+    write_metrics(validations, work, VALIDATION_JSONL)
+    plot_loss(history, validations, work, cfg.run.name)
 
     # 3 + 4. Evaluation and report.
-    _evaluate_into(work, cfg, history)
+    _evaluate_into(work, cfg)
     os.replace(work, run_dir)
     return run_dir
 
@@ -196,10 +212,10 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
         raise RunError(f"{run_dir}: not a leaf-ray run folder (no {CONFIG_YAML})")
     cfg = load_config(config_file, overrides)
     connect_ray(cfg.ray)
-    return _evaluate_into(run_dir, cfg, read_metrics(run_dir / METRICS_JSONL))
+    return _evaluate_into(run_dir, cfg)
 
 
-def _evaluate_into(run_dir: Path, cfg: LeafConfig, history: list[dict]) -> list[dict]:
+def _evaluate_into(run_dir: Path, cfg: LeafConfig) -> list[dict]:
     # Students see raw text: the teacher's prompts are part of its input, not of the space.
     models = {
         STUDENT: Encoder(str(run_dir / STUDENT)),
@@ -210,5 +226,4 @@ def _evaluate_into(run_dir: Path, cfg: LeafConfig, history: list[dict]) -> list[
         models["teacher"] = Encoder(resolve_model(cfg.teacher), cfg.teacher.revision, prompts)
     rows = evaluate(models, cfg.eval)
     write_eval(rows, run_dir)
-    plot_loss(history, run_dir, cfg.run.name)
     return rows

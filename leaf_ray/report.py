@@ -20,16 +20,17 @@ from leaf_ray.config import LeafConfig  # noqa: E402
 if TYPE_CHECKING:
     from leaf_ray.pipeline import TeacherVectors
 
-EVAL_JSON, EVAL_MD, METRICS_JSONL, LOSS_PNG = (
+EVAL_JSON, EVAL_MD, METRICS_JSONL, VALIDATION_JSONL, LOSS_PNG = (
     "eval.json",
     "eval.md",
     "metrics.jsonl",
+    "validation.jsonl",
     "loss_curve.png",
 )
 
 
-def write_metrics(history: list[dict], run_dir: Path) -> None:
-    atomic_write(run_dir / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in history))
+def write_metrics(rows: list[dict], run_dir: Path, name: str = METRICS_JSONL) -> None:
+    atomic_write(run_dir / name, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -48,11 +49,20 @@ def _retention(row: dict) -> str:
     return f"{row['retention']:.1%}" if row["retention"] is not None else "-"
 
 
-def plot_loss(history: list[dict], run_dir: Path, title: str) -> None:
+def plot_loss(history: list[dict], validations: list[dict], run_dir: Path, title: str) -> None:
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
     steps = [r["step"] for r in history]
-    ax_loss.plot(steps, [r["loss"] for r in history], color="tab:blue")
-    ax_loss.set_ylabel("alignment loss (squared L2)")
+    ax_loss.plot(steps, [r["loss"] for r in history], color="tab:blue", label="training")
+    if validations:
+        ax_loss.plot(
+            [v["step"] for v in validations],
+            [v["val_loss"] for v in validations],
+            "o-",
+            color="tab:green",
+            label="held out (checkpoints)",
+        )
+        ax_loss.legend()
+    ax_loss.set_ylabel("alignment loss")
     ax_loss.set_yscale("log")
     ax_loss.grid(alpha=0.3)
     ax_lr.plot(steps, [r["lr"] for r in history], color="tab:orange")

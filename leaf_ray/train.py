@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
 from leaf_ray.config import LeafConfig, TrainConfig
-from leaf_ray.report import write_metrics
+from leaf_ray.report import VALIDATION_JSONL, write_metrics
 from leaf_ray.student import embed, freeze_unused, leaf_loss, param_groups
 
 TRAIN_STATE = "train_state.pt"
@@ -34,10 +35,19 @@ TRAIN_STATE = "train_state.pt"
 BUCKET_BATCHES = 16
 
 
+Validation = tuple[list[str], np.ndarray]  # held-out texts and their teacher vectors
+
+
 def train_student(
-    cfg: LeafConfig, embedded: ray.data.Dataset, num_rows: int, init_path: str, storage: Path
-) -> Checkpoint:
-    """Fit the student on (text, embedding) rows; returns the final checkpoint."""
+    cfg: LeafConfig,
+    embedded: ray.data.Dataset,
+    num_rows: int,
+    init_path: str,
+    storage: Path,
+    validation: Validation | None = None,
+) -> tuple[Checkpoint, Checkpoint]:
+    """Fit the student on (text, embedding) rows. Returns the latest checkpoint (its history is
+    the whole run's) and the best by validation loss (the latest when there is no validation)."""
     resources = ray.cluster_resources()
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else resources.get("GPU", 0) > 0
     # Workers reserve less CPU than they compute with, so Ray Data can always feed them.
@@ -49,6 +59,7 @@ def train_student(
             "init_path": init_path,
             "num_rows": num_rows,
             "torch_threads": threads,
+            "validation": validation,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -58,13 +69,21 @@ def train_student(
         run_config=RunConfig(
             name="ray_train",
             storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # The best `keep_checkpoints` by validation loss; Ray Train also keeps the latest.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_loss" if validation else None,
+                checkpoint_score_order="min",
+            ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": embedded.select_columns(["text", "embedding"])},
     )
     result = trainer.fit()
-    return result.checkpoint
+    if not validation:
+        return result.checkpoint, result.checkpoint
+    best = min(result.best_checkpoints, key=lambda kept: kept[1]["val_loss"])[0]
+    return result.checkpoint, best
 
 
 def train_loop(config: dict) -> None:
@@ -92,12 +111,22 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = -(-micro_per_epoch // accumulation)
     total_steps = steps_per_epoch * tcfg.epochs
     scheduler = leaf_schedule(optimizer, total_steps, tcfg)
-    step, start_epoch, history, resumes = 0, 0, [], 0
-    if state:  # continue the schedule where the checkpoint left it
+    step, start_epoch, done, resumes, history, validations = 0, 0, 0, 0, [], []
+    if state:  # continue the schedule and the data where the checkpoint left them
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, start_epoch, history = state["step"], state["epoch"] + 1, state["history"]
+        step, start_epoch, done = state["step"], state["epoch"], state["micro_batches_done"]
+        history, validations = state["history"], state["validations"]
         resumes = state["resumes"] + 1
+        if done == micro_per_epoch:
+            start_epoch, done = start_epoch + 1, 0
+
+    def save(epoch: int, done: int) -> None:
+        position = {"step": step, "epoch": epoch, "micro_batches_done": done, "resumes": resumes}
+        metrics = _validate(student, config["validation"], tcfg, device) if rank == 0 else {}
+        if metrics:
+            validations.append({"step": step, "epoch": epoch} | metrics)
+        _report_checkpoint(student, optimizer, scheduler, position, history, validations, rank)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm_ray.tqdm(desc="train student", total=total_steps) if rank == 0 else None
@@ -108,8 +137,10 @@ def train_loop(config: dict) -> None:
         model.train()
         tic, seen = time.perf_counter(), 0  # throughput over each logging window
         micro_batches = _length_bucketed(shard, micro_batch, cfg.run.seed + epoch)
+        # Resuming mid-epoch: the epoch's batches come in the same order; skip those trained on.
+        micro_batches = itertools.islice(micro_batches, done, None)
         step_loss = torch.zeros((), device=device)
-        for i, (texts, targets) in enumerate(micro_batches):
+        for i, (texts, targets) in enumerate(micro_batches, start=done):
             # A step takes `accumulation` micro-batches; the epoch's last step may take fewer.
             group = min(accumulation, micro_per_epoch - i // accumulation * accumulation)
             stepping = (i + 1) % accumulation == 0 or i + 1 == micro_per_epoch
@@ -148,7 +179,12 @@ def train_loop(config: dict) -> None:
             step_loss = torch.zeros((), device=device)
             if bar:
                 bar.update(1)
-        _report_epoch(student, optimizer, scheduler, (step, epoch, resumes), history, rank)
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
+                if i + 1 < micro_per_epoch:  # the epoch's end checkpoints below
+                    save(epoch, i + 1)
+                    tic, seen = time.perf_counter(), 0  # throughput excludes checkpointing
+        save(epoch, micro_per_epoch)
+        done = 0
     if bar:
         bar.close()
 
@@ -212,9 +248,33 @@ def _mean_over_workers(value: torch.Tensor, world: int) -> float:
     return float(value)
 
 
-def _report_epoch(student, optimizer, scheduler, position, history, rank) -> None:
-    """Rank 0 writes a loadable sentence-transformers folder plus the state needed to resume."""
-    step, epoch, resumes = position
+def _validate(
+    student: SentenceTransformer, validation: Validation | None, cfg: TrainConfig, device
+) -> dict[str, float]:
+    """Held-out alignment: the training loss and the mean cosine to the teacher's vectors."""
+    if not validation:
+        return {}
+    texts, targets = validation
+    student.eval()
+    predicted = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(texts), cfg.batch_size):
+            features = batch_to_device(
+                student.preprocess(texts[start : start + cfg.batch_size]), device
+            )
+            predicted.append(embed(student, features).float())
+    student.train()
+    vectors, target = torch.cat(predicted), torch.from_numpy(targets).to(device)
+    cosine = torch.nn.functional.cosine_similarity(vectors, target, dim=-1).mean()
+    return {"val_loss": float(leaf_loss(vectors, target, cfg.loss)), "val_cosine": float(cosine)}
+
+
+def _report_checkpoint(
+    student, optimizer, scheduler, position: dict, history, validations, rank: int
+) -> None:
+    """Rank 0 writes a loadable sentence-transformers folder plus the state needed to resume:
+    optimiser, schedule, and the data position (epoch and micro-batches done in it)."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -222,13 +282,16 @@ def _report_epoch(student, optimizer, scheduler, position, history, rank) -> Non
             state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "resumes": resumes,
                 "history": history,
+                "validations": validations,
+                **position,
             }
             torch.save(state, Path(tmp) / TRAIN_STATE)
             write_metrics(history, Path(tmp))
+            write_metrics(validations, Path(tmp), VALIDATION_JSONL)
             checkpoint = Checkpoint.from_directory(tmp)
         last = history[-1] if history else {}
-        ray.train.report({"epoch": epoch, "step": step, "loss": last.get("loss")}, checkpoint)
+        metrics = {"epoch": position["epoch"], "step": position["step"], "loss": last.get("loss")}
+        ray.train.report(
+            metrics | (validations[-1] if validations and rank == 0 else {}), checkpoint
+        )

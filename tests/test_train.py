@@ -61,6 +61,8 @@ def run_config(root: Path, texts: list[dict], tiny_teacher, name: str) -> Path:
             "lr": 1e-3,
             "head_lr": 1e-2,
             "log_every": 1,
+            "checkpoint_every": 5,  # mid-epoch checkpoints: a kill resumes inside an epoch
+            "keep_checkpoints": 2,
             "max_failures": 1,
         },
     }
@@ -76,7 +78,9 @@ def history(run_dir: Path) -> list[dict]:
 def test_a_killed_worker_is_replaced_and_training_resumes(
     tmp_path, tiny_teacher, demo_texts, ray_local
 ):
-    texts = demo_texts[:512]  # 2 workers x 16 steps x 2 micro-batches of 8 per epoch
+    # 512 texts: 51 held out for validation, 461 train (230 per worker): 29 micro-batches of 8,
+    # so 15 steps of 2 micro-batches per epoch (the last takes one), 45 steps in 3 epochs.
+    texts = demo_texts[:512]
     steady = distill(load_config(run_config(tmp_path, texts, tiny_teacher, "steady")))
 
     killed: list[int] = []
@@ -89,11 +93,16 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     killer.join(timeout=5)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     assert history(resumed)[-1]["resumes"] == 1  # Ray Train restarted it from a checkpoint
+    # It restarted from the first checkpoints (steps 5 or 10), inside the first epoch (15 steps).
+    resumed_from = next(r["step"] for r in history(resumed) if r["resumes"] == 1) - 1
+    assert resumed_from in (5, 10), resumed_from
     assert history(steady)[-1]["resumes"] == 0
+    assert_best_checkpoint_is_the_student(steady)
+    assert_best_checkpoint_is_the_student(resumed)
 
     # Every step appears once, in order, up to the full schedule: none repeated, none skipped.
     steps = [row["step"] for row in history(resumed)]
-    assert steps == list(range(1, 3 * 16 + 1))
+    assert steps == list(range(1, 45 + 1))
     assert steps == [row["step"] for row in history(steady)]
     # Same schedule and data, resumed from a checkpoint: it ends where the steady run ends.
     final_steady, final_resumed = history(steady)[-1]["loss"], history(resumed)[-1]["loss"]
@@ -107,6 +116,24 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     assert all(
         max(r) == pytest.approx(1e-3) and r[-1] == pytest.approx(1e-4) for r in rates.values()
     )
+
+
+def assert_best_checkpoint_is_the_student(run_dir: Path) -> None:
+    """Checkpoints every 5 steps and at each epoch's end, scored on held-out texts; the student
+    is the best of them, and only the best two plus the latest are kept."""
+    rows = (run_dir / "validation.jsonl").read_text().splitlines()
+    validations = [json.loads(line) for line in rows]
+    steps = [v["step"] for v in validations]
+    assert steps == sorted(set(range(5, 46, 5)) | {15, 30, 45})
+    assert validations[-1]["val_loss"] < validations[0]["val_loss"]
+    assert 0 < validations[0]["val_cosine"] < validations[-1]["val_cosine"] <= 1
+    kept = sorted(k for k in (run_dir / "ray_train").glob("checkpoint_*") if k.is_dir())
+    assert 2 <= len(kept) <= 3
+    best = min(validations, key=lambda v: v["val_loss"])
+    by_step = {torch.load(k / "train_state.pt")["step"]: k for k in kept}
+    assert best["step"] in by_step and validations[-1]["step"] in by_step
+    weights = (by_step[best["step"]] / "model.safetensors").read_bytes()
+    assert (run_dir / "student" / "model.safetensors").read_bytes() == weights
 
 
 def test_schedule_restarts_each_cycle_and_decays_to_the_final_ratio(tmp_path):
