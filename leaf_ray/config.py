@@ -175,6 +175,11 @@ class TrainConfig(Strict):
     validation_texts: int = Field(
         512, ge=0, description="Held out from training (chosen by hash) to score checkpoints."
     )
+    data_mode: Literal["cached", "streaming"] = Field(
+        "cached",
+        description="cached: train from the teacher cache (embedded first, once). streaming: the "
+        "teacher embeds while the student trains, every epoch, and nothing is cached.",
+    )
     max_failures: int = Field(
         2, ge=-1, description="Worker-group restarts from the last checkpoint; -1: unlimited."
     )

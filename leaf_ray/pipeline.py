@@ -43,10 +43,11 @@ from leaf_ray.teacher import (
     embed_texts,
     load_teacher,
     rows_per_actor_call,
+    teacher_calls,
     teacher_prompts,
     teacher_space,
 )
-from leaf_ray.train import TRAIN_STATE, Validation, train_student
+from leaf_ray.train import TRAIN_STATE, Validation, train_student, trainer_resources
 
 CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT = (
     "config.yaml",
@@ -87,10 +88,7 @@ class TeacherVectors:
         times as its source's weight says, and their number; and the held-out validation texts
         with their vectors: the first hashes in sorted order (uniform, and stable across runs),
         at most a tenth of the texts."""
-        weights = [src.weight for src in cfg.data.sources]
-        wanted, counts = mixture_counts(self.hashes, self.sources, weights, cfg.run.seed)
-        held_out = min(cfg.train.validation_texts, len(wanted) // 10)
-        counts[:held_out] = 0
+        wanted, counts, held_out = _training_plan(cfg, self.hashes, self.sources)
         validation = None
         if held_out:
             rows = self.cache.read(wanted[:held_out]).take_all()
@@ -109,10 +107,11 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     ids, hashes, sources = _row_keys(texts)
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
-        chosen = texts.map_batches(_select_rows, fn_args=(todo,), batch_format="numpy")
+        chosen = texts.map_batches(_repeat_rows, fn_args=(todo,), batch_format="numpy")
         rows_per_call = rows_per_actor_call(cfg.teacher, len(todo))
         sink = cache.sink(cfg.teacher.vector_dtype, rows_per_call)
-        embed_texts(chosen, cfg.teacher, len(todo)).write_datasink(sink)
+        calls = teacher_calls(chosen, cfg.teacher, len(todo))
+        embed_texts(calls, cfg.teacher, len(todo)).write_datasink(sink)
     missing = np.setdiff1d(np.unique(hashes.astype(str)), cache.hashes().astype(str))
     if missing.size:
         raise RunError(f"{cache.root}: {missing.size} texts still have no vector after the stage")
@@ -146,18 +145,64 @@ def _row_keys(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _first_rows_missing(ids: np.ndarray, hashes: np.ndarray, cached: np.ndarray) -> dict:
-    """text_hash -> the id of its first row, for each distinct text not in the cache."""
+    """text_hash -> (id of its first row, 1), for each distinct text not in the cache."""
     first = first_of_each(hashes)
     first = first[~np.isin(hashes[first], cached.astype(str))]
-    return dict(zip(hashes[first].tolist(), ids[first].tolist(), strict=True))
+    return {h: (i, 1) for h, i in zip(hashes[first].tolist(), ids[first].tolist(), strict=True)}
 
 
-def _select_rows(batch: dict[str, np.ndarray], todo: dict) -> dict[str, np.ndarray]:
-    keep = np.array(
-        [todo.get(h) == i for h, i in zip(batch["text_hash"], batch["id"], strict=True)],
-        dtype=bool,
+def _repeat_rows(batch: dict[str, np.ndarray], plan: dict) -> dict[str, np.ndarray]:
+    """Keep the rows `plan` names (text_hash -> (id, times)), each repeated `times` times."""
+    times = np.array(
+        [
+            plan[h][1] if h in plan and plan[h][0] == i else 0
+            for h, i in zip(batch["text_hash"], batch["id"], strict=True)
+        ],
+        dtype=np.int64,
     )
-    return {column: values[keep] for column, values in batch.items()}
+    rows = np.repeat(np.arange(len(times)), times)
+    return {column: values[rows] for column, values in batch.items()}
+
+
+def _training_plan(
+    cfg: LeafConfig, hashes: np.ndarray, sources: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Distinct hashes (sorted), the times each is trained on per epoch (the sources' weights),
+    and how many of the first are held out for validation instead: hashes are uniform, so the
+    first in sorted order are a random sample that stays the same across runs."""
+    weights = [src.weight for src in cfg.data.sources]
+    wanted, counts = mixture_counts(hashes, sources, weights, cfg.run.seed)
+    held_out = min(cfg.train.validation_texts, len(wanted) // 10)
+    counts[:held_out] = 0
+    return wanted, counts, held_out
+
+
+def streaming_training_set(
+    cfg: LeafConfig,
+) -> tuple[TeacherSpace, ray.data.Dataset, int, Validation | None]:
+    """Streaming mode: teacher actors embed the texts while the trainers consume them, every
+    epoch; nothing is cached. The texts (not vectors) are gathered first, so reading and hashing
+    are done before the trainers hold their CPUs; the teacher's actors share what the trainers
+    leave (on GPUs: the GPUs they leave, fractions when fewer than actors; none: the CPUs)."""
+    connect_ray(cfg.ray)
+    space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    ids, hashes, sources = _row_keys(texts)
+    wanted, counts, held_out = _training_plan(cfg, hashes, sources)
+    first = first_of_each(hashes)
+    id_of = dict(zip(hashes[first].tolist(), ids[first].tolist(), strict=True))
+    validation = None
+    if held_out:
+        plan = {h: (id_of[h], 1) for h in wanted[:held_out].tolist()}
+        chosen = texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
+        rows = embed_texts(teacher_calls(chosen, cfg.teacher, held_out), cfg.teacher).take_all()
+        validation = [r["text"] for r in rows], np.stack([r["embedding"] for r in rows])
+    plan = {h: (id_of[h], c) for h, c in zip(wanted.tolist(), counts.tolist(), strict=True) if c}
+    num_rows = int(counts.sum())
+    chosen = texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
+    calls = teacher_calls(chosen, cfg.teacher, num_rows).materialize()
+    stream = embed_texts(calls, cfg.teacher, num_rows, held_elsewhere=trainer_resources(cfg))
+    return space, stream, num_rows, validation
 
 
 def distill(cfg: LeafConfig) -> Path:
@@ -173,18 +218,23 @@ def distill(cfg: LeafConfig) -> Path:
     atomic_write(work / CONFIG_YAML, yaml.safe_dump(dump, sort_keys=False))
 
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
-    vectors = embed(cfg)
-    training_set, training_rows, validation = vectors.training_set(cfg)
-    cache_note = {"cache": str(vectors.cache.root), "rows": len(vectors.hashes)}
-    cache_note |= {"distinct": vectors.unique, "embedded": vectors.embedded}
-    cache_note |= {"validation_texts": len(validation[0]) if validation else 0}
-    atomic_write(
-        work / TEACHER_CACHE_JSON, json.dumps(cache_note | {"training_rows": training_rows})
-    )
+    #    Streaming mode: the actors embed while the student trains, and nothing is cached.
+    if cfg.train.data_mode == "cached":
+        vectors = embed(cfg)
+        space = vectors.space
+        training_set, training_rows, validation = vectors.training_set(cfg)
+        note = {"cache": str(vectors.cache.root), "rows": len(vectors.hashes)}
+        note |= {"distinct": vectors.unique, "embedded": vectors.embedded}
+    else:
+        space, training_set, training_rows, validation = streaming_training_set(cfg)
+        note = {"cache": None, "streaming": True}
+    note |= {"training_rows": training_rows}
+    note |= {"validation_texts": len(validation[0]) if validation else 0}
+    atomic_write(work / TEACHER_CACHE_JSON, json.dumps(note))
 
     # 2. Student: layer-reduced (or pretrained) encoder + projection, trained on Ray Train.
     teacher = load_teacher(cfg.teacher) if cfg.teacher.backend == "sentence_transformers" else None
-    student = build_student(cfg.student, vectors.space, cfg.run.seed, teacher)
+    student = build_student(cfg.student, space, cfg.run.seed, teacher)
     student.save_pretrained(str(work / STUDENT_INIT))
     latest, best = train_student(
         cfg, training_set, training_rows, str(work / STUDENT_INIT), work, validation

@@ -259,16 +259,31 @@ class TeacherEmbedder:
         return {**batch, "embedding": embeddings}
 
 
-def embed_texts(
+def teacher_calls(
     texts: ray.data.Dataset, cfg: TeacherConfig, num_rows: int | None = None
 ) -> ray.data.Dataset:
-    """Add the teacher's `embedding` column; lazy, so it can feed training or be written out.
-    `num_rows`, when known, keeps calls small enough to give every actor work."""
-    resources = ray.cluster_resources()
-    if resources.get("GPU", 0) and cfg.backend == "sentence_transformers":
+    """Blocks of one actor call each: large calls are sorted by token length once, so batches
+    carry little padding; `num_rows`, when known, keeps calls small enough to give every actor
+    work."""
+    return texts.repartition(target_num_rows_per_block=rows_per_actor_call(cfg, num_rows))
+
+
+def embed_texts(
+    calls: ray.data.Dataset,
+    cfg: TeacherConfig,
+    num_rows: int | None = None,
+    held_elsewhere: dict[str, float] | None = None,
+) -> ray.data.Dataset:
+    """Add the teacher's `embedding` column to `teacher_calls` blocks; lazy, so it can feed
+    training or be written out. `held_elsewhere`: resources the trainers hold while the teacher
+    streams into them (streaming mode); the teacher's actors share the rest."""
+    resources = dict(ray.cluster_resources())
+    for name, amount in (held_elsewhere or {}).items():
+        resources[name] = resources.get(name, 0) - amount
+    if resources.get("GPU", 0) > 0 and cfg.backend == "sentence_transformers":
         # The GPU outruns one tokenizing core (bert-base on an H100: ~15k seq/s against ~5.6k):
         # the actor tokenizes with the CPUs that come with its GPU, less one for Ray Data.
-        gpus, reserved_cpus = 1, 1.0
+        gpus, reserved_cpus = min(1.0, resources["GPU"] / cfg.num_actors), 1.0
         threads = max(1, int(resources["CPU"] // resources["GPU"]) - 1)
     else:
         # On CPUs the actors reserve all but one CPU, so Ray Data's read, repartition and write
@@ -276,13 +291,11 @@ def embed_texts(
         cpus = resources["CPU"]
         gpus, reserved_cpus = 0, max(cpus - 1, cpus / 2) / cfg.num_actors
         threads = max(1, round(cpus / cfg.num_actors))
-    # Large calls: each is sorted by token length once, so batches carry little padding. Two
-    # calls run at once in an actor (threads): one is tokenized while the other computes.
-    rows_per_call = rows_per_actor_call(cfg, num_rows, on_gpu=bool(gpus))
-    return texts.repartition(target_num_rows_per_block=rows_per_call).map_batches(
+    # Two calls run at once in an actor (threads): one is tokenized while the other computes.
+    return calls.map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
-        batch_size=rows_per_call,
+        batch_size=rows_per_actor_call(cfg, num_rows),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
             size=cfg.num_actors,
@@ -295,11 +308,10 @@ def embed_texts(
     )
 
 
-def rows_per_actor_call(
-    cfg: TeacherConfig, num_rows: int | None = None, on_gpu: bool = False
-) -> int:
+def rows_per_actor_call(cfg: TeacherConfig, num_rows: int | None = None) -> int:
     # A GPU waits while an actor tokenizes its first call, so GPU calls are smaller; on CPU the
     # forward dwarfs tokenizing and larger calls sort away more padding.
+    on_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.backend == "sentence_transformers"
     largest = cfg.batch_size * (16 if on_gpu else 128)
     if num_rows is None:
         return largest

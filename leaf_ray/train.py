@@ -49,7 +49,7 @@ def train_student(
     """Fit the student on (text, embedding) rows. Returns the latest checkpoint (its history is
     the whole run's) and the best by validation loss (the latest when there is no validation)."""
     resources = ray.cluster_resources()
-    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else resources.get("GPU", 0) > 0
+    use_gpu = trainer_resources(cfg)["GPU"] > 0
     # Workers reserve less CPU than they compute with, so Ray Data can always feed them.
     threads = cfg.train.torch_threads or max(1, round(resources["CPU"] / cfg.train.num_workers))
     trainer = TorchTrainer(
@@ -84,6 +84,15 @@ def train_student(
         return result.checkpoint, result.checkpoint
     best = min(result.best_checkpoints, key=lambda kept: kept[1]["val_loss"])[0]
     return result.checkpoint, best
+
+
+def trainer_resources(cfg: LeafConfig) -> dict[str, float]:
+    """What the Ray Train workers hold: a GPU each when the cluster has GPUs (or use_gpu)."""
+    tcfg = cfg.train
+    use_gpu = (
+        tcfg.use_gpu if tcfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    )
+    return {"CPU": tcfg.num_workers * tcfg.cpus_per_worker, "GPU": tcfg.num_workers * use_gpu}
 
 
 def train_loop(config: dict) -> None:

@@ -85,6 +85,22 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     student = SentenceTransformer(str(run_dir / "student"), device="cpu")
     assert student.encode(["a query"]).shape == (1, 32)
 
+    # Streaming mode: the teacher embeds while the student trains (2 CPUs: 1 for the trainers,
+    # 1 for the teacher's actors, no deadlock), nothing is cached, and the student is as good.
+    streaming = ["train.data_mode=streaming", "run.name=tiny-streaming", "teacher.cache_dir=none"]
+    streamed = distill(load_config(tmp_path / "cfg.yaml", streaming))
+    note = json.loads((streamed / "teacher_cache.json").read_text())
+    assert note["streaming"] and note["cache"] is None and note["training_rows"] == 1080
+    assert not (tmp_path / "none").exists()
+    rows = json.loads((streamed / "eval.json").read_text())
+    streamed_scores = {r["mode"]: r["ndcg_at_10"] for r in rows}
+    assert abs(streamed_scores["asymmetric"] - scores["asymmetric"]) < 0.05, (
+        scores,
+        streamed_scores,
+    )
+    history = [json.loads(line) for line in (streamed / "metrics.jsonl").read_text().splitlines()]
+    assert abs(history[-1]["loss"] - last) < 0.25 * last, (last, history[-1]["loss"])
+
     # The evaluation job re-scores a finished run from its saved config alone.
     again = evaluate_run(run_dir)
     assert {r["mode"]: r["ndcg_at_10"] for r in again} == scores
