@@ -33,7 +33,7 @@ import ray.data
 import torch
 
 from leaf_ray.config import TeacherConfig
-from leaf_ray.teacher import LocalTeacher, compute_dtype, embed_texts, load_teacher
+from leaf_ray.teacher import LocalTeacher, compute_dtype, embed_texts, load_teacher, teacher_calls
 
 UNPADDED = LocalTeacher.UNPADDED
 
@@ -77,7 +77,7 @@ SMALL = 256
 def run_stage(rows: list[dict], cfg: TeacherConfig) -> float:
     ds = ray.data.from_items(rows).materialize()
     tic = time.perf_counter()
-    out = embed_texts(ds, cfg).materialize()
+    out = embed_texts(teacher_calls(ds, cfg), cfg).materialize()
     seconds = time.perf_counter() - tic
     assert out.count() == len(rows)
     return seconds

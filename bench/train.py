@@ -1,13 +1,14 @@
 """Student-training throughput through Ray Train as a ratio to a bare PyTorch loop, same script.
 
     .venv/bin/python bench/train.py [--batch-sizes 32 256] [--texts 2048] [--workers 1]
-        [--teacher NAME_OR_DIR] [--student DIR] [--texts-file F]
+        [--teacher NAME_OR_DIR] [--student DIR] [--texts-file F] [--streaming]
 
 The same student (default: 3-layer MiniLM-L6 layer reduction + Linear + Normalize; or --student,
 a sentence-transformers folder, + Linear into the teacher's space), the same texts with
 teacher-shaped random target vectors (throughput does not depend on their values), the same
 AdamW step, bf16 autocast on GPU, and threads. Each side does one warm-up epoch; seq/s is
-measured on the second.
+measured on the second. --streaming also trains fed by the teacher's actors (streaming mode):
+its rate against the cached run's shows what running the teacher alongside costs.
 Writes bench/results/train-<device>.json.
 """
 
@@ -32,8 +33,8 @@ from sentence_transformers.util import batch_to_device
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
 from leaf_ray.report import METRICS_JSONL, read_metrics
 from leaf_ray.student import build_student, embed, freeze_unused, leaf_loss, param_groups
-from leaf_ray.teacher import load_teacher, teacher_space
-from leaf_ray.train import train_student
+from leaf_ray.teacher import embed_texts, load_teacher, teacher_calls, teacher_space
+from leaf_ray.train import train_student, trainer_resources
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,10 +67,9 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
     return len(texts) / seconds
 
 
-def ray_train(cfg: LeafConfig, init: str, rows: list[dict], storage: Path) -> float:
+def ray_train(cfg: LeafConfig, init: str, ds: ray.data.Dataset, rows: int, storage: Path) -> float:
     """seq/s through `train_student` in its second epoch, from the loop's own per-step log."""
-    ds = ray.data.from_items(rows).materialize()
-    checkpoint, _ = train_student(cfg, ds, len(rows), init, storage)
+    checkpoint, _ = train_student(cfg, ds, rows, init, storage)
     with checkpoint.as_directory() as ckpt:
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
     # Rows are logged every `log_every` steps, each with its window's rate: the epoch's rate is
@@ -89,10 +89,14 @@ def main() -> None:
     parser.add_argument(
         "--texts-file", type=Path, default=REPO / "data" / "demo" / "train.jsonl.gz"
     )
+    parser.add_argument(
+        "--streaming", action="store_true", help="also train fed by the teacher, end to end"
+    )
     args = parser.parse_args()
 
     with gzip.open(args.texts_file, "rt") as f:
-        texts = np.array([json.loads(line)["text"] for line in itertools.islice(f, args.texts)])
+        items = [json.loads(line) for line in itertools.islice(f, args.texts)]
+    texts = np.array([item["text"] for item in items])
     teacher_cfg = TeacherConfig(model=args.teacher, max_seq_length=128)
     teacher = load_teacher(teacher_cfg, "cpu")
     dim = teacher.get_embedding_dimension()
@@ -131,7 +135,8 @@ def main() -> None:
                 },
             }
         )
-        through_ray = ray_train(cfg, init, rows, storage / f"b{batch}")
+        cached = ray.data.from_items(rows).materialize()
+        through_ray = ray_train(cfg, init, cached, len(rows), storage / f"b{batch}")
         results.append(
             {
                 "batch": batch,
@@ -140,6 +145,15 @@ def main() -> None:
                 "ratio": through_ray / bare,
             }
         )
+        if args.streaming:  # the teacher's actors embed while the trainer consumes
+            texts_ds = ray.data.from_items([{"text": i["text"], "kind": i["kind"]} for i in items])
+            calls = teacher_calls(texts_ds, teacher_cfg, len(items)).materialize()
+            stream = embed_texts(calls, teacher_cfg, len(items), trainer_resources(cfg))
+            streamed = ray_train(cfg, init, stream, len(items), storage / f"s{batch}")
+            results[-1] |= {
+                "streaming_seq_per_s": streamed,
+                "streaming_vs_cached": streamed / through_ray,
+            }
         print(json.dumps(results[-1]), flush=True)
     ray.shutdown()
     out = {

@@ -95,7 +95,11 @@ def print_plan(cfg: LeafConfig) -> None:
     console.print(
         f"[bold]1. teacher[/] {t.model} ({source.get(t.backend, 'sentence-transformers')}) on "
         f"{t.num_actors} Ray Data actor(s), batch {t.batch_size}; "
-        f"vectors cached ({t.vector_dtype}) in {cfg.cache_dir()}"
+        + (
+            f"vectors cached ({t.vector_dtype}) in {cfg.cache_dir()}"
+            if tr.data_mode == "cached"
+            else "streamed into training every epoch, not cached"
+        )
     )
     for src in cfg.data.sources:
         where = src.path or ":".join(

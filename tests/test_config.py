@@ -117,6 +117,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert f"texts from {tmp_path / 'texts.jsonl'}" in out
     assert "3 epoch(s) in 3 cycle(s) of batch 32" in out
     assert not (tmp_path / "out").exists()
+    assert main(["distill", "--config", str(path), "--dry-run", "train.data_mode=streaming"]) == 0
+    assert "streamed into training every epoch, not cached" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
