@@ -1,0 +1,73 @@
+"""`ray job submit` against a running cluster: `ray start --head` here, the distillation submitted
+as a Ray job with the repo as its working directory, its outputs found on shared storage."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from sentence_transformers import SentenceTransformer
+
+from tests.conftest import REPO
+from tests.test_pipeline import small_eval_set
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A one-node cluster started the way users start one; stopped afterwards whatever happens."""
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",  # explicit on both sides (token auth is on by default)
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    start = [RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}"]
+    start += ["--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield env, f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path, tiny_teacher, demo_texts):
+    env, address = ray_head
+    storage = tmp_path / "shared"  # what every node would mount
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in demo_texts[:400]))
+    config = {
+        "run": {"name": "submitted", "output_dir": str(storage / "runs")},
+        "data": {"sources": [{"path": "texts.jsonl"}]},
+        "teacher": {"model": str(tiny_teacher), "max_seq_length": 64},
+        "student": {"max_seq_length": 64},
+        "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "cycles": 1},
+        "eval": {"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
+    entrypoint = [sys.executable, "jobs/distill.py", "--config", str(tmp_path / "job.yaml")]
+    job = subprocess.run(submit + entrypoint, env=env, capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout + job.stderr
+
+    run_dir = storage / "runs" / "submitted"
+    student = SentenceTransformer(str(run_dir / "student"), device="cpu")
+    assert student.encode(["a query"]).shape == (1, 32)
+    assert {r["mode"] for r in json.loads((run_dir / "eval.json").read_text())} >= {"asymmetric"}
+    assert (storage / "runs" / "teacher_cache").is_dir()  # the cache sits on the same storage
+    shutil.rmtree(storage)
