@@ -210,6 +210,14 @@ class EvalConfig(Strict):
     batch_size: int = Field(64, gt=0)
     max_seq_length: int = Field(256, gt=0)
     top_k: int = Field(100, gt=0)
+    dimensions: list[int] = Field(
+        default_factory=list,
+        description="Also score at these Matryoshka sizes (first n dims, renormalised).",
+    )
+    quantizations: list[Literal["float32", "int8", "binary"]] = Field(
+        default_factory=lambda: ["float32"],
+        description="int8: calibrated on the corpus; binary: sign bits, Hamming distance.",
+    )
 
 
 class LeafConfig(Strict):

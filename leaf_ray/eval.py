@@ -14,6 +14,7 @@ import pytrec_eval
 import ray
 import torch
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.util.quantization import quantize_embeddings
 
 from leaf_ray.config import EvalConfig
 from leaf_ray.data import RetrievalSet, load_beir
@@ -76,28 +77,64 @@ def evaluate(models: dict[str, Encoder], cfg: EvalConfig) -> list[dict]:
     rows = []
     for rs in sets:
         for mode, (q_model, d_model) in modes.items():
-            score = ndcg_at_10(
-                rs,
-                vectors[(rs.name, q_model, "query")],
-                vectors[(rs.name, d_model, "document")],
-                cfg.top_k,
-            )
-            rows.append({"dataset": rs.name, "mode": mode, "ndcg_at_10": score})
-    teacher = {r["dataset"]: r["ndcg_at_10"] for r in rows if r["mode"] == "teacher"}
+            queries = vectors[(rs.name, q_model, "query")]
+            docs = vectors[(rs.name, d_model, "document")]
+            full = min(queries.shape[1], docs.shape[1])
+            for dimension in [full, *(d for d in cfg.dimensions if d < full)]:
+                for quantization in cfg.quantizations:
+                    q, d = compress(queries, docs, dimension, quantization)
+                    row = {"dataset": rs.name, "mode": mode, "dimension": dimension}
+                    row |= {"quantization": quantization, "full": dimension == full}
+                    rows.append(row | {"ndcg_at_10": ndcg_at_10(rs, q, d, cfg.top_k)})
+    # Retention: against the teacher at the same size and precision.
+    teacher = {
+        (r["dataset"], r["dimension"], r["quantization"]): r["ndcg_at_10"]
+        for r in rows
+        if r["mode"] == "teacher"
+    }
     for r in rows:
-        r["retention"] = (
-            r["ndcg_at_10"] / teacher[r["dataset"]] if teacher.get(r["dataset"]) else None
-        )
+        base = teacher.get((r["dataset"], r["dimension"], r["quantization"]))
+        r["retention"] = r["ndcg_at_10"] / base if base else None
     return rows
 
 
+def compress(
+    queries: np.ndarray, docs: np.ndarray, dimension: int, quantization: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Matryoshka truncation to the first `dimension` values, renormalised; then int8 calibrated
+    on the documents' ranges, or sign bits packed 8 to a byte (sentence-transformers' own
+    quantizer, as a vector index would store them)."""
+    q, d = (_unit(x[:, :dimension]) for x in (queries, docs))
+    if quantization == "int8":
+        return tuple(quantize_embeddings(x, "int8", calibration_embeddings=d) for x in (q, d))
+    if quantization == "binary":
+        return quantize_embeddings(q, "ubinary"), quantize_embeddings(d, "ubinary")
+    return q, d
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# Set bits per byte value, for Hamming distances between packed sign bits.
+POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.int64)
+
+
+def similarity(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """Cosine for floats, integer dot product for int8, minus Hamming distance for packed bits."""
+    if queries.dtype == np.uint8:  # hand-written: numpy has no popcount over packed rows
+        return -np.stack([POPCOUNT[np.bitwise_xor(q, docs)].sum(1) for q in queries])
+    if queries.dtype == np.int8:
+        return queries.astype(np.int32) @ docs.astype(np.int32).T
+    return _unit(queries) @ _unit(docs).T
+
+
 def ndcg_at_10(rs: RetrievalSet, queries: np.ndarray, docs: np.ndarray, top_k: int = 100) -> float:
-    """Exact cosine search, then pytrec_eval's ndcg_cut_10 (as mteb reports it), query-averaged."""
+    """Exact search (`similarity`), then pytrec_eval's ndcg_cut_10 (as mteb reports it),
+    query-averaged."""
     if queries.shape[1] != docs.shape[1]:
         raise ValueError(f"query dim {queries.shape[1]} != document dim {docs.shape[1]}")
-    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    d = docs / np.linalg.norm(docs, axis=1, keepdims=True)
-    scores = q @ d.T
+    scores = similarity(queries, docs).astype(np.float64)
     k = min(top_k, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     doc_ids, query_ids = list(rs.corpus), list(rs.queries)

@@ -20,12 +20,13 @@ from leaf_ray.config import LeafConfig  # noqa: E402
 if TYPE_CHECKING:
     from leaf_ray.pipeline import TeacherVectors
 
-EVAL_JSON, EVAL_MD, METRICS_JSONL, VALIDATION_JSONL, LOSS_PNG = (
+EVAL_JSON, EVAL_MD, METRICS_JSONL, VALIDATION_JSONL, LOSS_PNG, COMPRESSION_PNG = (
     "eval.json",
     "eval.md",
     "metrics.jsonl",
     "validation.jsonl",
     "loss_curve.png",
+    "eval_compression.png",
 )
 
 
@@ -38,11 +39,57 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_eval(rows: list[dict], run_dir: Path) -> None:
+    """eval.json (every row), eval.md (full-size float vectors first, then every size and
+    precision asked for), and a plot of score against size per precision when there are sizes."""
     atomic_write(run_dir / EVAL_JSON, json.dumps(rows, indent=2) + "\n")
     lines = ["| dataset | mode | nDCG@10 | vs teacher |", "|---|---|---:|---:|"]
-    for r in rows:
+    for r in main_rows(rows):
         lines.append(f"| {r['dataset']} | {r['mode']} | {r['ndcg_at_10']:.4f} | {_retention(r)} |")
+    compressed = [r for r in rows if r not in main_rows(rows)]
+    if compressed:
+        lines += ["", "Matryoshka sizes and quantization (vs the teacher at the same size and "]
+        lines[-1] += "precision):"
+        lines += ["", "| dataset | mode | dims | precision | nDCG@10 | vs teacher |"]
+        lines.append("|---|---|---:|---|---:|---:|")
+        for r in rows:
+            lines.append(
+                f"| {r['dataset']} | {r['mode']} | {r['dimension']} | {r['quantization']} | "
+                f"{r['ndcg_at_10']:.4f} | {_retention(r)} |"
+            )
+        plot_compression(rows, run_dir)
     atomic_write(run_dir / EVAL_MD, "\n".join(lines) + "\n")
+
+
+def main_rows(rows: list[dict]) -> list[dict]:
+    """Full-size float32 vectors: the headline comparison."""
+    return [r for r in rows if r["full"] and r["quantization"] == "float32"]
+
+
+def plot_compression(rows: list[dict], run_dir: Path) -> None:
+    """nDCG@10 against Matryoshka size, one panel per eval set, a line per (mode, precision)."""
+    sets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    styles = {"float32": "-", "int8": "--", "binary": ":"}
+    for ax, name in zip(axes[0], sets, strict=True):
+        for mode in ("teacher", "student", "asymmetric"):
+            for precision, style in styles.items():
+                points = sorted(
+                    (r["dimension"], r["ndcg_at_10"])
+                    for r in rows
+                    if (r["dataset"], r["mode"], r["quantization"]) == (name, mode, precision)
+                )
+                if points:
+                    ax.plot(
+                        *zip(*points, strict=True), style, marker="o", label=f"{mode} {precision}"
+                    )
+        ax.set(title=name, xlabel="dimensions", ylabel="nDCG@10", xscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = run_dir / f".{COMPRESSION_PNG}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, run_dir / COMPRESSION_PNG)
 
 
 def _retention(row: dict) -> str:
@@ -124,9 +171,11 @@ def print_summary(run_dir: Path) -> None:
     table = Table(title=f"LEAF distillation: {run_dir}")
     for column in ("dataset", "mode", "nDCG@10", "vs teacher"):
         table.add_column(column, justify="left" if column in ("dataset", "mode") else "right")
-    for r in rows:
+    for r in main_rows(rows):
         table.add_row(r["dataset"], r["mode"], f"{r['ndcg_at_10']:.4f}", _retention(r))
     console.print(table)
+    if len(rows) > len(main_rows(rows)):
+        console.print(f"Matryoshka sizes and quantization: {run_dir / EVAL_MD}")
     if history:
         console.print(
             f"alignment loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "

@@ -34,6 +34,13 @@ def small_eval_set(root, n_queries=60, n_docs=300):
     return root
 
 
+def main_scores(rows: list[dict]) -> dict[str, float]:
+    """mode -> nDCG@10 with full-size float32 vectors."""
+    return {
+        r["mode"]: r["ndcg_at_10"] for r in rows if r["full"] and r["quantization"] == "float32"
+    }
+
+
 def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     texts = demo_texts[:1200]
     (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
@@ -52,7 +59,12 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
             "head_lr": 1e-2,
             "log_every": 5,
         },
-        "eval": {"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
+        "eval": {
+            "datasets": [str(small_eval_set(tmp_path / "eval"))],
+            "max_seq_length": 64,
+            "dimensions": [16, 8],  # Matryoshka sizes below the teacher's 32
+            "quantizations": ["float32", "int8", "binary"],
+        },
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     run_dir = distill(load_config(tmp_path / "cfg.yaml"))
@@ -60,7 +72,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     assert run_dir == tmp_path / "out" / "tiny"
     assert not (tmp_path / "out" / ".tiny.partial").exists()
     artifacts = ("config.yaml", "teacher_cache.json", "metrics.jsonl", "eval.json", "eval.md")
-    for artifact in (*artifacts, "loss_curve.png"):
+    for artifact in (*artifacts, "loss_curve.png", "eval_compression.png"):
         assert (run_dir / artifact).is_file(), artifact
 
     # Every input text was embedded by the teacher exactly once, with the teacher's dimension,
@@ -77,10 +89,21 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     assert last < 0.7 * first, (first, last)
 
     # Distillation put student queries into the teacher's space.
-    scores = {r["mode"]: r["ndcg_at_10"] for r in json.loads((run_dir / "eval.json").read_text())}
+    rows = json.loads((run_dir / "eval.json").read_text())
+    scores = main_scores(rows)
     assert set(scores) == {"teacher", "student", "student_init", "asymmetric", "asymmetric_init"}
     assert scores["asymmetric"] > scores["asymmetric_init"] + 0.1, scores
     assert scores["asymmetric"] > 0.5 * scores["teacher"], scores
+
+    # Every mode at every size and precision; the teacher is its own reference in each setting.
+    settings = {(r["dimension"], r["quantization"]) for r in rows}
+    assert settings == {(d, q) for d in (32, 16, 8) for q in ("float32", "int8", "binary")}
+    assert len(rows) == 5 * 9
+    assert all(r["retention"] == 1.0 for r in rows if r["mode"] == "teacher")
+    score = {(r["mode"], r["dimension"], r["quantization"]): r["ndcg_at_10"] for r in rows}
+    assert abs(score["asymmetric", 32, "int8"] - score["asymmetric", 32, "float32"]) < 0.05
+    assert score["teacher", 8, "binary"] < score["teacher", 32, "float32"]
+    assert "| teacher | 16 | int8 |" in (run_dir / "eval.md").read_text()
 
     student = SentenceTransformer(str(run_dir / "student"), device="cpu")
     assert student.encode(["a query"]).shape == (1, 32)
@@ -92,8 +115,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     note = json.loads((streamed / "teacher_cache.json").read_text())
     assert note["streaming"] and note["cache"] is None and note["training_rows"] == 1080
     assert not (tmp_path / "none").exists()
-    rows = json.loads((streamed / "eval.json").read_text())
-    streamed_scores = {r["mode"]: r["ndcg_at_10"] for r in rows}
+    streamed_scores = main_scores(json.loads((streamed / "eval.json").read_text()))
     assert abs(streamed_scores["asymmetric"] - scores["asymmetric"]) < 0.05, (
         scores,
         streamed_scores,
@@ -103,7 +125,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
 
     # The evaluation job re-scores a finished run from its saved config alone.
     again = evaluate_run(run_dir)
-    assert {r["mode"]: r["ndcg_at_10"] for r in again} == scores
+    assert main_scores(again) == scores
     with pytest.raises(RunError, match="not a leaf-ray run folder"):
         evaluate_run(tmp_path)
     with pytest.raises(RunError, match="already exists"):
