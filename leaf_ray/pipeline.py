@@ -88,10 +88,10 @@ class TeacherVectors:
         times as its source's weight says, and their number; and the held-out validation texts
         with their vectors: the first hashes in sorted order (uniform, and stable across runs),
         at most a tenth of the texts."""
-        wanted, counts, held_out = _training_plan(cfg, self.hashes, self.sources)
+        held, wanted, counts = _training_plan(cfg, self.hashes, self.sources)
         validation = None
-        if held_out:
-            rows = self.cache.read(wanted[:held_out]).take_all()
+        if held.size:
+            rows = self.cache.read(held).take_all()
             texts = [r["text"] for r in rows]
             validation = texts, np.stack([r["embedding"] for r in rows]).astype(np.float32)
         return self.cache.read(wanted, counts), int(counts.sum()), validation
@@ -166,15 +166,17 @@ def _repeat_rows(batch: dict[str, np.ndarray], plan: dict) -> dict[str, np.ndarr
 
 def _training_plan(
     cfg: LeafConfig, hashes: np.ndarray, sources: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Distinct hashes (sorted), the times each is trained on per epoch (the sources' weights),
-    and how many of the first are held out for validation instead: hashes are uniform, so the
-    first in sorted order are a random sample that stays the same across runs."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct hashes held out for validation (the first in sorted order: hashes are
+    uniform, so a random sample that stays the same across runs; at most a tenth), then the
+    other distinct hashes, sorted, with the times each is trained on per epoch (the sources'
+    weights)."""
+    distinct = np.unique(hashes)
+    held = distinct[: min(cfg.train.validation_texts, distinct.size // 10)]
+    training = ~np.isin(hashes, held)
     weights = [src.weight for src in cfg.data.sources]
-    wanted, counts = mixture_counts(hashes, sources, weights, cfg.run.seed)
-    held_out = min(cfg.train.validation_texts, len(wanted) // 10)
-    counts[:held_out] = 0
-    return wanted, counts, held_out
+    wanted, counts = mixture_counts(hashes[training], sources[training], weights, cfg.run.seed)
+    return held, wanted, counts
 
 
 def streaming_training_set(
@@ -188,14 +190,14 @@ def streaming_training_set(
     space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
     texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
     ids, hashes, sources = _row_keys(texts)
-    wanted, counts, held_out = _training_plan(cfg, hashes, sources)
+    held, wanted, counts = _training_plan(cfg, hashes, sources)
     first = first_of_each(hashes)
     id_of = dict(zip(hashes[first].tolist(), ids[first].tolist(), strict=True))
     validation = None
-    if held_out:
-        plan = {h: (id_of[h], 1) for h in wanted[:held_out].tolist()}
+    if held.size:
+        plan = {h: (id_of[h], 1) for h in held.tolist()}
         chosen = texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
-        rows = embed_texts(teacher_calls(chosen, cfg.teacher, held_out), cfg.teacher).take_all()
+        rows = embed_texts(teacher_calls(chosen, cfg.teacher, held.size), cfg.teacher).take_all()
         validation = [r["text"] for r in rows], np.stack([r["embedding"] for r in rows])
     plan = {h: (id_of[h], c) for h, c in zip(wanted.tolist(), counts.tolist(), strict=True) if c}
     num_rows = int(counts.sum())

@@ -97,14 +97,22 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
         want = model.encode(t["text"], prompt=prompt)
         np.testing.assert_allclose(rows[text_hash(t["kind"], t["text"])], want, atol=1e-5)
 
-    # One epoch's training rows: each distinct text once, or as often as its source's weight.
-    data, count = first.training_set(cfg)
-    assert count == 320 and sorted(r["text_hash"] for r in data.take_all()) == sorted(rows)
+    # One epoch's training rows: each distinct text once, or as often as its source's weight,
+    # less a tenth held out for validation (with the teacher's vectors).
+    data, count, validation = first.training_set(cfg)
+    trained = data.take_all()
+    hashes = [r["text_hash"] for r in trained]
+    assert count == len(hashes) == len(set(hashes)) == 320 - 32 and set(hashes) <= set(rows)
+    texts_held, vectors_held = validation
+    assert len(texts_held) == 32 and vectors_held.shape == (32, 32)
+    untrained = sorted(set(rows) - set(hashes))  # the held-out texts carry their own vectors
+    held = np.sort(vectors_held[:, 0])
+    np.testing.assert_allclose(held, np.sort([rows[h][0] for h in untrained]), atol=1e-6)
     weighted = load_config(cfg.source_file, ["data.sources.0.weight=2.5"])
-    data, count = first.training_set(weighted)
+    data, count, _ = first.training_set(weighted)
     times = Counter(r["text_hash"] for r in data.take_all())
-    assert count == sum(times.values()) == 2 * 320 + 160
-    assert set(times) == set(rows) and Counter(times.values()) == {2: 160, 3: 160}
+    assert count == sum(times.values()) == 2 * 288 + 144
+    assert set(times) == set(hashes) and Counter(times.values()) == {2: 144, 3: 144}
 
     again = embed(cfg)
     assert (again.embedded, again.cache.root) == (0, first.cache.root)

@@ -67,7 +67,7 @@ def test_mixture_weights_set_how_often_each_source_is_seen():
     assert [times[h] for h in "abcd"] == [2, 2, 2, 2]  # "a" keeps its first source's weight
     assert [times[h] for h in "xyz"] == [1, 1, 1]
     halves = [times[f"h{i}"] for i in range(9)]
-    assert sorted(halves) == [0] * 4 + [1] * 5  # exactly round(0.5 x 9) of them, once each
+    assert sorted(halves) == [0] * 5 + [1] * 4  # exactly round(0.5 x 9) = 4 of them, once each
     again = mixture_counts(hashes, sources, [2.0, 0.5, 1.0], seed=0)[1]
     other = mixture_counts(hashes, sources, [2.0, 0.5, 1.0], seed=1)[1]
     assert again.tolist() == counts.tolist()  # seeded: every worker and rerun agrees

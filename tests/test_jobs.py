@@ -4,9 +4,12 @@ as a Ray job with the repo as its working directory, its outputs found on shared
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +29,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """A one-node cluster started the way users start one; stopped afterwards whatever happens."""
+def ray_head():
+    """A one-node cluster started the way users start one, in the foreground (`--block`) in its
+    own process group and temp folder: stopping it stops only it, not other Ray on the machine
+    (`ray stop` would), and a plain `ray.init()` elsewhere does not join it."""
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",  # explicit on both sides (token auth is on by default)
@@ -35,14 +40,33 @@ def ray_head(tmp_path):
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are
     dashboard = free_port()
-    start = [RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}"]
+    start = [RAY, "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}"]
     start += ["--include-dashboard=true", f"--dashboard-port={dashboard}", "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    head = subprocess.Popen(
+        [*start, f"--temp-dir={temp_dir}"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield env, f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120
+        while subprocess.run(
+            [RAY, "job", "list", "--address", address], env=env, capture_output=True
+        ).returncode:
+            assert head.poll() is None and time.monotonic() < deadline, "ray start failed"
+            time.sleep(1)
+        yield env, address
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path, tiny_teacher, demo_texts):
