@@ -70,8 +70,9 @@ def plot_compression(rows: list[dict], run_dir: Path) -> None:
     sets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
     styles = {"float32": "-", "int8": "--", "binary": ":"}
+    colors = {"teacher": "tab:blue", "student": "tab:red", "asymmetric": "tab:green"}
     for ax, name in zip(axes[0], sets, strict=True):
-        for mode in ("teacher", "student", "asymmetric"):
+        for mode, color in colors.items():
             for precision, style in styles.items():
                 points = sorted(
                     (r["dimension"], r["ndcg_at_10"])
@@ -79,10 +80,13 @@ def plot_compression(rows: list[dict], run_dir: Path) -> None:
                     if (r["dataset"], r["mode"], r["quantization"]) == (name, mode, precision)
                 )
                 if points:
-                    ax.plot(
-                        *zip(*points, strict=True), style, marker="o", label=f"{mode} {precision}"
-                    )
+                    dims, scores = zip(*points, strict=True)
+                    label = f"{mode} {precision}"
+                    ax.plot(dims, scores, style, color=color, marker="o", label=label)
         ax.set(title=name, xlabel="dimensions", ylabel="nDCG@10", xscale="log")
+        sizes = sorted({r["dimension"] for r in rows if r["dataset"] == name})
+        ax.set_xticks(sizes, [str(d) for d in sizes])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
