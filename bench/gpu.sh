@@ -4,8 +4,8 @@
 # files, on carried real texts. Prepare here, from the repo root:
 #   ../shared/device/prepare-wheels.sh sentence-transformers==6.2.0   # Ray etc. into .whl/
 #   .gpu/tokenizer/ (a BERT-uncased tokenizer) and .gpu/debian-documents.jsonl.gz (texts)
-# then run `bash bench/gpu.sh` there with carry [".whl", ".gpu"]. Results land in $OUT
-# (or bench/results/ alone when OUT is unset). Sizes: TEACHER_TEXTS, TRAIN_TEXTS.
+# then run `bash bench/gpu.sh` there with carry [".whl", ".gpu"]. Results and logs land in $OUT
+# (unset: results in bench/results/, logs in /tmp). Sizes: TEACHER_TEXTS, TRAIN_TEXTS.
 set -u -o pipefail
 if ! python3 -c "import ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -16,6 +16,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 \
   RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   RAY_DATA_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-}
+logs=${OUT:-/tmp}
 models=/tmp/leaf-ray-bench-models
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch, transformers, sentence_transformers as st, ray
@@ -25,9 +26,9 @@ python3 bench/random_model.py .gpu/tokenizer $models/minilm --preset minilm-l6-h
 
 date; timeout "${TEACHER_TIMEOUT:-240}" python3 bench/teacher.py --model $models/bert-base \
   --texts "${TEACHER_TEXTS:-55000}" --texts-file .gpu/debian-documents.jsonl.gz \
-  --batch-size 256 --max-seq-length 512 2>&1 | tee ${OUT:+$OUT/}teacher-gpu.log | grep -v "^\s*$"
+  --batch-size 256 --max-seq-length 512 2>&1 | tee $logs/teacher-gpu.log | grep -v "^\s*$"
 date; timeout "${TRAIN_TIMEOUT:-200}" python3 bench/train.py --teacher $models/bert-base \
   --student $models/minilm --texts "${TRAIN_TEXTS:-12000}" --batch-sizes 32 256 2>&1 \
-  | tee ${OUT:+$OUT/}train-gpu.log | grep -v "^\s*$"
+  | tee $logs/train-gpu.log | grep -v "^\s*$"
 [ -n "$OUT" ] && cp bench/results/*-gpu.json "$OUT"/ 2>/dev/null
 ls bench/results

@@ -89,11 +89,7 @@ class TeacherVectors:
         with their vectors: the first hashes in sorted order (uniform, and stable across runs),
         at most a tenth of the texts."""
         held, wanted, counts = _training_plan(cfg, self.hashes, self.sources)
-        validation = None
-        if held.size:
-            rows = self.cache.read(held).take_all()
-            texts = [r["text"] for r in rows]
-            validation = texts, np.stack([r["embedding"] for r in rows]).astype(np.float32)
+        validation = _validation(self.cache.read(held)) if held.size else None
         return self.cache.read(wanted, counts), int(counts.sum()), validation
 
 
@@ -126,10 +122,15 @@ def verify_cache(cfg: LeafConfig) -> VerifyReport:
 
 def _cache_and_texts(cfg: LeafConfig) -> tuple[TeacherSpace, TeacherCache, ray.data.Dataset]:
     """The teacher's space, its cache folder, and the config's texts with their row hashes."""
+    space, texts = _space_and_texts(cfg)
+    return space, TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model), texts
+
+
+def _space_and_texts(cfg: LeafConfig) -> tuple[TeacherSpace, ray.data.Dataset]:
+    """The teacher's space and the config's texts with their row hashes, on the config's Ray."""
     connect_ray(cfg.ray)
     space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
-    cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
-    return space, cache, read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    return space, read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
 
 
 def _row_keys(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,11 +145,16 @@ def _row_keys(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return ids.astype(str), hashes.astype(str), sources.astype(np.int64)
 
 
+def _first_ids(ids: np.ndarray, hashes: np.ndarray) -> dict[str, str]:
+    """text_hash -> the id of its first row: the one row that stands for the text."""
+    first = first_of_each(hashes)
+    return dict(zip(hashes[first].tolist(), ids[first].tolist(), strict=True))
+
+
 def _first_rows_missing(ids: np.ndarray, hashes: np.ndarray, cached: np.ndarray) -> dict:
     """text_hash -> (id of its first row, 1), for each distinct text not in the cache."""
-    first = first_of_each(hashes)
-    first = first[~np.isin(hashes[first], cached.astype(str))]
-    return {h: (i, 1) for h, i in zip(hashes[first].tolist(), ids[first].tolist(), strict=True)}
+    cached = set(cached.astype(str).tolist())
+    return {h: (i, 1) for h, i in _first_ids(ids, hashes).items() if h not in cached}
 
 
 def _repeat_rows(batch: dict[str, np.ndarray], plan: dict) -> dict[str, np.ndarray]:
@@ -179,6 +185,13 @@ def _training_plan(
     return held, wanted, counts
 
 
+def _validation(rows: ray.data.Dataset) -> Validation:
+    """The held-out texts and their teacher vectors, gathered on the driver (a few hundred)."""
+    rows = rows.take_all()
+    texts = [r["text"] for r in rows]
+    return texts, np.stack([r["embedding"] for r in rows]).astype(np.float32)
+
+
 def streaming_training_set(
     cfg: LeafConfig,
 ) -> tuple[TeacherSpace, ray.data.Dataset, int, Validation | None]:
@@ -186,19 +199,17 @@ def streaming_training_set(
     epoch; nothing is cached. The texts (not vectors) are gathered first, so reading and hashing
     are done before the trainers hold their CPUs; the teacher's actors share what the trainers
     leave (on GPUs: the GPUs they leave, fractions when fewer than actors; none: the CPUs)."""
-    connect_ray(cfg.ray)
-    space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
-    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    space, texts = _space_and_texts(cfg)
     ids, hashes, sources = _row_keys(texts)
     held, wanted, counts = _training_plan(cfg, hashes, sources)
-    first = first_of_each(hashes)
-    id_of = dict(zip(hashes[first].tolist(), ids[first].tolist(), strict=True))
+    id_of = _first_ids(ids, hashes)
     validation = None
     if held.size:
         plan = {h: (id_of[h], 1) for h in held.tolist()}
         chosen = texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
-        rows = embed_texts(teacher_calls(chosen, cfg.teacher, held.size), cfg.teacher).take_all()
-        validation = [r["text"] for r in rows], np.stack([r["embedding"] for r in rows])
+        validation = _validation(
+            embed_texts(teacher_calls(chosen, cfg.teacher, held.size), cfg.teacher)
+        )
     plan = {h: (id_of[h], c) for h, c in zip(wanted.tolist(), counts.tolist(), strict=True) if c}
     num_rows = int(counts.sum())
     chosen = texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
