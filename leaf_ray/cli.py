@@ -11,13 +11,14 @@ import ray
 
 from leaf_ray.config import ConfigError, load_config
 from leaf_ray.data import DataError
+from leaf_ray.eval import EvalError
 from leaf_ray.http_teacher import HttpTeacherError
 from leaf_ray.models import ModelPinError
 from leaf_ray.pipeline import RunError, distill, embed, evaluate_run, verify_cache
 from leaf_ray.report import print_embedded, print_plan, print_summary, print_verify
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-USER_ERRORS = (ConfigError, DataError, HttpTeacherError, ModelPinError, RunError)
+USER_ERRORS = (ConfigError, DataError, EvalError, HttpTeacherError, ModelPinError, RunError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ev = commands.add_parser("eval", help="evaluate a finished run folder again")
     ev.add_argument("--run", type=Path, required=True, help="run folder written by distill")
+    ev.add_argument(
+        "--student",
+        type=Path,
+        help="another checkpoint (a sentence-transformers folder) as the student; the report "
+        "goes to <run>/evals/<its folder name>",
+    )
     for sub in (emb, check):
         sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML (default: demo)")
     for sub in (run, emb, check, ev):
@@ -54,16 +61,19 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
             print_verify(report)
             return 0 if report.ok else 1
+        eval_dir = None
         if args.command == "distill":
             run_dir = distill(load_config(args.config, args.overrides))
         else:
             run_dir = args.run.resolve()
-            evaluate_run(run_dir, args.overrides)
+            student = args.student.resolve() if args.student else None
+            evaluate_run(run_dir, args.overrides, student)
+            eval_dir = run_dir / "evals" / student.name if student else run_dir
     except USER_ERRORS as e:
         print(f"leaf-ray: error: {e}", file=sys.stderr)
         return 2
     ray.shutdown()  # first, so Ray's log stream cannot interleave with the summary
-    print_summary(run_dir)
+    print_summary(run_dir, eval_dir)
     return 0
 
 

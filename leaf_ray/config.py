@@ -206,6 +206,13 @@ class TrainConfig(Strict):
 
 class EvalConfig(Strict):
     datasets: list[str] = Field(default_factory=list, description="BEIR-layout folders.")
+    mteb_tasks: list[str] = Field(
+        default_factory=list,
+        description="mteb retrieval tasks or benchmarks by name (NanoBEIR, SciFact; online).",
+    )
+    cache_dir: str | None = Field(
+        None, description="Eval vectors, reused across runs; default: <run.output_dir>/eval_cache."
+    )
     split: str = "test"
     batch_size: int = Field(64, gt=0)
     max_seq_length: int = Field(256, gt=0)
@@ -240,6 +247,9 @@ class LeafConfig(Strict):
 
     def cache_dir(self) -> Path:
         return Path(self.teacher.cache_dir or Path(self.run.output_dir) / "teacher_cache")
+
+    def eval_cache_dir(self) -> Path:
+        return Path(self.eval.cache_dir or Path(self.run.output_dir) / "eval_cache")
 
     def run_name(self) -> str:
         stem = Path(self.source_file).stem if self.source_file else "run"
@@ -304,6 +314,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     ev = raw.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("datasets"), list):
         ev["datasets"] = [fix(d) for d in ev["datasets"]]
+    if isinstance(ev, dict) and "cache_dir" in ev:
+        ev["cache_dir"] = fix(ev["cache_dir"])
     teacher = raw.get("teacher")
     if isinstance(teacher, dict):
         for key in ("vectors", "cache_dir"):

@@ -1,23 +1,40 @@
-"""Evaluation stage: Ray tasks embed each eval set once per model, then every mode is scored.
+"""Evaluation stage, through mteb, fanned out on Ray.
 
-Modes compare the teacher, the distilled student, the student before distillation, and LEAF's
-asymmetric mode (student queries against the teacher's document index). The teacher's document
-embeddings are computed once and shared by every mode that needs them.
+1. One Ray task per (model, eval task) embeds the task's queries and documents, as mteb feeds
+   them, unless the eval cache already holds them: vectors are keyed by the model's files and
+   prompts and by the task's data, so the teacher's document embeddings are computed once and
+   reused by every later student, checkpoint and mode.
+2. One Ray task per (eval task, mode, dimension, precision) runs mteb's retrieval evaluation over
+   those vectors (Matryoshka-truncated, quantized), and returns mteb's TaskResult.
+
+Modes: the teacher, the distilled student, the student before distillation, and LEAF's
+asymmetric mode (student queries against the teacher's document index).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pytrec_eval
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
-from sentence_transformers import SentenceTransformer
 from sentence_transformers.util.quantization import quantize_embeddings
+from tqdm import tqdm
 
 from leaf_ray.config import EvalConfig
-from leaf_ray.data import RetrievalSet, load_beir
+from leaf_ray.data import load_beir
+
+if TYPE_CHECKING:
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.models.model_meta import ModelMeta
+    from mteb.results import TaskResult
 
 # mode -> (model encoding the queries, model encoding the documents)
 MODES = {
@@ -25,77 +42,398 @@ MODES = {
     "student": ("student", "student"),
     "student_init": ("student_init", "student_init"),
     "asymmetric": ("student", "teacher"),
-    "asymmetric_init": ("student_init", "teacher"),
 }
+SIDES = ("query", "document")
+NOT_MODEL = {".jsonl", ".md", ".pt"}  # in a model folder: logs, model cards, training state
+
+
+class EvalError(ValueError):
+    """An eval task that cannot be found or is not a retrieval task."""
 
 
 @dataclass(frozen=True)
 class Encoder:
-    """What an eval task needs to load a model and encode each side with the right prompt."""
+    """A model to evaluate: what to load, the name mteb records, and each side's prompt."""
 
+    name: str  # hub name, or leaf-ray/<run>-<role> for a run's students
     model: str  # local folder or hub name
     revision: str | None = None
     prompts: dict[str, str | None] = field(default_factory=dict)  # "query"/"document" -> prompt
 
+    def key(self, max_seq_length: int) -> str:
+        """Everything that changes a vector: the files of a local model (weights, pooling,
+        tokenizer; not logs, cards or training state), or the hub name and revision; the
+        prompts; the max length."""
+        digest = hashlib.sha256()
+        folder = Path(self.model)
+        if folder.is_dir():
+            files = (p for p in folder.rglob("*") if p.is_file() and p.suffix not in NOT_MODEL)
+            for path in sorted(files):
+                digest.update(str(path.relative_to(folder)).encode())
+                digest.update(_file_sha256(path).encode())
+        else:
+            digest.update(f"{self.model}@{self.revision or 'main'}".encode())
+        digest.update(json.dumps([self.prompts, max_seq_length], sort_keys=True).encode())
+        return digest.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """A retrieval task: a local BEIR-layout folder, or an mteb task by name."""
+
+    name: str
+    revision: str  # the data's content hash (local) or the dataset revision (mteb)
+    main_score: str = "ndcg_at_10"
+    folder: str | None = None
+    split: str = "test"
+
+    def load(self) -> AbsTaskRetrieval:
+        import mteb
+
+        return mteb.get_task(self.name) if self.folder is None else _local_task(self)
+
+
+def resolve_tasks(cfg: EvalConfig) -> list[EvalTask]:
+    """Local folders (their data is validated and hashed here) and mteb tasks or benchmarks by
+    name (metadata only: nothing is downloaded until a task runs)."""
+    tasks = [
+        EvalTask(Path(f).name, _folder_revision(Path(f), cfg.split), folder=f, split=cfg.split)
+        for f in cfg.datasets
+    ]
+    if cfg.mteb_tasks:
+        import mteb
+
+        for name in cfg.mteb_tasks:
+            for task in _mteb_tasks(mteb, name):
+                meta = task.metadata
+                if meta.type != "Retrieval":
+                    raise EvalError(
+                        f"eval.mteb_tasks: {meta.name} is a {meta.type} task; leaf-ray "
+                        "evaluates retrieval tasks (a query side and a document side)"
+                    )
+                revision = meta.dataset.get("revision") or "main"
+                tasks.append(EvalTask(meta.name, revision, meta.main_score))
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise EvalError(f"eval: two tasks share a name: {sorted(names)}")
+    return tasks
+
+
+def _mteb_tasks(mteb: Any, name: str) -> list:
+    try:
+        return list(mteb.get_benchmark(name).tasks)
+    except (KeyError, ValueError):
+        pass
+    try:
+        return [mteb.get_task(name)]
+    except (KeyError, ValueError):
+        msg = f"eval.mteb_tasks: {name!r} is neither an mteb task nor a benchmark"
+        raise EvalError(msg) from None
+
+
+def _folder_revision(folder: Path, split: str) -> str:
+    load_beir(folder, split)  # bad files fail here, naming file and line, before any Ray task
+    files = [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"]
+    return hashlib.sha256("".join(_file_sha256(f) for f in files).encode()).hexdigest()[:16]
+
+
+def _local_task(spec: EvalTask) -> AbsTaskRetrieval:
+    """A BEIR-layout folder as an mteb retrieval task (mteb's own loader wants the hub)."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    class LocalRetrieval(AbsTaskRetrieval):
+        metadata = TaskMetadata(
+            name=spec.name,
+            description=f"BEIR-layout folder {spec.folder}",
+            type="Retrieval",
+            category="t2t",
+            modalities=["text"],
+            dataset={"path": str(spec.folder), "revision": spec.revision},
+            eval_splits=[spec.split],
+            eval_langs=["eng-Latn"],
+            main_score=spec.main_score,
+        )
+
+        def load_data(self, **kwargs: Any) -> None:
+            rs = load_beir(spec.folder, spec.split)
+            split = {
+                "corpus": Dataset.from_dict({"id": [*rs.corpus], "text": [*rs.corpus.values()]}),
+                "queries": Dataset.from_dict({"id": [*rs.queries], "text": [*rs.queries.values()]}),
+                "relevant_docs": rs.qrels,
+                "top_ranked": None,
+            }
+            self.dataset = {"default": {spec.split: split}}
+            self.data_loaded = True
+
+    return LocalRetrieval()
+
+
+@dataclass
+class Vectors:
+    """One side of one task, embedded by one model: ids in mteb's order, one row each."""
+
+    ids: list[str]
+    array: np.ndarray
+
+
+class EvalCache:
+    """<root>/<task>-<data revision>/<model key>/{query,document}.parquet (id, embedding)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def folder(self, task: EvalTask, model_key: str) -> Path:
+        return self.root / f"{task.name}-{task.revision}" / model_key
+
+    def load(self, task: EvalTask, model_key: str) -> dict[str, Vectors] | None:
+        paths = {side: self.folder(task, model_key) / f"{side}.parquet" for side in SIDES}
+        if not all(p.is_file() for p in paths.values()):
+            return None
+        out = {}
+        for side, path in paths.items():
+            table = pq.read_table(path)
+            array = table.column("embedding").combine_chunks().flatten().to_numpy()
+            out[side] = Vectors(table.column("id").to_pylist(), array.reshape(len(table), -1))
+        return out
+
+    def save(self, task: EvalTask, model_key: str, vectors: dict[str, Vectors]) -> None:
+        folder = self.folder(task, model_key)
+        folder.mkdir(parents=True, exist_ok=True)
+        for side, v in vectors.items():  # each file complete or absent: temp name, then rename
+            flat = pa.array(v.array.astype(np.float32).ravel())
+            embedding = pa.FixedSizeListArray.from_arrays(flat, v.array.shape[1])
+            tmp = folder / f".{side}.parquet.tmp"
+            pq.write_table(pa.table({"id": v.ids, "embedding": embedding}), tmp)
+            os.replace(tmp, folder / f"{side}.parquet")
+
+
+def _model_meta(name: str, revision: str, dim: int, setting: dict | None = None) -> ModelMeta:
+    """A real name and revision, so mteb's result folders never mix models, runs or settings."""
+    from mteb.models.model_meta import ModelMeta
+
+    return ModelMeta(
+        loader=None,
+        name=name,
+        revision=revision,
+        release_date=None,
+        languages=None,
+        n_parameters=None,
+        memory_usage_mb=None,
+        max_tokens=None,
+        embed_dim=dim,
+        license=None,
+        open_weights=None,
+        public_training_code=None,
+        public_training_data=None,
+        framework=["Sentence Transformers"],
+        similarity_fn_name="cosine",
+        use_instructions=False,
+        training_datasets=None,
+        experiment_kwargs=setting,
+    )
+
+
+class _RecordingEncoder:
+    """mteb's encoder protocol over a SentenceTransformer, keeping every vector it returns."""
+
+    def __init__(self, encoder: Encoder, cfg: EvalConfig) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = SentenceTransformer(encoder.model, device=device, revision=encoder.revision)
+        self.model.max_seq_length = cfg.max_seq_length
+        self.prompts = encoder.prompts
+        self.batch_size = cfg.batch_size
+        self.recorded: dict[str, list[Vectors]] = {side: [] for side in SIDES}
+        dim = self.model.get_sentence_embedding_dimension()
+        self.mteb_model_meta = _model_meta(encoder.name, encoder.revision or "local", dim)
+
+    def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
+        side = prompt_type.value
+        data = inputs.dataset
+        array = self.model.encode(
+            list(data["text"]),
+            prompt=self.prompts.get(side),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+        )
+        self.recorded[side].append(Vectors(list(data["id"]), array))
+        return array
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(similarity(np.asarray(a), np.asarray(b)))
+
+    def similarity_pairwise(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError("retrieval tasks only")
+
 
 @ray.remote
-def _encode(
-    spec: Encoder, side: str, texts: list[str], batch_size: int, max_seq_length: int
-) -> np.ndarray:
+def _embed_task(encoder: Encoder, task: EvalTask, cfg: EvalConfig) -> dict[str, Vectors]:
+    """Run mteb once with the real model; what it encoded is what every score task will read."""
+    import datasets
+    import mteb
+
+    datasets.disable_progress_bars()
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources()["CPU"])))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = SentenceTransformer(spec.model, device=device, revision=spec.revision)
-    encoder.max_seq_length = max_seq_length
-    prompt = spec.prompts.get(side)
-    return encoder.encode(texts, prompt=prompt, batch_size=batch_size, convert_to_numpy=True)
+    recorder = _RecordingEncoder(encoder, cfg)
+    mteb.evaluate(recorder, task.load(), cache=None, show_progress_bar=False)
+    return {
+        side: Vectors([i for v in parts for i in v.ids], np.concatenate([v.array for v in parts]))
+        for side, parts in recorder.recorded.items()
+    }
 
 
-def evaluate(models: dict[str, Encoder], cfg: EvalConfig) -> list[dict]:
-    """nDCG@10 for every mode whose models are given (teacher, student, student_init), on every
-    eval set; one row per (set, mode)."""
-    gpus = ray.cluster_resources().get("GPU", 0)
-    encode = _encode.options(num_cpus=1, num_gpus=1 if gpus else 0)
-    sets = [load_beir(folder, cfg.split) for folder in cfg.datasets]
+class _CachedVectors:
+    """mteb's encoder protocol over vectors already computed: truncated and quantized as asked,
+    then looked up by id. It has no model, so it cannot run one."""
+
+    def __init__(
+        self, meta: ModelMeta, queries: Vectors, docs: Vectors, dimension: int, quantization: str
+    ) -> None:
+        self.mteb_model_meta = meta
+        q, d = compress(queries.array, docs.array, dimension, quantization)
+        self.sides = {
+            "query": (dict(zip(queries.ids, range(len(q)), strict=True)), q),
+            "document": (dict(zip(docs.ids, range(len(d)), strict=True)), d),
+        }
+
+    def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
+        rows, array = self.sides[prompt_type.value]
+        return array[[rows[i] for i in inputs.dataset["id"]]]
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(similarity(np.asarray(a), np.asarray(b)))
+
+    def similarity_pairwise(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError("retrieval tasks only")
+
+
+@ray.remote(num_cpus=1)
+def _score_task(
+    task: EvalTask,
+    meta: ModelMeta,
+    queries: Vectors,
+    docs: Vectors,
+    dimension: int,
+    quantization: str,
+) -> TaskResult:
+    import datasets
+    import mteb
+
+    datasets.disable_progress_bars()
+    encoder = _CachedVectors(meta, queries, docs, dimension, quantization)
+    result = mteb.evaluate(encoder, task.load(), cache=None, show_progress_bar=False)
+    return result.task_results[0]
+
+
+@dataclass
+class EvalOutcome:
+    rows: list[dict]  # one per (task, mode, dimension, precision), with retention
+    embedded: dict[str, int]  # texts each model embedded now (0: all from the eval cache)
+    results: list[tuple[ModelMeta, TaskResult]]  # mteb's, to save in mteb's layout
+
+
+def evaluate(
+    models: dict[str, Encoder], cfg: EvalConfig, cache_root: Path, label: str
+) -> EvalOutcome:
+    """Every mode whose models are given, on every task, at every size and precision asked."""
+    tasks = resolve_tasks(cfg)
     modes = {m: qd for m, qd in MODES.items() if set(qd) <= set(models)}
-    futures = {}
-    for rs in sets:
-        for q_model, d_model in modes.values():
-            for side, model, texts in (
-                ("query", q_model, rs.queries),
-                ("document", d_model, rs.corpus),
-            ):
-                key = (rs.name, model, side)
-                if key not in futures:  # each (set, model, side) is embedded once
-                    futures[key] = encode.remote(
-                        models[model],
-                        side,
-                        list(texts.values()),
-                        cfg.batch_size,
-                        cfg.max_seq_length,
-                    )
-    vectors = dict(zip(futures, ray.get(list(futures.values())), strict=True))
-    rows = []
-    for rs in sets:
-        for mode, (q_model, d_model) in modes.items():
-            queries = vectors[(rs.name, q_model, "query")]
-            docs = vectors[(rs.name, d_model, "document")]
-            full = min(queries.shape[1], docs.shape[1])
+    roles = sorted({role for qd in modes.values() for role in qd})
+    keys = {role: models[role].key(cfg.max_seq_length) for role in roles}
+    vectors, dims, embedded = _embedded_vectors(
+        models, roles, keys, tasks, cfg, EvalCache(cache_root)
+    )
+
+    jobs = {}
+    for task in tasks:
+        for mode, (q_role, d_role) in modes.items():
+            queries = vectors[(q_role, task.name)]["query"]
+            docs = vectors[(d_role, task.name)]["document"]
+            full = min(dims[(q_role, task.name)], dims[(d_role, task.name)])
+            name = models["teacher"].name if mode == "teacher" else f"leaf-ray/{label}-{mode}"
+            revision = keys[q_role] if q_role == d_role else f"{keys[q_role]}-{keys[d_role]}"
             for dimension in [full, *(d for d in cfg.dimensions if d < full)]:
                 for quantization in cfg.quantizations:
-                    q, d = compress(queries, docs, dimension, quantization)
-                    row = {"dataset": rs.name, "mode": mode, "dimension": dimension}
+                    setting = None
+                    if (dimension, quantization) != (full, "float32"):
+                        setting = {"dimension": dimension, "quantization": quantization}
+                    meta = _model_meta(name, revision, dimension, setting)
+                    row = {"dataset": task.name, "mode": mode, "dimension": dimension}
                     row |= {"quantization": quantization, "full": dimension == full}
-                    rows.append(row | {"ndcg_at_10": ndcg_at_10(rs, q, d, cfg.top_k)})
-    # Retention: against the teacher at the same size and precision.
+                    row |= {"metric": task.main_score, "model": name, "revision": revision}
+                    ref = _score_task.remote(task, meta, queries, docs, dimension, quantization)
+                    jobs[ref] = (row, meta)
+    results = _gather(jobs, "scoring")
+    rows = [row | {"score": result.get_score()} for (row, _), result in results]
+    _add_retention(rows)
+    return EvalOutcome(rows, embedded, [(meta, result) for (_, meta), result in results])
+
+
+def _embedded_vectors(
+    models: dict[str, Encoder],
+    roles: list[str],
+    keys: dict[str, str],
+    tasks: list[EvalTask],
+    cfg: EvalConfig,
+    cache: EvalCache,
+) -> tuple[dict[tuple[str, str], dict[str, ray.ObjectRef]], dict[tuple[str, str], int], dict]:
+    """(role, task) -> side -> vectors in Ray's object store, from the cache or embedded now;
+    (role, task) -> dimension; role -> texts embedded now."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    embed = _embed_task.options(num_cpus=1, num_gpus=1 if gpus else 0)
+    vectors, dims, embedded, jobs = {}, {}, dict.fromkeys(roles, 0), {}
+
+    def keep(role: str, task: EvalTask, sides: dict[str, Vectors]) -> None:
+        vectors[(role, task.name)] = {s: ray.put(v) for s, v in sides.items()}
+        dims[(role, task.name)] = sides["query"].array.shape[1]
+
+    for task in tasks:
+        for role in roles:
+            cached = cache.load(task, keys[role])
+            if cached is not None:
+                keep(role, task, cached)
+            else:
+                jobs[embed.remote(models[role], task, cfg)] = (role, task)
+    for (role, task), sides in _gather(jobs, "embedding"):
+        cache.save(task, keys[role], sides)
+        keep(role, task, sides)
+        embedded[role] += sum(len(v.ids) for v in sides.values())
+    return vectors, dims, embedded
+
+
+def _gather(jobs: dict[ray.ObjectRef, Any], what: str) -> list[tuple[Any, Any]]:
+    """Results in submission order, with a progress bar as they finish."""
+    done: dict[ray.ObjectRef, Any] = {}
+    pending = list(jobs)
+    with tqdm(total=len(jobs), desc=f"eval: {what}", unit="task") as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done[ready[0]] = ray.get(ready[0])
+            bar.update(1)
+    return [(jobs[ref], done[ref]) for ref in jobs]
+
+
+def _add_retention(rows: list[dict]) -> None:
+    """Against the teacher at the same size and precision."""
     teacher = {
-        (r["dataset"], r["dimension"], r["quantization"]): r["ndcg_at_10"]
+        (r["dataset"], r["dimension"], r["quantization"]): r["score"]
         for r in rows
         if r["mode"] == "teacher"
     }
     for r in rows:
         base = teacher.get((r["dataset"], r["dimension"], r["quantization"]))
-        r["retention"] = r["ndcg_at_10"] / base if base else None
-    return rows
+        r["retention"] = r["score"] / base if base else None
 
 
 def compress(
@@ -121,25 +459,11 @@ POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)
 
 
 def similarity(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
-    """Cosine for floats, integer dot product for int8, minus Hamming distance for packed bits."""
+    """Cosine for floats, integer dot product for int8, minus Hamming distance for packed bits;
+    float64 either way (exact for every integer score)."""
     if queries.dtype == np.uint8:  # hand-written: numpy has no popcount over packed rows
-        return -np.stack([POPCOUNT[np.bitwise_xor(q, docs)].sum(1) for q in queries])
+        hamming = np.stack([POPCOUNT[np.bitwise_xor(q, docs)].sum(1) for q in queries])
+        return -hamming.astype(np.float64)
     if queries.dtype == np.int8:
-        return queries.astype(np.int32) @ docs.astype(np.int32).T
-    return _unit(queries) @ _unit(docs).T
-
-
-def ndcg_at_10(rs: RetrievalSet, queries: np.ndarray, docs: np.ndarray, top_k: int = 100) -> float:
-    """Exact search (`similarity`), then pytrec_eval's ndcg_cut_10 (as mteb reports it),
-    query-averaged."""
-    if queries.shape[1] != docs.shape[1]:
-        raise ValueError(f"query dim {queries.shape[1]} != document dim {docs.shape[1]}")
-    scores = similarity(queries, docs).astype(np.float64)
-    k = min(top_k, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    doc_ids, query_ids = list(rs.corpus), list(rs.queries)
-    run = {
-        qid: {doc_ids[j]: float(scores[i, j]) for j in top[i]} for i, qid in enumerate(query_ids)
-    }
-    per_query = pytrec_eval.RelevanceEvaluator(rs.qrels, {"ndcg_cut.10"}).evaluate(run)
-    return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()]))
+        return (queries.astype(np.int64) @ docs.astype(np.int64).T).astype(np.float64)
+    return (_unit(queries) @ _unit(docs).T).astype(np.float64)

@@ -27,7 +27,7 @@ from leaf_ray.cache import (
 )
 from leaf_ray.config import LeafConfig, RayConfig, load_config
 from leaf_ray.data import mixture_counts, read_texts
-from leaf_ray.eval import Encoder, evaluate
+from leaf_ray.eval import Encoder, EvalOutcome, evaluate
 from leaf_ray.models import resolve_model
 from leaf_ray.report import (
     METRICS_JSONL,
@@ -263,30 +263,44 @@ def distill(cfg: LeafConfig) -> Path:
     plot_loss(history, validations, work, cfg.run.name)
 
     # 3 + 4. Evaluation and report.
-    _evaluate_into(work, cfg)
+    _evaluate_into(work, cfg, work / STUDENT, name)
     os.replace(work, run_dir)
     return run_dir
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> list[dict]:
-    """Re-evaluate a finished run (the separate evaluation job), optionally with other eval sets."""
+def evaluate_run(
+    run_dir: Path, overrides: list[str] = (), student: Path | None = None
+) -> EvalOutcome:
+    """Re-evaluate a finished run (the separate evaluation job), optionally with other eval
+    settings, or another checkpoint as the student (reported in <run>/evals/<checkpoint>)."""
     config_file = run_dir / CONFIG_YAML
     if not config_file.is_file():
         raise RunError(f"{run_dir}: not a leaf-ray run folder (no {CONFIG_YAML})")
     cfg = load_config(config_file, overrides)
+    if student is not None and not (student / "modules.json").is_file():
+        raise RunError(f"{student}: not a sentence-transformers folder (no modules.json)")
     connect_ray(cfg.ray)
-    return _evaluate_into(run_dir, cfg)
+    if student is None:
+        return _evaluate_into(run_dir, cfg, run_dir / STUDENT, run_dir.name)
+    out = run_dir / "evals" / student.name
+    out.mkdir(parents=True, exist_ok=True)
+    return _evaluate_into(out, cfg, student, f"{run_dir.name}-{student.name}", run_dir)
 
 
-def _evaluate_into(run_dir: Path, cfg: LeafConfig) -> list[dict]:
+def _evaluate_into(
+    out: Path, cfg: LeafConfig, student: Path, label: str, run_dir: Path | None = None
+) -> EvalOutcome:
+    run_dir = run_dir or out
     # Students see raw text: the teacher's prompts are part of its input, not of the space.
     models = {
-        STUDENT: Encoder(str(run_dir / STUDENT)),
-        STUDENT_INIT: Encoder(str(run_dir / STUDENT_INIT)),
+        STUDENT: Encoder(f"leaf-ray/{label}-student", str(student)),
+        STUDENT_INIT: Encoder(f"leaf-ray/{label}-student_init", str(run_dir / STUDENT_INIT)),
     }
-    if cfg.teacher.backend == "sentence_transformers":  # black boxes: students only, for now
+    teacher_model = resolve_model(cfg.teacher)
+    # A black-box teacher is evaluated too when its model is also on disk.
+    if cfg.teacher.backend == "sentence_transformers" or Path(teacher_model).is_dir():
         prompts = teacher_prompts(cfg.teacher, load_teacher(cfg.teacher))
-        models["teacher"] = Encoder(resolve_model(cfg.teacher), cfg.teacher.revision, prompts)
-    rows = evaluate(models, cfg.eval)
-    write_eval(rows, run_dir)
-    return rows
+        models["teacher"] = Encoder(cfg.teacher.model, teacher_model, cfg.teacher.revision, prompts)
+    outcome = evaluate(models, cfg.eval, cfg.eval_cache_dir(), label)
+    write_eval(outcome, out)
+    return outcome

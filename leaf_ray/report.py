@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,15 +19,20 @@ from leaf_ray.cache import VerifyReport, atomic_write  # noqa: E402
 from leaf_ray.config import LeafConfig  # noqa: E402
 
 if TYPE_CHECKING:
+    from leaf_ray.eval import EvalOutcome
     from leaf_ray.pipeline import TeacherVectors
 
-EVAL_JSON, EVAL_MD, METRICS_JSONL, VALIDATION_JSONL, LOSS_PNG, COMPRESSION_PNG = (
+EVAL_JSON, EVAL_MD, METRICS_JSONL, VALIDATION_JSONL, LOSS_PNG = (
     "eval.json",
     "eval.md",
     "metrics.jsonl",
     "validation.jsonl",
     "loss_curve.png",
+)
+COMPRESSION_PNG, QUANTIZATION_PNG, MTEB_DIR = (
     "eval_compression.png",
+    "eval_quantization.png",
+    "mteb",
 )
 
 
@@ -38,24 +44,47 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def write_eval(rows: list[dict], run_dir: Path) -> None:
-    """eval.json (every row), eval.md (full-size float vectors first, then every size and
-    precision asked for), and a plot of score against size per precision when there are sizes."""
-    atomic_write(run_dir / EVAL_JSON, json.dumps(rows, indent=2) + "\n")
-    lines = ["| dataset | mode | nDCG@10 | vs teacher |", "|---|---|---:|---:|"]
+def write_eval(outcome: EvalOutcome, out: Path) -> None:
+    """mteb's JSON per (model, setting, task) under mteb/, eval.json (every row), eval.md (the
+    headline table, then every size and precision, with the plots), and the plots."""
+    rows = outcome.rows
+    _write_mteb_results(outcome, out / MTEB_DIR)
+    atomic_write(out / EVAL_JSON, json.dumps(rows, indent=2) + "\n")
+    metric = rows[0]["metric"] if rows else "score"
+    lines = ["# leaf-ray evaluation", "", f"{metric} per task and mode (full size, float32):", ""]
+    lines += [f"| task | mode | {metric} | vs teacher |", "|---|---|---:|---:|"]
     for r in main_rows(rows):
-        lines.append(f"| {r['dataset']} | {r['mode']} | {r['ndcg_at_10']:.4f} | {_retention(r)} |")
+        lines.append(f"| {r['dataset']} | {r['mode']} | {r['score']:.4f} | {_retention(r)} |")
+    embedded = ", ".join(f"{role} {n}" for role, n in outcome.embedded.items())
+    lines += ["", f"Texts embedded now (0: all from the eval cache): {embedded}."]
     if len(rows) > len(main_rows(rows)):  # sizes or precisions beyond the headline were asked
-        title = "Matryoshka sizes and quantization (vs the teacher at the same size and precision):"
-        lines += ["", title, "", "| dataset | mode | dims | precision | nDCG@10 | vs teacher |"]
+        plot_compression(rows, out)
+        plot_quantization(rows, out)
+        lines += ["", f"![score against size]({COMPRESSION_PNG})"]
+        lines += ["", f"![score against precision]({QUANTIZATION_PNG})", ""]
+        lines.append("Every size and precision (vs the teacher at the same size and precision):")
+        lines += ["", f"| task | mode | dims | precision | {metric} | vs teacher |"]
         lines.append("|---|---|---:|---|---:|---:|")
         for r in rows:
             lines.append(
                 f"| {r['dataset']} | {r['mode']} | {r['dimension']} | {r['quantization']} | "
-                f"{r['ndcg_at_10']:.4f} | {_retention(r)} |"
+                f"{r['score']:.4f} | {_retention(r)} |"
             )
-        plot_compression(rows, run_dir)
-    atomic_write(run_dir / EVAL_MD, "\n".join(lines) + "\n")
+    lines += ["", f"mteb's results, one folder per model and setting: `{MTEB_DIR}/results/`."]
+    atomic_write(out / EVAL_MD, "\n".join(lines) + "\n")
+
+
+def _write_mteb_results(outcome: EvalOutcome, folder: Path) -> None:
+    """mteb's own layout (ResultCache), built aside and swapped in whole."""
+    from mteb.cache import ResultCache
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cache = ResultCache(tmp)
+    for meta, result in outcome.results:
+        cache.save_to_cache(result, meta)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def main_rows(rows: list[dict]) -> list[dict]:
@@ -63,35 +92,71 @@ def main_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["full"] and r["quantization"] == "float32"]
 
 
-def plot_compression(rows: list[dict], run_dir: Path) -> None:
-    """nDCG@10 against Matryoshka size, one panel per eval set, a line per (mode, precision)."""
+MODE_COLORS = {
+    "teacher": "tab:blue",
+    "student": "tab:red",
+    "asymmetric": "tab:green",
+    "student_init": "tab:gray",
+}
+
+
+def plot_compression(rows: list[dict], out: Path) -> None:
+    """Score against Matryoshka size, one panel per task, a line per (mode, precision)."""
     sets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
     styles = {"float32": "-", "int8": "--", "binary": ":"}
-    colors = {"teacher": "tab:blue", "student": "tab:red", "asymmetric": "tab:green"}
     for ax, name in zip(axes[0], sets, strict=True):
-        for mode, color in colors.items():
+        for mode, color in MODE_COLORS.items():
             for precision, style in styles.items():
                 points = sorted(
-                    (r["dimension"], r["ndcg_at_10"])
+                    (r["dimension"], r["score"])
                     for r in rows
                     if (r["dataset"], r["mode"], r["quantization"]) == (name, mode, precision)
                 )
-                if points:
+                if len(points) > 1:
                     dims, scores = zip(*points, strict=True)
                     label = f"{mode} {precision}"
                     ax.plot(dims, scores, style, color=color, marker="o", label=label)
-        ax.set(title=name, xlabel="dimensions", ylabel="nDCG@10", xscale="log")
+        ax.set(title=name, xlabel="dimensions", ylabel=rows[0]["metric"], xscale="log")
         sizes = sorted({r["dimension"] for r in rows if r["dataset"] == name})
         ax.set_xticks(sizes, [str(d) for d in sizes])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    _save(fig, out / COMPRESSION_PNG)
+
+
+def plot_quantization(rows: list[dict], out: Path) -> None:
+    """Score against precision at full size: grouped bars, one panel per task."""
+    sets = sorted({r["dataset"] for r in rows})
+    asked = {r["quantization"] for r in rows}
+    precisions = [p for p in ("float32", "int8", "binary") if p in asked]
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    width = 0.8 / len(MODE_COLORS)
+    for ax, name in zip(axes[0], sets, strict=True):
+        for i, (mode, color) in enumerate(MODE_COLORS.items()):
+            score = {
+                r["quantization"]: r["score"]
+                for r in rows
+                if (r["dataset"], r["mode"]) == (name, mode) and r["full"]
+            }
+            if score:
+                xs = [j + i * width for j, p in enumerate(precisions) if p in score]
+                ys = [score[p] for p in precisions if p in score]
+                ax.bar(xs, ys, width, color=color, label=mode)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(precisions))], precisions)
+        ax.set(title=f"{name} (full size)", ylabel=rows[0]["metric"])
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    _save(fig, out / QUANTIZATION_PNG)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
-    tmp = run_dir / f".{COMPRESSION_PNG}.tmp.png"
+    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, run_dir / COMPRESSION_PNG)
+    os.replace(tmp, path)
 
 
 def _retention(row: dict) -> str:
@@ -119,11 +184,7 @@ def plot_loss(history: list[dict], validations: list[dict], run_dir: Path, title
     ax_lr.set_xlabel("optimiser step")
     ax_lr.grid(alpha=0.3)
     fig.suptitle(f"leaf-ray: {title}")
-    fig.tight_layout()
-    tmp = run_dir / f".{LOSS_PNG}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, run_dir / LOSS_PNG)
+    _save(fig, run_dir / LOSS_PNG)
 
 
 def print_plan(cfg: LeafConfig) -> None:
@@ -165,19 +226,21 @@ def print_plan(cfg: LeafConfig) -> None:
     console.print(f"[bold]3. eval[/] {', '.join(cfg.eval.datasets) or 'none'}")
 
 
-def print_summary(run_dir: Path) -> None:
+def print_summary(run_dir: Path, eval_dir: Path | None = None) -> None:
     """The eval table and loss, read back from the run folder's files."""
-    rows = json.loads((run_dir / EVAL_JSON).read_text())
-    history = read_metrics(run_dir / METRICS_JSONL)
+    eval_dir = eval_dir or run_dir
+    rows = json.loads((eval_dir / EVAL_JSON).read_text())
+    metrics = run_dir / METRICS_JSONL
+    history = read_metrics(metrics) if metrics.is_file() else []
     console = Console()
-    table = Table(title=f"LEAF distillation: {run_dir}")
-    for column in ("dataset", "mode", "nDCG@10", "vs teacher"):
-        table.add_column(column, justify="left" if column in ("dataset", "mode") else "right")
+    table = Table(title=f"LEAF distillation: {eval_dir}")
+    metric = rows[0]["metric"] if rows else "score"
+    for column in ("task", "mode", metric, "vs teacher"):
+        table.add_column(column, justify="left" if column in ("task", "mode") else "right")
     for r in main_rows(rows):
-        table.add_row(r["dataset"], r["mode"], f"{r['ndcg_at_10']:.4f}", _retention(r))
+        table.add_row(r["dataset"], r["mode"], f"{r['score']:.4f}", _retention(r))
     console.print(table)
-    if len(rows) > len(main_rows(rows)):
-        console.print(f"Matryoshka sizes and quantization: {run_dir / EVAL_MD}")
+    console.print(f"report: {eval_dir / EVAL_MD}")
     if history:
         console.print(
             f"alignment loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
