@@ -33,36 +33,37 @@ class Figure:
 
 
 # The measurements the plan rests on: all on one H100 80GB, bf16, random weights, texts of
-# ~83-133 tokens (Debian descriptions, news passages). The plan assumes texts average ~100 tokens.
+# ~83-133 tokens (Debian descriptions, news passages); the teacher is bert-base size, the student
+# MiniLM-L6-H384 + Linear 384->768. The plan assumes texts average ~100 tokens.
 FIGURES: dict[str, Figure] = {
     "teacher_stage": Figure(
         5216,
-        "leaf-ray teacher stage, bert-base, 1 actor (marginal rate; 0.33x bare): used",
-        "bench/results/teacher-gpu.json seq_per_s.stage_marginal",
+        "teacher stage, marginal: used",
+        "bench/results/teacher-gpu.json stage_marginal",
     ),
     "teacher_bare": Figure(
         15685,
-        "bert-base bare forward, length-sorted batches of 256 (the ceiling)",
-        "bench/results/teacher-gpu.json seq_per_s.bare",
+        "teacher bare forward: ceiling",
+        "bench/results/teacher-gpu.json bare",
     ),
     "teacher_bare_news": Figure(
         13023,
-        "same, on 133-token news passages",
+        "teacher bare, 133-token news",
         "../shared/device/README.md",
     ),
     "train_ray_b32": Figure(
         796,
-        "leaf-ray Ray Train step, MiniLM-L6-H384 + Linear 384->768, batch 32: used",
-        "bench/results/train-gpu.json results[0].ray_seq_per_s",
+        "Ray Train step, batch 32: used",
+        "bench/results/train-gpu.json ray_seq_per_s",
     ),
     "train_bare_b32": Figure(
         1435,
-        "bare train step, same student, batch 32",
+        "bare train step, batch 32",
         "../shared/device/README.md",
     ),
     "train_bare_b256": Figure(
         6816,
-        "bare train step, same student, batch 256",
+        "bare train step, batch 256",
         "../shared/device/README.md",
     ),
 }

@@ -228,11 +228,14 @@ def print_capacity(plan: Plan, vector_dtype: str, single: Plan | None, other: Pl
         f"[bold]as train.data_mode={other.mode}[/] {_duration(other.wall_hours)} on this cluster "
         f"({other.teacher_gpus} teacher / {other.trainer_gpus} trainer GPU(s))"
     )
-    figures = Table(title="Measured on one H100 (bf16, texts of ~100 tokens)")
-    for column in ("figure", "seq/s", "source"):
-        figures.add_column(column, justify="right" if column == "seq/s" else "left")
+    figures = Table(
+        title="Measured on one H100: bf16, ~100-token texts, bert-base teacher, MiniLM-L6 student"
+    )
+    for column in ("figure", "H100 seq/s", f"{c.gpu.name} seq/s", "source"):
+        figures.add_column(column, justify="right" if "seq/s" in column else "left")
     for figure in FIGURES.values():
-        figures.add_row(figure.what, f"{figure.seq_per_s:,.0f}", figure.source)
+        rates = (f"{figure.seq_per_s:,.0f}", f"{figure.seq_per_s * c.gpu.vs_h100:,.0f}")
+        figures.add_row(figure.what, *rates, figure.source)
     console.print(figures)
 
 
