@@ -385,6 +385,11 @@ def notes(plan: Plan) -> list[str]:
             f"per-GPU batch {plan.per_gpu_batch:g} < {UNDERUSED_BATCH}: each trainer GPU is "
             "mostly idle; raise train.batch_size or use fewer trainers"
         )
+    if plan.per_gpu_batch > max(BARE_BATCHES):
+        out.append(
+            f"per-GPU batch {plan.per_gpu_batch:g} > {max(BARE_BATCHES)}, the largest measured: "
+            "its training rate is extrapolated"
+        )
     if plan.mode == "cached" and plan.trainer_gpus < plan.cluster.gpus:
         fixed_ms = bare_step_seconds(0) * 1000
         per_sequence_ms = (bare_step_seconds(1) - bare_step_seconds(0)) * 1000

@@ -10,7 +10,7 @@ import pytest
 
 from leaf_ray.cli import DEFAULT_CONFIG, main
 from leaf_ray.config import load_config
-from leaf_ray.plan import PlanError, corpus_size, parse_cluster, plan_mode, plan_run
+from leaf_ray.plan import PlanError, corpus_size, notes, parse_cluster, plan_mode, plan_run
 
 ARCTIC = "Snowflake/snowflake-arctic-embed-m-v1.5"
 MXBAI = "mixedbread-ai/mxbai-embed-large-v1"
@@ -203,3 +203,10 @@ def test_cli_bad_cluster_exits_2(capsys):
     config = str(DEFAULT_CONFIG.parent / "leaf-ir.yaml")
     assert main(["plan", "--config", config, "--cluster", "8 H100"]) == 2
     assert "leaf-ray: error: --cluster '8 H100': expected" in capsys.readouterr().err
+
+
+def test_a_batch_beyond_the_measured_ones_is_flagged(tmp_path):
+    plan = plan_run(internet_config(tmp_path), parse_cluster("1x(1 GPU H100)"))
+    assert plan.per_gpu_batch == 4096
+    assert any("4096 > 256, the largest measured" in note for note in notes(plan))
+    assert not notes(plan_run(internet_config(tmp_path), parse_cluster(H100_64)))
