@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from leaf_ray.config import LeafConfig, SourceConfig
+from leaf_ray.config import LeafConfig
 
 
 class PlanError(ValueError):
@@ -174,13 +174,10 @@ def corpus_size(cfg: LeafConfig) -> Corpus:
                 "without downloading it; set its 'limit' "
                 f"(e.g. data.sources.{index}.limit=1000000)"
             )
-    rows = sum(_weighted(n, src) for n, src in zip(sizes, cfg.data.sources, strict=True))
+    weights = [src.weight for src in cfg.data.sources]
+    rows = sum(round(n * weight) for n, weight in zip(sizes, weights, strict=True))
     basis = f"{len(sizes)} source(s): {len(sizes) - counted} by limit, {counted} counted"
     return Corpus(sum(sizes), rows, basis)
-
-
-def _weighted(rows: int, src: SourceConfig) -> int:
-    return round(rows * src.weight)
 
 
 def count_rows(path: Path) -> int:
@@ -317,8 +314,10 @@ def plan_run(cfg: LeafConfig, cluster: Cluster, teacher_dim: int | None = None) 
 def plan_mode(cfg: LeafConfig, cluster: Cluster, mode: str, teacher_dim: int | None) -> Plan:
     teacher, dim_basis = teacher_for(cfg, teacher_dim)
     corpus = corpus_size(cfg)
-    split = cached_split if mode == "cached" else streaming_split
-    teacher_gpus, trainers = split(cfg, cluster, teacher, corpus)
+    if mode == "cached":
+        teacher_gpus, trainers = cached_split(cfg, cluster)
+    else:
+        teacher_gpus, trainers = streaming_split(cfg, cluster, teacher)
     shared = mode == "streaming" and cluster.gpus == 1
     train_rows = cfg.train.epochs * corpus.rows_per_epoch
     return Plan(
@@ -341,9 +340,7 @@ def plan_mode(cfg: LeafConfig, cluster: Cluster, mode: str, teacher_dim: int | N
     )
 
 
-def cached_split(
-    cfg: LeafConfig, cluster: Cluster, teacher: Teacher, corpus: Corpus
-) -> tuple[int, int]:
+def cached_split(cfg: LeafConfig, cluster: Cluster) -> tuple[int, int]:
     """cached: the teacher first, on every GPU; then training on the trainer count (a divisor of
     the batch, up to every GPU) that trains fastest: more trainers split the same global batch,
     so past a point their fixed per-step cost and DDP's make them no faster."""
@@ -353,9 +350,7 @@ def cached_split(
     return cluster.gpus, trainers
 
 
-def streaming_split(
-    cfg: LeafConfig, cluster: Cluster, teacher: Teacher, corpus: Corpus
-) -> tuple[int, int]:
+def streaming_split(cfg: LeafConfig, cluster: Cluster, teacher: Teacher) -> tuple[int, int]:
     """streaming: teacher actors and trainers run at once on disjoint GPUs, so the pipeline runs
     at the slower side's rate; the split (g_t + g_s = all GPUs, each at least 1) maximises it.
     One GPU: both stages share it."""
