@@ -1,5 +1,5 @@
-"""`leaf-ray`: distill (the whole recipe), embed (the teacher stage alone), cache verify, and eval
-(re-evaluate a finished run)."""
+"""`leaf-ray`: distill (the whole recipe), embed (the teacher stage alone), cache verify, eval
+(re-evaluate a finished run), and plan (GPUs, time and cache size for a cluster)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,31 @@ from pathlib import Path
 
 import ray
 
-from leaf_ray.config import ConfigError, load_config
+from leaf_ray.config import ConfigError, LeafConfig, load_config
 from leaf_ray.data import DataError
 from leaf_ray.eval import EvalError
 from leaf_ray.http_teacher import HttpTeacherError
 from leaf_ray.models import ModelPinError
 from leaf_ray.pipeline import RunError, distill, embed, evaluate_run, verify_cache
-from leaf_ray.report import print_embedded, print_plan, print_summary, print_verify
+from leaf_ray.plan import Cluster, PlanError, parse_cluster, plan_mode, plan_run
+from leaf_ray.report import (
+    print_capacity,
+    print_embedded,
+    print_plan,
+    print_summary,
+    print_verify,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-USER_ERRORS = (ConfigError, DataError, EvalError, HttpTeacherError, ModelPinError, RunError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    EvalError,
+    HttpTeacherError,
+    ModelPinError,
+    PlanError,
+    RunError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,14 +57,28 @@ def main(argv: list[str] | None = None) -> int:
         help="another checkpoint (a sentence-transformers folder) as the student; the report "
         "goes to <run>/evals/<its folder name>",
     )
-    for sub in (emb, check):
+    plan = commands.add_parser(
+        "plan", help="GPU split, wall time and cache size for a cluster, from measured rates"
+    )
+    plan.add_argument(
+        "--cluster",
+        default="1x(1 GPU H100)",
+        help="<nodes>x(<gpus> GPU <type>), type A100, H100 or H200 (default: 1x(1 GPU H100))",
+    )
+    plan.add_argument(
+        "--teacher-dim", type=int, help="teacher output size (default: known-teacher table)"
+    )
+    for sub in (emb, check, plan):
         sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML (default: demo)")
-    for sub in (run, emb, check, ev):
+    for sub in (run, emb, check, ev, plan):
         sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
     try:
         if args.command == "distill" and args.dry_run:
             print_plan(load_config(args.config, args.overrides))
+            return 0
+        if args.command == "plan":
+            show_capacity(load_config(args.config, args.overrides), args.cluster, args.teacher_dim)
             return 0
         if args.command == "embed":
             vectors = embed(load_config(args.config, args.overrides))
@@ -75,6 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()  # first, so Ray's log stream cannot interleave with the summary
     print_summary(run_dir, eval_dir)
     return 0
+
+
+def show_capacity(cfg: LeafConfig, cluster_spec: str, teacher_dim: int | None) -> None:
+    """The config's plan on the cluster, next to one GPU of its type and the other data mode."""
+    cluster = parse_cluster(cluster_spec)
+    plan = plan_run(cfg, cluster, teacher_dim)
+    single = plan_run(cfg, Cluster(1, 1, cluster.gpu), teacher_dim) if cluster.gpus > 1 else None
+    other_mode = "streaming" if plan.mode == "cached" else "cached"
+    print_capacity(
+        plan, cfg.teacher.vector_dtype, single, plan_mode(cfg, cluster, other_mode, teacher_dim)
+    )
 
 
 if __name__ == "__main__":

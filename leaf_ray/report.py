@@ -17,6 +17,15 @@ from rich.table import Table  # noqa: E402
 
 from leaf_ray.cache import VerifyReport, atomic_write  # noqa: E402
 from leaf_ray.config import LeafConfig  # noqa: E402
+from leaf_ray.plan import (  # noqa: E402
+    CACHE_ROW_OVERHEAD_BYTES,
+    FIGURES,
+    VECTOR_BYTES,
+    Plan,
+    ddp_efficiency,
+    notes,
+    overrides,
+)
 
 if TYPE_CHECKING:
     from leaf_ray.eval import EvalOutcome
@@ -224,6 +233,77 @@ def print_plan(cfg: LeafConfig) -> None:
         f"lr {tr.lr} -> {tr.lr * tr.final_lr_ratio:g} per cycle (projection {tr.projection_lr})"
     )
     console.print(f"[bold]3. eval[/] {', '.join(cfg.eval.datasets) or 'none'}")
+
+
+def print_capacity(plan: Plan, vector_dtype: str, single: Plan | None, other: Plan) -> None:
+    """`leaf-ray plan`: the split, per-stage rates, wall time, GPU-hours and cache size; then the
+    same run on one GPU and in the other data mode, and the figures all of it rests on."""
+    c, t, corpus = plan.cluster, plan.teacher, plan.corpus
+    console = Console(soft_wrap=True, emoji=False, width=120)  # tables unwrapped in logs too
+    console.print(f"[bold]cluster[/] {c.label}: {c.gpus} GPU(s), {c.gpu.name} {c.gpu.basis}")
+    console.print(
+        f"[bold]teacher[/] {plan.teacher_name}: {t.dim}-d ({plan.dim_basis}), speed "
+        f"x{t.speed:.2f} of bert-base ({t.basis})"
+    )
+    console.print(
+        f"[bold]corpus[/] {corpus.texts:,} texts ({corpus.basis}); {corpus.rows_per_epoch:,} "
+        f"training rows per epoch (x weights) x {plan.epochs} epoch(s)"
+    )
+    table = Table(title=f"{plan.mode} plan on {c.label}")
+    for column in ("stage", "GPUs", "per-GPU seq/s", "seq/s", "rows", "time"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    teach = "teacher (embeds once)" if plan.mode == "cached" else "teacher (every epoch)"
+    eff = ddp_efficiency(plan.trainer_gpus)
+    train = f"train (batch {plan.per_gpu_batch:g}/GPU, DDP x{eff:g})"
+    for stage, gpus, rate, rows, hours in (
+        (teach, plan.teacher_gpus, plan.teacher_rate, plan.teacher_rows, plan.teacher_hours),
+        (train, plan.trainer_gpus, plan.train_rate, plan.train_rows, plan.train_hours),
+    ):
+        row = (f"{rate / gpus:,.0f}", f"{rate:,.0f}", f"{rows:,}", _duration(hours))
+        table.add_row(stage, str(gpus), *row)
+    console.print(table)
+    how = "stages run one after the other" if plan.mode == "cached" else "stages overlap"
+    if plan.shared_gpu:
+        how = "both stages share the one GPU, taking turns"
+    console.print(
+        f"[bold]wall time[/] {_duration(plan.wall_hours)} ({how}; bottleneck: {plan.bottleneck}); "
+        f"{plan.gpu_hours:,.1f} GPU-hours held"
+    )
+    console.print(f"[bold]run it with[/] {overrides(plan)}")
+    size = (
+        f"{corpus.texts:,} x ({t.dim} x {VECTOR_BYTES[vector_dtype]} B {vector_dtype} + "
+        f"{CACHE_ROW_OVERHEAD_BYTES} B hash, kind, text) = {plan.cache_gib:,.1f} GiB"
+    )
+    if plan.mode == "cached":
+        console.print(f"[bold]cache[/] {size}")
+    else:
+        console.print(f"[bold]cache[/] none (streaming); cached mode would write {size}")
+    for note in notes(plan):
+        console.print(f"[bold]note[/] {note}")
+    if single:
+        console.print(
+            f"[bold]on 1 {c.gpu.name}[/] {_duration(single.wall_hours)}: this cluster is "
+            f"{single.wall_hours / plan.wall_hours:.1f}x faster on {c.gpus}x the GPUs"
+        )
+    console.print(
+        f"[bold]as train.data_mode={other.mode}[/] {_duration(other.wall_hours)} on this cluster "
+        f"({other.teacher_gpus} teacher / {other.trainer_gpus} trainer GPU(s))"
+    )
+    figures = Table(
+        title="Measured on one H100: bf16, ~100-token texts, bert-base teacher, MiniLM-L6 student"
+    )
+    for column in ("figure", "H100 seq/s", f"{c.gpu.name} seq/s", "source"):
+        figures.add_column(column, justify="right" if "seq/s" in column else "left")
+    for figure in FIGURES.values():
+        rates = (f"{figure.seq_per_s:,.0f}", f"{figure.seq_per_s * c.gpu.vs_h100:,.0f}")
+        figures.add_row(figure.what, *rates, figure.source)
+    console.print(figures)
+
+
+def _duration(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
 
 
 def print_summary(run_dir: Path, eval_dir: Path | None = None) -> None:
