@@ -300,7 +300,10 @@ def _evaluate_into(
     # A black-box teacher is evaluated too when its model is also on disk.
     if cfg.teacher.backend == "sentence_transformers" or Path(teacher_model).is_dir():
         prompts = teacher_prompts(cfg.teacher, load_teacher(cfg.teacher))
-        models["teacher"] = Encoder(cfg.teacher.model, teacher_model, cfg.teacher.revision, prompts)
+        # mteb names results by model: a hub name, or local/<folder> (its revision: its files).
+        name = cfg.teacher.model
+        name = f"local/{Path(name).name}" if Path(name).is_dir() else name
+        models["teacher"] = Encoder(name, teacher_model, cfg.teacher.revision, prompts)
     outcome = evaluate(models, cfg.eval, cfg.eval_cache_dir(), label)
     write_eval(outcome, out)
     return outcome

@@ -1,27 +1,108 @@
+"""Eval pieces without Ray: mteb over cached vectors against an independent pytrec_eval, the
+compression helpers, the BEIR reader and the eval cache."""
+
 import numpy as np
 import pytest
+import pytrec_eval
 
-from leaf_ray.data import DataError, RetrievalSet, load_beir
-from leaf_ray.eval import compress, ndcg_at_10, similarity
-
-
-def toy_set() -> RetrievalSet:
-    corpus = {f"d{i}": f"doc {i}" for i in range(4)}
-    queries = {"q0": "a", "q1": "b"}
-    return RetrievalSet("toy", corpus, queries, {"q0": {"d0": 1}, "q1": {"d1": 1}})
-
-
-def test_ndcg_matches_the_textbook_formula():
-    docs = np.eye(4)
-    # q0 ranks d0 first (ideal); q1 ranks d2 then d1 (relevant at rank 2: 1/log2(3)).
-    queries = np.array([[1.0, 0.1, 0.0, 0.0], [0.0, 0.5, 0.9, 0.0]])
-    expected = (1.0 + 1 / np.log2(3)) / 2
-    assert ndcg_at_10(toy_set(), queries, docs) == pytest.approx(expected)
+from leaf_ray.data import DataError, load_beir
+from leaf_ray.eval import (
+    EvalCache,
+    EvalTask,
+    Vectors,
+    _CachedVectors,
+    _model_meta,
+    compress,
+    resolve_tasks,
+    similarity,
+)
 
 
-def test_ndcg_refuses_mismatched_spaces():
-    with pytest.raises(ValueError, match="query dim 3 != document dim 4"):
-        ndcg_at_10(toy_set(), np.ones((2, 3)), np.ones((4, 4)))
+def graded_set(root, n_queries=40, n_docs=200, seed=0):
+    """A BEIR folder with graded relevance (0-3, several documents per query)."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    (root / "qrels").mkdir(parents=True)
+    docs = [f"d{i}" for i in range(n_docs)]
+    (root / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d, "title": "", "text": f"doc {d}"}) + "\n" for d in docs)
+    )
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(n_queries))
+    )
+    lines = ["query-id\tcorpus-id\tscore"]
+    for i in range(n_queries):
+        for d in rng.choice(n_docs, size=4, replace=False):
+            lines.append(f"q{i}\td{d}\t{rng.integers(1, 4)}")
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def pytrec_ndcg_at_10(rs, queries: np.ndarray, docs: np.ndarray) -> float:
+    """Exact search with leaf-ray's similarity, then pytrec_eval's ndcg_cut_10, query-averaged."""
+    scores = similarity(queries, docs)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :100]
+    doc_ids, query_ids = list(rs.corpus), list(rs.queries)
+    run = {q: {doc_ids[j]: float(scores[i, j]) for j in top[i]} for i, q in enumerate(query_ids)}
+    per_query = pytrec_eval.RelevanceEvaluator(rs.qrels, {"ndcg_cut.10"}).evaluate(run)
+    return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()]))
+
+
+@pytest.mark.parametrize("quantization", ["float32", "int8", "binary"])
+def test_mteb_ndcg_equals_pytrec_eval_on_the_same_rankings(tmp_path, quantization):
+    import mteb
+
+    from leaf_ray.config import EvalConfig
+
+    folder = graded_set(tmp_path / "graded")
+    (task,) = resolve_tasks(EvalConfig(datasets=[str(folder)]))
+    rs = load_beir(folder)
+    rng = np.random.default_rng(1)
+    docs = rng.standard_normal((len(rs.corpus), 48)).astype(np.float32)
+    # Queries near their most relevant document, so the scores are neither 0 nor 1.
+    rel = [max(rs.qrels[q], key=rs.qrels[q].get) for q in rs.queries]
+    queries = docs[[int(d[1:]) for d in rel]] + 1.5 * rng.standard_normal((len(rel), 48))
+    q_vec, d_vec = Vectors(list(rs.queries), queries), Vectors(list(rs.corpus), docs)
+    meta = _model_meta("leaf-ray/test", "r0", 48)
+    encoder = _CachedVectors(meta, q_vec, d_vec, 32, quantization)
+    result = mteb.evaluate(encoder, task.load(), cache=None, show_progress_bar=False)
+    ours = pytrec_ndcg_at_10(rs, *compress(queries, docs, 32, quantization))
+    assert 0.2 < ours < 0.95
+    assert result.task_results[0].get_score() == pytest.approx(ours, abs=1e-4)
+
+
+def test_eval_tasks_are_keyed_by_their_data_and_bad_names_are_named(tmp_path):
+    from leaf_ray.config import EvalConfig
+    from leaf_ray.eval import EvalError
+
+    folder = graded_set(tmp_path / "graded")
+    (before,) = resolve_tasks(EvalConfig(datasets=[str(folder)]))
+    with (folder / "queries.jsonl").open("a") as f:
+        f.write('{"_id": "extra", "text": "one more query"}\n')
+    (after,) = resolve_tasks(EvalConfig(datasets=[str(folder)]))
+    assert before.name == after.name == "graded" and before.revision != after.revision
+    with pytest.raises(EvalError, match="'NoSuchTask' is neither an mteb task nor a benchmark"):
+        resolve_tasks(EvalConfig(mteb_tasks=["NoSuchTask"]))
+    with pytest.raises(EvalError, match="STS12 is a STS task"):
+        resolve_tasks(EvalConfig(mteb_tasks=["STS12"]))
+    (scifact,) = resolve_tasks(EvalConfig(mteb_tasks=["SciFact"]))  # metadata only: offline
+    assert scifact.folder is None and scifact.main_score == "ndcg_at_10"
+
+
+def test_eval_cache_round_trips_both_sides(tmp_path):
+    task = EvalTask("graded", "rev0")
+    cache = EvalCache(tmp_path)
+    assert cache.load(task, "model0") is None
+    sides = {
+        "query": Vectors(["q0", "q1"], np.arange(6, dtype=np.float32).reshape(2, 3)),
+        "document": Vectors(["d0"], np.ones((1, 3), dtype=np.float32)),
+    }
+    cache.save(task, "model0", sides)
+    loaded = cache.load(task, "model0")
+    assert loaded["query"].ids == ["q0", "q1"] and loaded["document"].ids == ["d0"]
+    np.testing.assert_array_equal(loaded["query"].array, sides["query"].array)
+    assert cache.load(EvalTask("graded", "rev1"), "model0") is None  # other data: a miss
 
 
 def test_load_beir_reads_the_demo_set_and_names_bad_lines(tmp_path):
