@@ -4,7 +4,8 @@
                                 /shards/<uuid>.parquet   text_hash, kind, text, embedding
                                 /manifest/<uuid>.json    rows and sha256 of one committed shard
 
-A shard is written under a temporary name and renamed, then its manifest entry is written the
+The cache may sit on a local or NFS path or in an object store (`leaf_ray.storage`). A shard is
+written whole (a temporary name then a rename, or one object PUT), then its manifest entry the
 same way: a shard counts only once its entry exists, so a run killed at any point leaves a cache
 that the next run extends (it embeds only the texts whose hash is missing). Rows are keyed by a
 hash of (kind, text), so a text is embedded once however many runs, sources or students use it.
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
+
+from leaf_ray.storage import Location
 
 FORMAT_VERSION = 1
 KEY_JSON, SHARDS, MANIFEST = "key.json", "shards", "manifest"
@@ -49,35 +52,34 @@ def add_text_hash(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class TeacherCache:
-    root: Path
+    root: Location
     key: dict = field(compare=False)
 
     @classmethod
-    def open(cls, cache_dir: str | Path, key: dict, label: str) -> TeacherCache:
+    def open(cls, cache_dir: Location, key: dict, label: str) -> TeacherCache:
         """The cache folder for these teacher settings, created (with key.json) when new. The
         label (the teacher's name) only names the folder: the key decides which folder."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(label).name)[:48]
-        root = Path(cache_dir) / f"{slug}-{digest}"
+        root = cache_dir / f"{slug}-{digest}"
         for sub in (SHARDS, MANIFEST):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub).mkdir()
         if not (root / KEY_JSON).exists():
-            described = json.dumps({"label": label, **key}, indent=2, sort_keys=True)
-            atomic_write(root / KEY_JSON, described.encode())
+            (root / KEY_JSON).write(json.dumps({"label": label, **key}, indent=2, sort_keys=True))
         return cls(root, key)
 
     def entries(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted((self.root / MANIFEST).glob("*.json"))]
+        return [json.loads(f.read_text()) for f in (self.root / MANIFEST).files(".json")]
 
     def shard_paths(self) -> list[str]:
-        return [str(self.root / SHARDS / e["shard"]) for e in self.entries()]
+        return [(self.root / SHARDS / e["shard"]).path for e in self.entries()]
 
     def hashes(self) -> np.ndarray:
         """Hashes of every committed row (a text may appear twice if two runs raced)."""
         paths = self.shard_paths()
         if not paths:
             return np.array([], dtype=object)
-        table = pq.read_table(paths, columns=["text_hash"])
+        table = pq.read_table(paths, columns=["text_hash"], filesystem=self.root.fs)
         return table.column("text_hash").to_numpy(zero_copy_only=False)
 
     def sink(self, vector_dtype: str, rows_per_shard: int) -> CacheSink:
@@ -88,7 +90,8 @@ class TeacherCache:
         `wanted[i]` (then `wanted` must be sorted and distinct, as `mixture_counts` gives)."""
         if counts is None:
             wanted, counts = np.unique(wanted.astype(str)), None
-        return ray.data.read_parquet(self.shard_paths()).map_batches(
+        shards = ray.data.read_parquet(self.shard_paths(), filesystem=self.root.fs)
+        return shards.map_batches(
             _keep_wanted, fn_args=(wanted.astype(str), counts), batch_format="pyarrow"
         )
 
@@ -107,7 +110,7 @@ def _keep_wanted(table: pa.Table, wanted: np.ndarray, counts: np.ndarray | None)
 class CacheSink(Datasink):
     """Ray Data sink: each write task commits one shard, then its manifest entry."""
 
-    def __init__(self, root: Path, vector_dtype: str, rows_per_shard: int):
+    def __init__(self, root: Location, vector_dtype: str, rows_per_shard: int):
         self.root, self.vector_dtype, self.rows_per_shard = root, vector_dtype, rows_per_shard
 
     @property
@@ -135,17 +138,10 @@ class CacheSink(Datasink):
         pq.write_table(shard, sink)
         data = sink.getvalue().to_pybytes()
         name = f"{uuid.uuid4().hex}.parquet"
-        atomic_write(self.root / SHARDS / name, data)
+        (self.root / SHARDS / name).write(data)
         entry = {"shard": name, "rows": shard.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
-        atomic_write(self.root / MANIFEST / f"{name}.json", json.dumps(entry).encode())
+        (self.root / MANIFEST / f"{name}.json").write(json.dumps(entry))
         return shard.num_rows
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary sibling, then rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    tmp.replace(path)
 
 
 @dataclass
@@ -170,13 +166,13 @@ def verify(cache: TeacherCache, wanted: np.ndarray | None = None) -> VerifyRepor
     seen: set[str] = set()
     committed = set()
     for entry in cache.entries():
-        path = cache.root / SHARDS / entry["shard"]
+        shard = cache.root / SHARDS / entry["shard"]
         committed.add(entry["shard"])
         report.shards += 1
-        if not path.is_file():
+        if not shard.is_file():
             report.corrupt.append(f"{entry['shard']}: in the manifest but missing")
             continue
-        data = path.read_bytes()
+        data = shard.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             report.corrupt.append(f"{entry['shard']}: sha256 differs from the manifest")
             continue
@@ -190,9 +186,8 @@ def verify(cache: TeacherCache, wanted: np.ndarray | None = None) -> VerifyRepor
             report.duplicated += h in seen
             seen.add(h)
         report.rows += table.num_rows
-    report.orphans = sorted(
-        p.name for p in (cache.root / SHARDS).glob("*.parquet") if p.name not in committed
-    )
+    shards = (cache.root / SHARDS).files(".parquet")
+    report.orphans = [s.name for s in shards if s.name not in committed]
     if wanted is not None:
         report.missing = int(np.setdiff1d(np.unique(wanted.astype(str)), list(seen)).size)
     return report

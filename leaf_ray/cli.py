@@ -23,6 +23,7 @@ from leaf_ray.report import (
     print_summary,
     print_verify,
 )
+from leaf_ray.storage import Location
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 USER_ERRORS = (
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         "verify", help="re-read the config's cache: missing, duplicated or corrupt rows"
     )
     ev = commands.add_parser("eval", help="evaluate a finished run folder again")
-    ev.add_argument("--run", type=Path, required=True, help="run folder written by distill")
+    ev.add_argument(
+        "--run", required=True, help="run folder written by distill: a path or s3://, gs:// URI"
+    )
     ev.add_argument(
         "--student",
         type=Path,
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "distill":
             run_dir = distill(load_config(args.config, args.overrides))
         else:
-            run_dir = args.run.resolve()
+            run_dir = Location.of(args.run)
             student = args.student.resolve() if args.student else None
             evaluate_run(run_dir, args.overrides, student)
             eval_dir = run_dir / "evals" / student.name if student else run_dir

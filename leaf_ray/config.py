@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from leaf_ray.storage import Location
+
 Kind = Literal["query", "document"]
 
 
@@ -29,7 +31,11 @@ class RunConfig(Strict):
     name: str | None = Field(
         None, description="Run folder name; default <config stem>-<timestamp>."
     )
-    output_dir: str = Field("runs", description="Default: ./runs in the working directory.")
+    storage: str = Field(
+        "runs",
+        description="Runs, checkpoints and (by default) caches: a local or NFS path, or an "
+        "s3:// or gs:// URI (pyarrow.fs). Default: ./runs in the working directory.",
+    )
     seed: int = 0
 
 
@@ -111,7 +117,9 @@ class TeacherConfig(ModelRef):
         "auto", description="auto: bfloat16 autocast on GPU, float32 on CPU."
     )
     vector_dtype: Literal["float32", "float16"] = Field("float32", description="As cached.")
-    cache_dir: str | None = Field(None, description="Default: <run.output_dir>/teacher_cache.")
+    cache_dir: str | None = Field(
+        None, description="Path or URI; default <run.storage>/teacher_cache"
+    )
 
     @property
     def backend(self) -> Literal["sentence_transformers", "vectors", "http"]:
@@ -144,6 +152,9 @@ class StudentConfig(Strict):
 class TrainConfig(Strict):
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0, description="Reserved; leave some for Ray Data.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray Train's: PACK keeps DDP on few nodes; SPREAD one per node."
+    )
     torch_threads: int | None = Field(None, gt=0, description="Default: CPUs shared by workers.")
     use_gpu: bool | None = Field(None, description="Default: when the Ray cluster has GPUs.")
     epochs: int = Field(30, gt=0, description="LEAF: 3 cycles of 10 epochs.")
@@ -211,7 +222,7 @@ class EvalConfig(Strict):
         description="mteb retrieval tasks or benchmarks by name (NanoBEIR, SciFact; online).",
     )
     cache_dir: str | None = Field(
-        None, description="Eval vectors, reused across runs; default: <run.output_dir>/eval_cache."
+        None, description="Eval vectors, reused across runs; default: <run.storage>/eval_cache."
     )
     split: str = "test"
     batch_size: int = Field(64, gt=0)
@@ -245,11 +256,20 @@ class LeafConfig(Strict):
             )
         return self
 
-    def cache_dir(self) -> Path:
-        return Path(self.teacher.cache_dir or Path(self.run.output_dir) / "teacher_cache")
+    def storage(self) -> Location:
+        return Location.of(self.run.storage)
 
-    def eval_cache_dir(self) -> Path:
-        return Path(self.eval.cache_dir or Path(self.run.output_dir) / "eval_cache")
+    def cache_dir(self) -> Location:
+        if self.teacher.cache_dir:
+            return Location.of(self.teacher.cache_dir)
+        return self.storage() / "teacher_cache"
+
+    def eval_cache_dir(self) -> Location:
+        return (
+            Location.of(self.eval.cache_dir)
+            if self.eval.cache_dir
+            else self.storage() / "eval_cache"
+        )
 
     def run_name(self) -> str:
         stem = Path(self.source_file).stem if self.source_file else "run"
@@ -306,11 +326,13 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def _resolve_paths(raw: dict, base: Path) -> None:
     def fix(value: Any) -> Any:
-        return str((base / value).resolve()) if isinstance(value, str) else value
+        if not isinstance(value, str) or "://" in value:  # URIs are not relative to anything
+            return value
+        return str((base / value).resolve())
 
     run = raw.get("run")
-    if isinstance(run, dict) and "output_dir" in run:
-        run["output_dir"] = fix(run["output_dir"])
+    if isinstance(run, dict) and "storage" in run:
+        run["storage"] = fix(run["storage"])
     ev = raw.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("datasets"), list):
         ev["datasets"] = [fix(d) for d in ev["datasets"]]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from leaf_ray.config import EvalConfig
 from leaf_ray.data import load_beir
+from leaf_ray.storage import Location
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -187,34 +187,33 @@ class Vectors:
 
 
 class EvalCache:
-    """<root>/<task>-<data revision>/<model key>/{query,document}.parquet (id, embedding)."""
+    """<root>/<task>-<data revision>/<model key>/{query,document}.parquet (id, embedding); the
+    root may be a local or NFS path or an object store (`leaf_ray.storage`)."""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Location) -> None:
+        self.root = root
 
-    def folder(self, task: EvalTask, model_key: str) -> Path:
+    def folder(self, task: EvalTask, model_key: str) -> Location:
         return self.root / f"{task.name}-{task.revision}" / model_key
 
     def load(self, task: EvalTask, model_key: str) -> dict[str, Vectors] | None:
-        paths = {side: self.folder(task, model_key) / f"{side}.parquet" for side in SIDES}
-        if not all(p.is_file() for p in paths.values()):
+        files = {side: self.folder(task, model_key) / f"{side}.parquet" for side in SIDES}
+        if not all(f.is_file() for f in files.values()):
             return None
         out = {}
-        for side, path in paths.items():
-            table = pq.read_table(path)
+        for side, f in files.items():
+            table = pq.read_table(pa.BufferReader(f.read_bytes()))
             array = table.column("embedding").combine_chunks().flatten().to_numpy()
             out[side] = Vectors(table.column("id").to_pylist(), array.reshape(len(table), -1))
         return out
 
     def save(self, task: EvalTask, model_key: str, vectors: dict[str, Vectors]) -> None:
-        folder = self.folder(task, model_key)
-        folder.mkdir(parents=True, exist_ok=True)
-        for side, v in vectors.items():  # each file complete or absent: temp name, then rename
+        for side, v in vectors.items():  # each file whole or absent (Location.write)
             flat = pa.array(v.array.astype(np.float32).ravel())
             embedding = pa.FixedSizeListArray.from_arrays(flat, v.array.shape[1])
-            tmp = folder / f".{side}.parquet.tmp"
-            pq.write_table(pa.table({"id": v.ids, "embedding": embedding}), tmp)
-            os.replace(tmp, folder / f"{side}.parquet")
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.table({"id": v.ids, "embedding": embedding}), sink)
+            (self.folder(task, model_key) / f"{side}.parquet").write(sink.getvalue().to_pybytes())
 
 
 def _model_meta(name: str, revision: str, dim: int, setting: dict | None = None) -> ModelMeta:
@@ -344,7 +343,7 @@ class EvalOutcome:
 
 
 def evaluate(
-    models: dict[str, Encoder], cfg: EvalConfig, cache_root: Path, label: str
+    models: dict[str, Encoder], cfg: EvalConfig, cache_root: Location, label: str
 ) -> EvalOutcome:
     """Every mode whose models are given, on every task, at every size and precision asked."""
     tasks = resolve_tasks(cfg)

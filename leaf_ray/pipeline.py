@@ -1,7 +1,8 @@
 """The LEAF recipe, stage by stage: teacher vectors -> student training -> evaluation -> report.
 
-A run builds in `<output_dir>/.<name>.partial` and is renamed to `<output_dir>/<name>` only when
-every stage has finished, so a folder without the dot is always a complete run.
+A run lives at `<run.storage>/<name>`: a local or NFS path, where it builds in `.<name>.partial`
+and is renamed only when every stage has finished, or an object store (s3://, gs://), where it
+is uploaded with config.yaml last. Either way a folder with a config.yaml is a complete run.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,15 +18,9 @@ import numpy as np
 import ray
 import ray.data
 import yaml
+from ray.train import Checkpoint
 
-from leaf_ray.cache import (
-    TeacherCache,
-    VerifyReport,
-    add_text_hash,
-    atomic_write,
-    first_of_each,
-    verify,
-)
+from leaf_ray.cache import TeacherCache, VerifyReport, add_text_hash, first_of_each, verify
 from leaf_ray.config import LeafConfig, RayConfig, load_config
 from leaf_ray.data import mixture_counts, read_texts
 from leaf_ray.eval import Encoder, EvalOutcome, evaluate
@@ -37,6 +33,7 @@ from leaf_ray.report import (
     write_eval,
     write_metrics,
 )
+from leaf_ray.storage import Location
 from leaf_ray.student import build_student
 from leaf_ray.teacher import (
     TeacherSpace,
@@ -218,17 +215,25 @@ def streaming_training_set(
     return space, stream, num_rows, validation
 
 
-def distill(cfg: LeafConfig) -> Path:
+def distill(cfg: LeafConfig) -> Location:
     """Run every stage; return the finished run folder."""
-    output_dir = Path(cfg.run.output_dir).resolve()
-    name = cfg.run_name()
-    run_dir, work = output_dir / name, output_dir / f".{name}.partial"
-    if run_dir.exists():
-        raise RunError(f"{run_dir} already exists; choose another run.name")
+    storage, name = cfg.storage(), cfg.run_name()
+    run = storage / name
+    if run.exists() if storage.is_local else (run / CONFIG_YAML).exists():
+        raise RunError(f"{run} already exists; choose another run.name")
+    # A local or NFS run builds beside its final folder and is renamed into place. An object
+    # store has no rename: the run builds in a local folder and is uploaded, config.yaml last (a
+    # folder without one is no run), and Ray Train writes its checkpoints there directly.
+    if storage.is_local:
+        work = Path(storage.path) / f".{name}.partial"
+        checkpoints = Location.of(work)
+    else:
+        work = Path(tempfile.gettempdir()) / "leaf-ray" / f"{name}.partial"
+        checkpoints = run
     work.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     dump = cfg.model_dump(mode="json", exclude={"source_file"})
-    atomic_write(work / CONFIG_YAML, yaml.safe_dump(dump, sort_keys=False))
+    Location.of(work / CONFIG_YAML).write(yaml.safe_dump(dump, sort_keys=False))
 
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     #    Streaming mode: the actors embed while the student trains, and nothing is cached.
@@ -243,14 +248,23 @@ def distill(cfg: LeafConfig) -> Path:
         note = {"cache": None, "streaming": True}
     note |= {"training_rows": training_rows}
     note |= {"validation_texts": len(validation[0]) if validation else 0}
-    atomic_write(work / TEACHER_CACHE_JSON, json.dumps(note))
+    Location.of(work / TEACHER_CACHE_JSON).write(json.dumps(note))
 
-    # 2. Student: layer-reduced (or pretrained) encoder + projection, trained on Ray Train.
+    # 2. Student: layer-reduced (or pretrained) encoder + projection, trained on Ray Train. The
+    #    workers read the untrained student where every node can: the run's storage.
     teacher = load_teacher(cfg.teacher) if cfg.teacher.backend == "sentence_transformers" else None
     student = build_student(cfg.student, space, cfg.run.seed, teacher)
     student.save_pretrained(str(work / STUDENT_INIT))
+    init = checkpoints / STUDENT_INIT
+    if not storage.is_local:
+        init.upload(work / STUDENT_INIT)
     latest, best = train_student(
-        cfg, training_set, training_rows, str(work / STUDENT_INIT), work, validation
+        cfg,
+        training_set,
+        training_rows,
+        Checkpoint(init.path, init.fs),
+        checkpoints,
+        validation,
     )
     with best.as_directory() as ckpt:  # the student: the best checkpoint by validation loss
         logs = (TRAIN_STATE, METRICS_JSONL, VALIDATION_JSONL)
@@ -264,27 +278,67 @@ def distill(cfg: LeafConfig) -> Path:
 
     # 3 + 4. Evaluation and report.
     _evaluate_into(work, cfg, work / STUDENT, name)
-    os.replace(work, run_dir)
-    return run_dir
+    _publish(work, run)
+    return run
+
+
+def _publish(work: Path, run: Location) -> None:
+    """Make the finished run visible at once: a rename, or an upload with config.yaml last."""
+    if run.is_local:
+        os.replace(work, run.path)
+        return
+    config = (work / CONFIG_YAML).read_bytes()
+    (work / CONFIG_YAML).unlink()
+    run.upload(work)
+    (run / CONFIG_YAML).write(config)
+    shutil.rmtree(work)
 
 
 def evaluate_run(
-    run_dir: Path, overrides: list[str] = (), student: Path | None = None
+    run: Location | Path | str, overrides: list[str] = (), student: Path | None = None
 ) -> EvalOutcome:
     """Re-evaluate a finished run (the separate evaluation job), optionally with other eval
-    settings, or another checkpoint as the student (reported in <run>/evals/<checkpoint>)."""
-    config_file = run_dir / CONFIG_YAML
-    if not config_file.is_file():
-        raise RunError(f"{run_dir}: not a leaf-ray run folder (no {CONFIG_YAML})")
-    cfg = load_config(config_file, overrides)
+    settings, or another checkpoint as the student (reported in <run>/evals/<checkpoint>).
+    A run in an object store is fetched to a local folder and its reports uploaded back."""
+    run = run if isinstance(run, Location) else Location.of(run)
+    if not (run / CONFIG_YAML).is_file():
+        raise RunError(f"{run}: not a leaf-ray run folder (no {CONFIG_YAML})")
     if student is not None and not (student / "modules.json").is_file():
         raise RunError(f"{student}: not a sentence-transformers folder (no modules.json)")
-    connect_ray(cfg.ray)
-    if student is None:
-        return _evaluate_into(run_dir, cfg, run_dir / STUDENT, run_dir.name)
-    out = run_dir / "evals" / student.name
-    out.mkdir(parents=True, exist_ok=True)
-    return _evaluate_into(out, cfg, student, f"{run_dir.name}-{student.name}", run_dir)
+    with tempfile.TemporaryDirectory(prefix="leaf-ray-eval-") as tmp:
+        local = Path(run.path) if run.is_local else _fetch_run(run, Path(tmp) / run.name)
+        cfg = load_config(local / CONFIG_YAML, overrides)
+        connect_ray(cfg.ray)
+        if student is None:
+            out, label = local, run.name
+        else:
+            out, label = local / "evals" / student.name, f"{run.name}-{student.name}"
+        out.mkdir(parents=True, exist_ok=True)
+        outcome = _evaluate_into(out, cfg, student or local / STUDENT, label, local)
+        if not run.is_local:
+            _push_reports(out, local, run)
+        return outcome
+
+
+RUN_INPUTS = (CONFIG_YAML, STUDENT, STUDENT_INIT)  # what an evaluation reads from a run
+
+
+def _fetch_run(run: Location, local: Path) -> Path:
+    Location.of(local / CONFIG_YAML).write((run / CONFIG_YAML).read_bytes())
+    for model in (STUDENT, STUDENT_INIT):
+        (run / model).download(local / model)
+    return local
+
+
+def _push_reports(out: Path, local: Path, run: Location) -> None:
+    for report in out.iterdir():
+        if report.name in RUN_INPUTS:
+            continue
+        target = run / str(report.relative_to(local))
+        if report.is_dir():
+            target.upload(report)
+        else:
+            target.write(report.read_bytes())
 
 
 def _evaluate_into(

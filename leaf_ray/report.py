@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from leaf_ray.cache import VerifyReport, atomic_write  # noqa: E402
+from leaf_ray.cache import VerifyReport  # noqa: E402
 from leaf_ray.config import LeafConfig  # noqa: E402
 from leaf_ray.plan import (  # noqa: E402
     CACHE_ROW_OVERHEAD_BYTES,
@@ -26,6 +26,7 @@ from leaf_ray.plan import (  # noqa: E402
     notes,
     overrides,
 )
+from leaf_ray.storage import Location  # noqa: E402
 
 if TYPE_CHECKING:
     from leaf_ray.eval import EvalOutcome
@@ -46,10 +47,10 @@ COMPRESSION_PNG, QUANTIZATION_PNG, MTEB_DIR = (
 
 
 def write_metrics(rows: list[dict], run_dir: Path, name: str = METRICS_JSONL) -> None:
-    atomic_write(run_dir / name, "".join(json.dumps(r) + "\n" for r in rows))
+    Location.of(run_dir / name).write("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path | Location) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -58,7 +59,7 @@ def write_eval(outcome: EvalOutcome, out: Path) -> None:
     headline table, then every size and precision, with the plots), and the plots."""
     rows = outcome.rows
     _write_mteb_results(outcome, out / MTEB_DIR)
-    atomic_write(out / EVAL_JSON, json.dumps(rows, indent=2) + "\n")
+    Location.of(out / EVAL_JSON).write(json.dumps(rows, indent=2) + "\n")
     metric = rows[0]["metric"] if rows else "score"
     lines = ["# leaf-ray evaluation", "", f"{metric} per task and mode (full size, float32):", ""]
     lines += [f"| task | mode | {metric} | vs teacher |", "|---|---|---:|---:|"]
@@ -80,7 +81,7 @@ def write_eval(outcome: EvalOutcome, out: Path) -> None:
                 f"{r['score']:.4f} | {_retention(r)} |"
             )
     lines += ["", f"mteb's results, one folder per model and setting: `{MTEB_DIR}/results/`."]
-    atomic_write(out / EVAL_MD, "\n".join(lines) + "\n")
+    Location.of(out / EVAL_MD).write("\n".join(lines) + "\n")
 
 
 def _write_mteb_results(outcome: EvalOutcome, folder: Path) -> None:
@@ -205,7 +206,7 @@ def print_plan(cfg: LeafConfig) -> None:
     local = f"a local Ray ({cfg.ray.num_cpus or 'all'} CPUs)"
     console = Console(soft_wrap=True, emoji=False)  # ":train:" is a split, not an emoji
     console.print(f"[bold]config[/] {cfg.source_file}")
-    console.print(f"[bold]run[/] {Path(cfg.run.output_dir) / cfg.run_name()}")
+    console.print(f"[bold]run[/] {cfg.storage() / cfg.run_name()}")
     console.print(f"[bold]ray[/] {cfg.ray.address or f'RAY_ADDRESS if set, else {local}'}")
     source = {
         "vectors": f"precomputed vectors {t.vectors}",
@@ -292,10 +293,12 @@ def print_capacity(plan: Plan, vector_dtype: str, single: Plan | None, other: Pl
     figures = Table(
         title="Measured on one H100: bf16, ~100-token texts, bert-base teacher, MiniLM-L6 student"
     )
-    for column in ("figure", "H100 seq/s", f"{c.gpu.name} seq/s", "source"):
+    derived = c.gpu.name != "H100"  # a column of this cluster's GPU, when it is another
+    for column in ("figure", "H100 seq/s", *([f"{c.gpu.name} seq/s"] * derived), "source"):
         figures.add_column(column, justify="right" if "seq/s" in column else "left")
     for figure in FIGURES.values():
-        rates = (f"{figure.seq_per_s:,.0f}", f"{figure.seq_per_s * c.gpu.vs_h100:,.0f}")
+        rates = [f"{figure.seq_per_s:,.0f}"]
+        rates += [f"{figure.seq_per_s * c.gpu.vs_h100:,.0f}"] * derived
         figures.add_row(figure.what, *rates, figure.source)
     console.print(figures)
 
@@ -306,8 +309,8 @@ def _duration(hours: float) -> str:
     return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
 
 
-def print_summary(run_dir: Path, eval_dir: Path | None = None) -> None:
-    """The eval table and loss, read back from the run folder's files."""
+def print_summary(run_dir: Location, eval_dir: Location | None = None) -> None:
+    """The eval table and loss, read back from the run folder's files (wherever they are)."""
     eval_dir = eval_dir or run_dir
     rows = json.loads((eval_dir / EVAL_JSON).read_text())
     metrics = run_dir / METRICS_JSONL

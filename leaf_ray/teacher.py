@@ -305,6 +305,7 @@ def embed_texts(
         ),
         num_gpus=gpus,
         num_cpus=reserved_cpus,
+        scheduling_strategy="SPREAD",  # one actor per node before two on one
     )
 
 

@@ -28,6 +28,7 @@ from sentence_transformers.util import batch_to_device
 
 from leaf_ray.config import LeafConfig, TrainConfig
 from leaf_ray.report import VALIDATION_JSONL, write_metrics
+from leaf_ray.storage import Location
 from leaf_ray.student import embed, freeze_unused, leaf_loss, param_groups
 
 TRAIN_STATE = "train_state.pt"
@@ -42,8 +43,8 @@ def train_student(
     cfg: LeafConfig,
     embedded: ray.data.Dataset,
     num_rows: int,
-    init_path: str,
-    storage: Path,
+    init: Checkpoint,
+    storage: Location,
     validation: Validation | None = None,
 ) -> tuple[Checkpoint, Checkpoint]:
     """Fit the student on (text, embedding) rows. Returns the latest checkpoint (its history is
@@ -56,7 +57,7 @@ def train_student(
         train_loop,
         train_loop_config={
             "cfg": cfg,
-            "init_path": init_path,
+            "init": init,
             "num_rows": num_rows,
             "torch_threads": threads,
             "validation": validation,
@@ -65,10 +66,12 @@ def train_student(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=RunConfig(
             name="ray_train",
-            storage_path=str(storage),
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
             # The best `keep_checkpoints` by validation loss; Ray Train also keeps the latest.
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
@@ -105,7 +108,9 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     checkpoint = ray.train.get_checkpoint()  # set when resuming after a failure or a rerun
-    with checkpoint.as_directory() if checkpoint else nullcontext(config["init_path"]) as model_dir:
+    # Checkpoints, the untrained student too, are read through their filesystem (local, NFS or
+    # an object store): a worker on another node fetches its own copy.
+    with (checkpoint or config["init"]).as_directory() as model_dir:
         student = SentenceTransformer(model_dir, device=str(device))
         state = torch.load(Path(model_dir) / TRAIN_STATE) if checkpoint else None
     student.max_seq_length = cfg.student.max_seq_length

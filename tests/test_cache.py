@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,7 @@ from leaf_ray.cache import MANIFEST, SHARDS, TeacherCache, text_hash, verify
 from leaf_ray.config import TeacherConfig, load_config
 from leaf_ray.data import DataError
 from leaf_ray.pipeline import embed
+from leaf_ray.storage import Location
 from leaf_ray.teacher import teacher_space
 from tests.conftest import REPO
 from tests.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
@@ -31,7 +33,7 @@ def write_config(root, texts: list[dict], teacher: dict, **sections) -> object:
     """A config over `texts` (written as JSONL) with the given teacher section; returns its path."""
     (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     config = {
-        "run": {"output_dir": "out"},
+        "run": {"storage": "out"},
         "data": {"sources": [{"path": "texts.jsonl"}]},
         "teacher": {"cache_dir": "cache", **teacher},
         **sections,
@@ -50,7 +52,9 @@ def cache_rows(vectors) -> dict[str, np.ndarray]:
 def test_cache_key_changes_with_anything_that_changes_a_vector(tiny_teacher, tmp_path):
     def root(**changes):
         cfg = TeacherConfig(**{"model": str(tiny_teacher), "max_seq_length": 64, **changes})
-        return TeacherCache.open(tmp_path, teacher_space(cfg, on_gpu=False).key, cfg.model).root
+        return TeacherCache.open(
+            Location.of(tmp_path), teacher_space(cfg, on_gpu=False).key, cfg.model
+        ).root
 
     base = root()
     assert root() == base  # same settings, same cache
@@ -66,7 +70,9 @@ def test_cache_key_changes_with_anything_that_changes_a_vector(tiny_teacher, tmp
     shutil.copytree(tiny_teacher, tmp_path / "copy")
     copy = TeacherConfig(model=str(tmp_path / "copy"), max_seq_length=64)
     assert (
-        TeacherCache.open(tmp_path, teacher_space(copy, on_gpu=False).key, "x").root.name[-16:]
+        TeacherCache.open(
+            Location.of(tmp_path), teacher_space(copy, on_gpu=False).key, "x"
+        ).root.name[-16:]
         == base.name[-16:]
     )
 
@@ -133,29 +139,30 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(
     entries = cache.entries()
     assert len(entries) >= 3
     # A shard committed twice: every one of its rows is a duplicate.
-    shard = cache.root / SHARDS / entries[0]["shard"]
-    shutil.copy(shard, cache.root / SHARDS / "copy.parquet")
-    (cache.root / MANIFEST / "copy.parquet.json").write_text(
+    root = Path(cache.root.path)
+    shard = root / SHARDS / entries[0]["shard"]
+    shutil.copy(shard, root / SHARDS / "copy.parquet")
+    (root / MANIFEST / "copy.parquet.json").write_text(
         json.dumps({**entries[0], "shard": "copy.parquet"})
     )
     report = verify(cache)
     assert report.duplicated == entries[0]["rows"] and not report.ok
 
     # Bytes changed on disk after commit: the checksum catches it.
-    other = cache.root / SHARDS / entries[1]["shard"]
+    other = root / SHARDS / entries[1]["shard"]
     data = bytearray(other.read_bytes())
     data[len(data) // 2] ^= 0xFF
     other.write_bytes(bytes(data))
     assert any(entries[1]["shard"] in p for p in verify(cache).corrupt)
 
     # A row whose text no longer matches its hash, or whose vector is not unit length.
-    third = cache.root / SHARDS / entries[2]["shard"]
+    third = root / SHARDS / entries[2]["shard"]
     table = pq.read_table(third)
     texts = table.column("text").to_pylist()
     texts[3] = texts[3] + " (edited)"
     table = table.set_column(2, "text", pa.array(texts))
     pq.write_table(table, third)
-    manifest = cache.root / MANIFEST / f"{entries[2]['shard']}.json"
+    manifest = root / MANIFEST / f"{entries[2]['shard']}.json"
     manifest.write_text(
         json.dumps({**entries[2], "sha256": hashlib.sha256(third.read_bytes()).hexdigest()})
     )

@@ -98,7 +98,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_cli_exits_nonzero_with_a_clear_message(tmp_path, capsys):
-    path = write(tmp_path, MINIMAL + "student:\n  init: magic\nrun:\n  output_dir: out\n")
+    path = write(tmp_path, MINIMAL + "student:\n  init: magic\nrun:\n  storage: out\n")
     assert main(["distill", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "leaf-ray: error: invalid config" in err
@@ -107,7 +107,7 @@ def test_cli_exits_nonzero_with_a_clear_message(tmp_path, capsys):
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
-    path = write(tmp_path, MINIMAL + "run:\n  output_dir: out\n  name: plan\n")
+    path = write(tmp_path, MINIMAL + "run:\n  storage: out\n  name: plan\n")
     assert main(["distill", "--config", str(path), "--dry-run", "train.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert f"run {tmp_path / 'out' / 'plan'}" in out

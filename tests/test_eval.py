@@ -16,6 +16,7 @@ from leaf_ray.eval import (
     resolve_tasks,
     similarity,
 )
+from leaf_ray.storage import Location
 
 
 def graded_set(root, n_queries=40, n_docs=200, seed=0):
@@ -92,7 +93,7 @@ def test_eval_tasks_are_keyed_by_their_data_and_bad_names_are_named(tmp_path):
 
 def test_eval_cache_round_trips_both_sides(tmp_path):
     task = EvalTask("graded", "rev0")
-    cache = EvalCache(tmp_path)
+    cache = EvalCache(Location.of(tmp_path))
     assert cache.load(task, "model0") is None
     sides = {
         "query": Vectors(["q0", "q1"], np.arange(6, dtype=np.float32).reshape(2, 3)),

@@ -83,7 +83,7 @@ def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path, tiny_teacher, 
     storage = tmp_path / "shared"  # what every node would mount
     (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in demo_texts[:400]))
     config = {
-        "run": {"name": "submitted", "output_dir": str(storage / "runs")},
+        "run": {"name": "submitted", "storage": str(storage / "runs")},
         "data": {"sources": [{"path": "texts.jsonl"}]},
         "teacher": {"model": str(tiny_teacher), "max_seq_length": 64},
         "student": {"max_seq_length": 64},

@@ -43,7 +43,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     texts = demo_texts[:1200]
     (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     config = {
-        "run": {"name": "tiny", "output_dir": "out"},
+        "run": {"name": "tiny", "storage": "out"},
         "data": {"sources": [{"path": "texts.jsonl"}]},
         "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "num_actors": 2},
         "student": {"max_seq_length": 64},
@@ -65,7 +65,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
         },
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
-    run_dir = distill(load_config(tmp_path / "cfg.yaml"))
+    run_dir = Path(distill(load_config(tmp_path / "cfg.yaml")).path)
 
     assert run_dir == tmp_path / "out" / "tiny"
     assert not (tmp_path / "out" / ".tiny.partial").exists()
@@ -74,7 +74,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
         assert (run_dir / artifact).is_file(), artifact
 
     # Every input text was embedded by the teacher exactly once, with the teacher's dimension,
-    # into the shared cache (under output_dir by default), which a second run would reuse.
+    # into the shared cache (under storage by default), which a second run would reuse.
     note = json.loads((run_dir / "teacher_cache.json").read_text())
     assert (note["rows"], note["embedded"]) == (len(texts), len(texts))
     vectors = pq.read_table(Path(note["cache"]) / "shards").to_pydict()
@@ -117,7 +117,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     # Streaming mode: the teacher embeds while the student trains (2 CPUs: 1 for the trainers,
     # 1 for the teacher's actors, no deadlock), nothing is cached, and the student is as good.
     streaming = ["train.data_mode=streaming", "run.name=tiny-streaming", "teacher.cache_dir=none"]
-    streamed = distill(load_config(tmp_path / "cfg.yaml", streaming))
+    streamed = Path(distill(load_config(tmp_path / "cfg.yaml", streaming)).path)
     note = json.loads((streamed / "teacher_cache.json").read_text())
     assert note["streaming"] and note["cache"] is None and note["training_rows"] == 1080
     assert not (tmp_path / "none").exists()

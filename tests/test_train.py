@@ -47,7 +47,7 @@ def kill_a_worker_after_first_checkpoint(storage: Path, killed: list) -> None:
 def run_config(root: Path, texts: list[dict], tiny_teacher, name: str) -> Path:
     (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     config = {
-        "run": {"name": name, "output_dir": "out"},
+        "run": {"name": name, "storage": "out"},
         "data": {"sources": [{"path": "texts.jsonl"}]},
         "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "cache_dir": "cache"},
         "student": {"max_seq_length": 64},
@@ -81,7 +81,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     # 512 texts: 51 held out for validation, 461 train (230 per worker): 29 micro-batches of 8,
     # so 15 steps of 2 micro-batches per epoch (the last takes one), 45 steps in 3 epochs.
     texts = demo_texts[:512]
-    steady = distill(load_config(run_config(tmp_path, texts, tiny_teacher, "steady")))
+    steady = Path(distill(load_config(run_config(tmp_path, texts, tiny_teacher, "steady"))).path)
 
     killed: list[int] = []
     storage = tmp_path / "out" / ".killed.partial" / "ray_train"
@@ -89,7 +89,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
         target=kill_a_worker_after_first_checkpoint, args=(storage, killed), daemon=True
     )
     killer.start()
-    resumed = distill(load_config(run_config(tmp_path, texts, tiny_teacher, "killed")))
+    resumed = Path(distill(load_config(run_config(tmp_path, texts, tiny_teacher, "killed"))).path)
     killer.join(timeout=5)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     assert history(resumed)[-1]["resumes"] == 1  # Ray Train restarted it from a checkpoint

@@ -1,7 +1,8 @@
-"""Run `leaf-ray eval` on a two-node Ray cluster made on this machine, then print, as JSON, the
-rows it scored and where and when Ray says each scoring task ran.
+"""Run `leaf-ray distill` on a two-node Ray cluster made on this machine, then print, as JSON,
+the run folder, its eval rows, and where (and when) Ray's state API says each teacher actor,
+training worker and scoring task ran.
 
-    python -m tests.two_nodes RUN_DIR [key.path=value ...]
+    python -m tests.two_nodes CONFIG [key.path=value ...]
 
 Each node gets 1 CPU (this machine has 2) and ports of its own: other Ray on the machine (the
 tests' local one) holds the defaults."""
@@ -10,13 +11,13 @@ import json
 import socket
 import sys
 import time
-from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_tasks
+from ray.util.state import list_actors, list_tasks
 
-from leaf_ray.pipeline import evaluate_run
+from leaf_ray.config import load_config
+from leaf_ray.pipeline import distill
 
 
 def free_port() -> int:
@@ -28,11 +29,22 @@ def free_port() -> int:
 def node_args() -> dict:
     return {
         "num_cpus": 1,
-        "object_store_memory": 200 * 2**20,
+        "object_store_memory": 300 * 2**20,
         "dashboard_agent_listen_port": free_port(),
         "metrics_export_port": free_port(),
         "runtime_env_agent_port": free_port(),
     }
+
+
+def scoring_spans(expected: int) -> list[dict]:
+    """Task events reach the state API about a second after they happen: poll for them."""
+    for _ in range(30):
+        tasks = list_tasks(detail=True, limit=10_000, raise_on_missing_output=False)
+        done = [t for t in tasks if t.name.endswith("_score_task") and t.end_time_ms]
+        if len(done) >= expected:
+            break
+        time.sleep(1)
+    return [{"node": t.node_id, "start": t.start_time_ms, "end": t.end_time_ms} for t in done]
 
 
 def main() -> None:
@@ -41,17 +53,18 @@ def main() -> None:
     cluster.add_node(**node_args())
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    outcome = evaluate_run(Path(sys.argv[1]), sys.argv[2:])
-    scored = []
-    for _ in range(30):  # task events reach the state API about a second after they happen
-        tasks = list_tasks(detail=True, limit=10_000, raise_on_missing_output=False)
-        scored = [t for t in tasks if t.name.endswith("_score_task") and t.end_time_ms]
-        if len(scored) == len(outcome.rows):
-            break
-        time.sleep(1)
-    spans = [{"node": t.node_id, "start": t.start_time_ms, "end": t.end_time_ms} for t in scored]
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    print("TWO_NODES " + json.dumps({"rows": outcome.rows, "tasks": spans, "nodes": nodes}))
+    run = distill(load_config(sys.argv[1], sys.argv[2:]))
+    rows = json.loads((run / "eval.json").read_text())
+    actors = list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
+    report = {
+        "run": run.path,
+        "rows": rows,
+        "nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+        "teacher_actors": [a.node_id for a in actors if "MapWorker" in a.class_name],
+        "train_workers": [a.node_id for a in actors if a.class_name == "RayTrainWorker"],
+        "scoring": scoring_spans(len(rows)),
+    }
+    print("TWO_NODES " + json.dumps(report))
     ray.shutdown()
     cluster.shutdown()
 

@@ -1,0 +1,106 @@
+"""Runs, checkpoints and caches on an object store: a local S3 (moto's server) through pyarrow.fs,
+as a user's s3:// storage would be reached."""
+
+import json
+import socket
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+from moto.server import ThreadedMotoServer
+
+from leaf_ray.config import load_config
+from leaf_ray.pipeline import distill, evaluate_run
+from leaf_ray.storage import Location
+from tests.test_pipeline import small_eval_set
+
+
+@pytest.fixture(scope="module")
+def s3_uri():
+    """s3://leaf on a local S3 server; credentials and endpoint travel in the URI."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"127.0.0.1:{port}"
+    fs = pafs.S3FileSystem(
+        access_key="testing",
+        secret_key="testing",
+        endpoint_override=endpoint,
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    fs.create_dir("leaf")
+    yield f"s3://testing:testing@leaf?scheme=http&endpoint_override={endpoint}&region=us-east-1"
+    server.stop()
+
+
+def under(uri: str, path: str) -> str:
+    bucket, query = uri.split("?")
+    return f"{bucket}/{path}?{query}"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_location_writes_whole_files_and_copies_folders(tmp_path, s3_uri, where):
+    root = Location.of(tmp_path / "store" if where == "local" else under(s3_uri, "unit"))
+    (root / "a" / "x.json").write('{"x": 1}')
+    (root / "a" / "y.json").write(b"[]")
+    assert json.loads((root / "a" / "x.json").read_text()) == {"x": 1}
+    assert [f.name for f in (root / "a").files(".json")] == ["x.json", "y.json"]
+    assert (root / "a").exists() and not (root / "b").exists()
+    assert (root / "nowhere").files() == []
+    # No temporary names are left behind by a write.
+    assert [i.base_name for i in root.fs.get_file_info(pafs.FileSelector((root / "a").path))] in (
+        ["x.json", "y.json"],
+        ["y.json", "x.json"],
+    )
+    local = tmp_path / "folder"
+    (local / "sub").mkdir(parents=True)
+    (local / "sub" / "f.txt").write_text("hello")
+    (root / "copy").upload(local)
+    (root / "copy").download(tmp_path / "back")
+    assert (tmp_path / "back" / "sub" / "f.txt").read_text() == "hello"
+    assert str(root).startswith("s3://leaf/unit" if where == "s3" else str(tmp_path))
+
+
+def test_distill_and_eval_on_s3(tmp_path, tiny_teacher, demo_texts, s3_uri, ray_local):
+    texts = demo_texts[:400]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    config = {
+        "run": {"name": "on-s3", "storage": under(s3_uri, "runs")},
+        "data": {"sources": [{"path": "texts.jsonl"}]},
+        "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "num_actors": 2},
+        "student": {"max_seq_length": 64},
+        "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "cycles": 1},
+        "eval": {"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    run = distill(load_config(tmp_path / "cfg.yaml"))
+
+    # Everything is in the bucket: the run (config.yaml marks it complete), Ray Train's
+    # checkpoints, the teacher cache and the eval cache; nothing under the config's folder.
+    assert str(run) == "s3://leaf/runs/on-s3"
+    for part in ("config.yaml", "eval.json", "eval.md", "metrics.jsonl", "teacher_cache.json"):
+        assert (run / part).is_file(), part
+    assert (run / "student" / "modules.json").is_file()
+    assert (run / "mteb" / "results").exists()
+    checkpoints = [
+        i
+        for i in (run / "ray_train").fs.get_file_info(pafs.FileSelector((run / "ray_train").path))
+        if i.base_name.startswith("checkpoint_")
+    ]
+    assert checkpoints
+    note = json.loads((run / "teacher_cache.json").read_text())
+    assert note["cache"].startswith("s3://leaf/runs/teacher_cache/")
+    storage = Location.of(under(s3_uri, "runs"))
+    assert (storage / "eval_cache").exists()
+    assert not (tmp_path / "runs").exists()
+
+    # The evaluation job reads the run from the bucket and writes its reports back there.
+    rows = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write("[]")
+    outcome = evaluate_run(run)
+    assert outcome.embedded == {"student": 0, "student_init": 0, "teacher": 0}
+    assert json.loads((run / "eval.json").read_text()) == rows
