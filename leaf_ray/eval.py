@@ -254,7 +254,7 @@ class _RecordingEncoder:
         self.prompts = encoder.prompts
         self.batch_size = cfg.batch_size
         self.recorded: dict[str, list[Vectors]] = {side: [] for side in SIDES}
-        dim = self.model.get_sentence_embedding_dimension()
+        dim = self.model.get_embedding_dimension()
         self.mteb_model_meta = _model_meta(encoder.name, encoder.revision or "local", dim)
 
     def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
@@ -348,7 +348,8 @@ def evaluate(
     """Every mode whose models are given, on every task, at every size and precision asked."""
     tasks = resolve_tasks(cfg)
     modes = {m: qd for m, qd in MODES.items() if set(qd) <= set(models)}
-    roles = sorted({role for qd in modes.values() for role in qd})
+    # The teacher first: the largest model should not be the last task left running.
+    roles = sorted({role for qd in modes.values() for role in qd}, key=lambda r: r != "teacher")
     keys = {role: models[role].key(cfg.max_seq_length) for role in roles}
     vectors, dims, embedded = _embedded_vectors(
         models, roles, keys, tasks, cfg, EvalCache(cache_root)
@@ -418,9 +419,24 @@ def _gather(jobs: dict[ray.ObjectRef, Any], what: str) -> list[tuple[Any, Any]]:
     with tqdm(total=len(jobs), desc=f"eval: {what}", unit="task") as bar:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            done[ready[0]] = ray.get(ready[0])
+            try:
+                done[ready[0]] = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as e:  # e.g. an mteb task offline: say which
+                cause = e.cause if e.cause is not None else e
+                raise EvalError(
+                    f"eval: {what} {_describe(jobs[ready[0]])} failed: {cause!r}"
+                ) from None
             bar.update(1)
     return [(jobs[ref], done[ref]) for ref in jobs]
+
+
+def _describe(job: tuple) -> str:
+    first, second = job
+    if isinstance(second, EvalTask):  # (role, task): an embedding job
+        return f"{second.name} with the {first}"
+    return (
+        f"{first['dataset']}, {first['mode']}, {first['dimension']} dims, {first['quantization']}"
+    )
 
 
 def _add_retention(rows: list[dict]) -> None:

@@ -233,7 +233,13 @@ def print_plan(cfg: LeafConfig) -> None:
         f"{tr.batch_size} ({tr.grad_accumulation} micro-batch(es) per step), {tr.loss} loss, "
         f"lr {tr.lr} -> {tr.lr * tr.final_lr_ratio:g} per cycle (projection {tr.projection_lr})"
     )
-    console.print(f"[bold]3. eval[/] {', '.join(cfg.eval.datasets) or 'none'}")
+    ev = cfg.eval
+    tasks = [*ev.datasets, *(f"mteb:{name}" for name in ev.mteb_tasks)]
+    sizes = ", ".join(map(str, ["full", *ev.dimensions]))
+    console.print(
+        f"[bold]3. eval[/] {', '.join(tasks) or 'none'}; sizes {sizes}; "
+        f"{', '.join(ev.quantizations)}; vectors cached in {cfg.eval_cache_dir()}"
+    )
 
 
 def print_capacity(plan: Plan, vector_dtype: str, single: Plan | None, other: Plan) -> None:
