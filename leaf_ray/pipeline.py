@@ -63,7 +63,10 @@ def connect_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, num_cpus=None if address else cfg.num_cpus)
+    if address is None and cfg.num_cpus is not None:  # a Ray of our own, even if one runs here
+        ray.init(address="local", num_cpus=cfg.num_cpus)
+    else:  # Ray's convention: the given cluster, else one started here by `ray start`, else new
+        ray.init(address=address)
 
 
 @dataclass(frozen=True)

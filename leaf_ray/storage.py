@@ -17,12 +17,18 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Location:
     """A folder or file on some filesystem: pyarrow's filesystem plus a path within it."""
 
     fs: pafs.FileSystem
     path: str
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and self.path == other.path and self.fs.equals(other.fs)
+
+    def __hash__(self) -> int:  # pyarrow filesystems are not hashable
+        return hash((self.fs.type_name, self.path))
 
     @classmethod
     def of(cls, uri: str | Path) -> Location:

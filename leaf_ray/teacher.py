@@ -286,10 +286,12 @@ def embed_texts(
         gpus, reserved_cpus = min(1.0, resources["GPU"] / cfg.num_actors), 1.0
         threads = max(1, int(resources["CPU"] // resources["GPU"]) - 1)
     else:
-        # On CPUs the actors reserve all but one CPU, so Ray Data's read, repartition and write
-        # tasks can always be scheduled (otherwise the pipeline deadlocks); torch uses them all.
+        # On CPUs the actors reserve all but one CPU per node, so Ray Data's read, repartition
+        # and write tasks (a whole CPU each) can always be scheduled (otherwise the pipeline
+        # deadlocks); torch uses them all.
         cpus = resources["CPU"]
-        gpus, reserved_cpus = 0, max(cpus - 1, cpus / 2) / cfg.num_actors
+        nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU"))
+        gpus, reserved_cpus = 0, max(cpus - nodes, cpus / 2) / cfg.num_actors
         threads = max(1, round(cpus / cfg.num_actors))
     # Two calls run at once in an actor (threads): one is tokenized while the other computes.
     return calls.map_batches(

@@ -66,6 +66,6 @@ def demo_texts() -> list[dict]:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another test's Ray
     yield
     ray.shutdown()

@@ -38,7 +38,7 @@ def test_distillation_spreads_over_two_nodes(tmp_path, tiny_teacher, demo_texts,
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "tests.two_nodes", str(tmp_path / "cfg.yaml")]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(s for s in done.stdout.splitlines() if s.startswith("TWO_NODES "))
     two = json.loads(line.removeprefix("TWO_NODES "))

@@ -4,12 +4,14 @@ training worker and scoring task ran.
 
     python -m tests.two_nodes CONFIG [key.path=value ...]
 
-Each node gets 1 CPU (this machine has 2) and ports of its own: other Ray on the machine (the
-tests' local one) holds the defaults."""
+Each node gets 2 logical CPUs (the machine's 2 cores, counted twice: Ray Data's tasks take a
+whole CPU, and a node needs one free next to its teacher actor) and ports of its own: other Ray
+on the machine (the tests' local one) holds the defaults."""
 
 import json
 import socket
 import sys
+import tempfile
 import time
 
 import ray
@@ -28,7 +30,7 @@ def free_port() -> int:
 
 def node_args() -> dict:
     return {
-        "num_cpus": 1,
+        "num_cpus": 2,
         "object_store_memory": 300 * 2**20,
         "dashboard_agent_listen_port": free_port(),
         "metrics_export_port": free_port(),
@@ -48,7 +50,14 @@ def scoring_spans(expected: int) -> list[dict]:
 
 
 def main() -> None:
-    head = node_args() | {"include_dashboard": True, "dashboard_port": free_port()}
+    # Its own temp dir: Ray records "the cluster on this machine" there, and a stale record
+    # in /tmp/ray would make later plain ray.init() calls try to join this one.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths are limited
+    head = node_args() | {
+        "include_dashboard": True,
+        "dashboard_port": free_port(),
+        "temp_dir": temp_dir,
+    }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     cluster.add_node(**node_args())
     cluster.wait_for_nodes()
