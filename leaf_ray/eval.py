@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -374,10 +375,10 @@ def evaluate(
                     row |= {"metric": task.main_score, "model": name, "revision": revision}
                     ref = _score_task.remote(task, meta, queries, docs, dimension, quantization)
                     jobs[ref] = (row, meta)
-    results = _gather(jobs, "scoring")
-    rows = [row | {"score": result.get_score()} for (row, _), result in results]
+    results = dict(_as_completed(jobs, "scoring"))
+    rows = [row | {"score": results[ref].get_score()} for ref, (row, _) in jobs.items()]
     _add_retention(rows)
-    return EvalOutcome(rows, embedded, [(meta, result) for (_, meta), result in results])
+    return EvalOutcome(rows, embedded, [(meta, results[ref]) for ref, (_, meta) in jobs.items()])
 
 
 def _embedded_vectors(
@@ -405,29 +406,29 @@ def _embedded_vectors(
                 keep(role, task, cached)
             else:
                 jobs[embed.remote(models[role], task, cfg)] = (role, task)
-    for (role, task), sides in _gather(jobs, "embedding"):
+    for ref, sides in _as_completed(jobs, "embedding"):  # each kept as soon as it is done
+        role, task = jobs[ref]
         cache.save(task, keys[role], sides)
         keep(role, task, sides)
         embedded[role] += sum(len(v.ids) for v in sides.values())
     return vectors, dims, embedded
 
 
-def _gather(jobs: dict[ray.ObjectRef, Any], what: str) -> list[tuple[Any, Any]]:
-    """Results in submission order, with a progress bar as they finish."""
-    done: dict[ray.ObjectRef, Any] = {}
+def _as_completed(jobs: dict[ray.ObjectRef, Any], what: str) -> Iterator[tuple[ray.ObjectRef, Any]]:
+    """(ref, result) as each task finishes, with a progress bar; a failed task names itself."""
     pending = list(jobs)
     with tqdm(total=len(jobs), desc=f"eval: {what}", unit="task") as bar:
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            (ready,), pending = ray.wait(pending, num_returns=1)
             try:
-                done[ready[0]] = ray.get(ready[0])
+                result = ray.get(ready)
             except ray.exceptions.RayTaskError as e:  # e.g. an mteb task offline: say which
                 cause = e.cause if e.cause is not None else e
                 raise EvalError(
-                    f"eval: {what} {_describe(jobs[ready[0]])} failed: {cause!r}"
+                    f"eval: {what} {_describe(jobs[ready])} failed: {cause!r}"
                 ) from None
             bar.update(1)
-    return [(jobs[ref], done[ref]) for ref in jobs]
+            yield ready, result
 
 
 def _describe(job: tuple) -> str:
