@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from leaf_ray.config import EvalConfig
 from leaf_ray.data import load_beir
+from leaf_ray.models import file_sha256
 from leaf_ray.storage import Location
 
 if TYPE_CHECKING:
@@ -71,19 +72,11 @@ class Encoder:
             files = (p for p in folder.rglob("*") if p.is_file() and p.suffix not in NOT_MODEL)
             for path in sorted(files):
                 digest.update(str(path.relative_to(folder)).encode())
-                digest.update(_file_sha256(path).encode())
+                digest.update(file_sha256(path).encode())
         else:
             digest.update(f"{self.model}@{self.revision or 'main'}".encode())
         digest.update(json.dumps([self.prompts, max_seq_length], sort_keys=True).encode())
         return digest.hexdigest()[:16]
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -143,7 +136,7 @@ def _mteb_tasks(mteb: Any, name: str) -> list:
 def _folder_revision(folder: Path, split: str) -> str:
     load_beir(folder, split)  # bad files fail here, naming file and line, before any Ray task
     files = [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"]
-    return hashlib.sha256("".join(_file_sha256(f) for f in files).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
 
 
 def _local_task(spec: EvalTask) -> AbsTaskRetrieval:
@@ -243,7 +236,17 @@ def _model_meta(name: str, revision: str, dim: int, setting: dict | None = None)
     )
 
 
-class _RecordingEncoder:
+class _LeafSimilarity:
+    """mteb's similarity hooks: leaf-ray's `similarity`, which handles int8 and packed bits."""
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(similarity(np.asarray(a), np.asarray(b)))
+
+    def similarity_pairwise(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError("retrieval tasks only")
+
+
+class _RecordingEncoder(_LeafSimilarity):
     """mteb's encoder protocol over a SentenceTransformer, keeping every vector it returns."""
 
     def __init__(self, encoder: Encoder, cfg: EvalConfig) -> None:
@@ -270,12 +273,6 @@ class _RecordingEncoder:
         self.recorded[side].append(Vectors(list(data["id"]), array))
         return array
 
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(similarity(np.asarray(a), np.asarray(b)))
-
-    def similarity_pairwise(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-        raise NotImplementedError("retrieval tasks only")
-
 
 @ray.remote
 def _embed_task(encoder: Encoder, task: EvalTask, cfg: EvalConfig) -> dict[str, Vectors]:
@@ -293,7 +290,7 @@ def _embed_task(encoder: Encoder, task: EvalTask, cfg: EvalConfig) -> dict[str, 
     }
 
 
-class _CachedVectors:
+class _CachedVectors(_LeafSimilarity):
     """mteb's encoder protocol over vectors already computed: truncated and quantized as asked,
     then looked up by id. It has no model, so it cannot run one."""
 
@@ -310,12 +307,6 @@ class _CachedVectors:
     def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
         rows, array = self.sides[prompt_type.value]
         return array[[rows[i] for i in inputs.dataset["id"]]]
-
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(similarity(np.asarray(a), np.asarray(b)))
-
-    def similarity_pairwise(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-        raise NotImplementedError("retrieval tasks only")
 
 
 @ray.remote(num_cpus=1)

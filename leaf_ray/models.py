@@ -43,9 +43,14 @@ def resolve_model(ref: ModelRef) -> str:
 def verify_sha256(weights: Path, expected: str) -> None:
     if not weights.is_file():
         raise ModelPinError(f"{weights}: missing, cannot check sha256 pin {expected}")
+    actual = file_sha256(weights)
+    if actual != expected:
+        raise ModelPinError(f"{weights}: sha256 {actual} does not match pin {expected}")
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with weights.open("rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise ModelPinError(f"{weights}: sha256 {digest.hexdigest()} does not match pin {expected}")
+    return digest.hexdigest()

@@ -280,7 +280,7 @@ def distill(cfg: LeafConfig) -> Location:
     plot_loss(history, validations, work, cfg.run.name)
 
     # 3 + 4. Evaluation and report.
-    _evaluate_into(work, cfg, work / STUDENT, name)
+    _evaluate_into(work, work, cfg, work / STUDENT, name)
     _publish(work, run)
     return run
 
@@ -317,7 +317,7 @@ def evaluate_run(
         else:
             out, label = local / "evals" / student.name, f"{run.name}-{student.name}"
         out.mkdir(parents=True, exist_ok=True)
-        outcome = _evaluate_into(out, cfg, student or local / STUDENT, label, local)
+        outcome = _evaluate_into(out, local, cfg, student or local / STUDENT, label)
         if not run.is_local:
             _push_reports(out, local, run)
         return outcome
@@ -345,9 +345,9 @@ def _push_reports(out: Path, local: Path, run: Location) -> None:
 
 
 def _evaluate_into(
-    out: Path, cfg: LeafConfig, student: Path, label: str, run_dir: Path | None = None
+    out: Path, run_dir: Path, cfg: LeafConfig, student: Path, label: str
 ) -> EvalOutcome:
-    run_dir = run_dir or out
+    """Evaluate `student` beside the run's teacher and untrained student; reports go to `out`."""
     # Students see raw text: the teacher's prompts are part of its input, not of the space.
     models = {
         STUDENT: Encoder(f"leaf-ray/{label}-student", str(student)),

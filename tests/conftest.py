@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +33,26 @@ def random_bert(folder: Path, hidden: int, layers: int):
     bert = BertModel(config)
     tokenizer.save_pretrained(folder)
     return bert
+
+
+def tiny_run_config(
+    root: Path, texts: list[dict], teacher_model: Path, name: str, **sections
+) -> Path:
+    """`<name>.yaml` for a tiny run over `texts` (written as JSONL): the tiny teacher, max length
+    64, 2 DDP workers sharing the tests' 2 CPUs; each of `sections` updates its section."""
+    (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    config = {
+        "run": {"name": name, "storage": "out"},
+        "data": {"sources": [{"path": "texts.jsonl"}]},
+        "teacher": {"model": str(teacher_model), "max_seq_length": 64},
+        "student": {"max_seq_length": 64},
+        "train": {"num_workers": 2, "cpus_per_worker": 0.5},
+    }
+    for section, values in sections.items():
+        config[section] = config.get(section, {}) | values
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture(scope="session")

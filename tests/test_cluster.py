@@ -6,38 +6,29 @@ import os
 import subprocess
 import sys
 
-import yaml
-
 from leaf_ray.pipeline import evaluate_run
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_run_config
 from tests.test_pipeline import small_eval_set
 
 
 def test_distillation_spreads_over_two_nodes(tmp_path, tiny_teacher, demo_texts, ray_local):
-    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in demo_texts[:400]))
-    config = {
-        "run": {"name": "two-nodes", "storage": "out"},
-        "data": {"sources": [{"path": "texts.jsonl"}]},
-        "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "num_actors": 2},
-        "student": {"max_seq_length": 64},
-        "train": {
-            "num_workers": 2,
-            "cpus_per_worker": 0.5,
-            "placement_strategy": "SPREAD",
-            "epochs": 1,
-            "cycles": 1,
-        },
-        "eval": {
+    cfg = tiny_run_config(
+        tmp_path,
+        demo_texts[:400],
+        tiny_teacher,
+        "two-nodes",
+        teacher={"num_actors": 2},
+        train={"placement_strategy": "SPREAD", "epochs": 1, "cycles": 1},
+        eval={
             "datasets": [str(small_eval_set(tmp_path / "eval"))],
             "max_seq_length": 64,
             "dimensions": [16],
             "quantizations": ["float32", "int8", "binary"],
         },
-    }
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "tests.two_nodes", str(tmp_path / "cfg.yaml")]
+    cmd = [sys.executable, "-m", "tests.two_nodes", str(cfg)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(s for s in done.stdout.splitlines() if s.startswith("TWO_NODES "))

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import load_config
 from leaf_ray.pipeline import RunError, distill, evaluate_run
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, tiny_run_config
 
 
 def small_eval_set(root, n_queries=60, n_docs=300):
@@ -41,15 +40,13 @@ def main_scores(rows: list[dict]) -> dict[str, float]:
 
 def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     texts = demo_texts[:1200]
-    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
-    config = {
-        "run": {"name": "tiny", "storage": "out"},
-        "data": {"sources": [{"path": "texts.jsonl"}]},
-        "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "num_actors": 2},
-        "student": {"max_seq_length": 64},
-        "train": {
-            "num_workers": 2,
-            "cpus_per_worker": 0.5,
+    cfg = tiny_run_config(
+        tmp_path,
+        texts,
+        tiny_teacher,
+        "tiny",
+        teacher={"num_actors": 2},
+        train={
             "epochs": 4,
             "cycles": 1,
             "batch_size": 32,
@@ -57,15 +54,14 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
             "head_lr": 1e-2,
             "log_every": 5,
         },
-        "eval": {
+        eval={
             "datasets": [str(small_eval_set(tmp_path / "eval"))],
             "max_seq_length": 64,
             "dimensions": [16, 8],  # Matryoshka sizes below the teacher's 32
             "quantizations": ["float32", "int8", "binary"],
         },
-    }
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
-    run_dir = Path(distill(load_config(tmp_path / "cfg.yaml")).path)
+    )
+    run_dir = Path(distill(load_config(cfg)).path)
 
     assert run_dir == tmp_path / "out" / "tiny"
     assert not (tmp_path / "out" / ".tiny.partial").exists()
@@ -117,7 +113,7 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     # Streaming mode: the teacher embeds while the student trains (2 CPUs: 1 for the trainers,
     # 1 for the teacher's actors, no deadlock), nothing is cached, and the student is as good.
     streaming = ["train.data_mode=streaming", "run.name=tiny-streaming", "teacher.cache_dir=none"]
-    streamed = Path(distill(load_config(tmp_path / "cfg.yaml", streaming)).path)
+    streamed = Path(distill(load_config(cfg, streaming)).path)
     note = json.loads((streamed / "teacher_cache.json").read_text())
     assert note["streaming"] and note["cache"] is None and note["training_rows"] == 1080
     assert not (tmp_path / "none").exists()
@@ -149,4 +145,4 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     with pytest.raises(RunError, match="not a leaf-ray run folder"):
         evaluate_run(tmp_path)
     with pytest.raises(RunError, match="already exists"):
-        distill(load_config(tmp_path / "cfg.yaml"))
+        distill(load_config(cfg))

@@ -6,12 +6,12 @@ import socket
 
 import pyarrow.fs as pafs
 import pytest
-import yaml
 from moto.server import ThreadedMotoServer
 
 from leaf_ray.config import load_config
 from leaf_ray.pipeline import distill, evaluate_run
 from leaf_ray.storage import Location
+from tests.conftest import tiny_run_config
 from tests.test_pipeline import small_eval_set
 
 
@@ -66,18 +66,17 @@ def test_location_writes_whole_files_and_copies_folders(tmp_path, s3_uri, where)
 
 
 def test_distill_and_eval_on_s3(tmp_path, tiny_teacher, demo_texts, s3_uri, ray_local):
-    texts = demo_texts[:400]
-    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
-    config = {
-        "run": {"name": "on-s3", "storage": under(s3_uri, "runs")},
-        "data": {"sources": [{"path": "texts.jsonl"}]},
-        "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "num_actors": 2},
-        "student": {"max_seq_length": 64},
-        "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "cycles": 1},
-        "eval": {"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
-    }
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
-    run = distill(load_config(tmp_path / "cfg.yaml"))
+    cfg = tiny_run_config(
+        tmp_path,
+        demo_texts[:400],
+        tiny_teacher,
+        "on-s3",
+        run={"storage": under(s3_uri, "runs")},
+        teacher={"num_actors": 2},
+        train={"epochs": 1, "cycles": 1},
+        eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
+    )
+    run = distill(load_config(cfg))
 
     # Everything is in the bucket: the run (config.yaml marks it complete), Ray Train's
     # checkpoints, the teacher cache and the eval cache; nothing under the config's folder.

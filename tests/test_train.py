@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from leaf_ray.config import load_config
 from leaf_ray.pipeline import distill
+from tests.conftest import tiny_run_config
 
 
 def train_worker_pids() -> list[int]:
@@ -45,15 +45,13 @@ def kill_a_worker_after_first_checkpoint(storage: Path, killed: list) -> None:
 
 
 def run_config(root: Path, texts: list[dict], tiny_teacher, name: str) -> Path:
-    (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
-    config = {
-        "run": {"name": name, "storage": "out"},
-        "data": {"sources": [{"path": "texts.jsonl"}]},
-        "teacher": {"model": str(tiny_teacher), "max_seq_length": 64, "cache_dir": "cache"},
-        "student": {"max_seq_length": 64},
-        "train": {
-            "num_workers": 2,
-            "cpus_per_worker": 0.5,
+    return tiny_run_config(
+        root,
+        texts,
+        tiny_teacher,
+        name,
+        teacher={"cache_dir": "cache"},
+        train={
             "epochs": 3,
             "cycles": 3,  # LEAF's restarts, one per epoch here
             "batch_size": 32,
@@ -65,10 +63,7 @@ def run_config(root: Path, texts: list[dict], tiny_teacher, name: str) -> Path:
             "keep_checkpoints": 2,
             "max_failures": 1,
         },
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    )
 
 
 def history(run_dir: Path) -> list[dict]:
