@@ -5,7 +5,7 @@
 #   ../shared/device/prepare-wheels.sh sentence-transformers==6.2.0   # Ray etc. into .whl/
 #   .gpu/tokenizer/ (a BERT-uncased tokenizer) and .gpu/debian-documents.jsonl.gz (texts)
 # then run `bash bench/gpu.sh` there with carry [".whl", ".gpu"]. Results and logs land in $OUT
-# (unset: results in bench/results/, logs in /tmp). Sizes: TEACHER_TEXTS, TRAIN_TEXTS.
+# (unset: results in bench/results/, logs in /tmp). Sizes: TEACHER_TEXTS, TEACHER_ROUNDS, TRAIN_TEXTS.
 set -u -o pipefail
 if ! python3 -c "import ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -25,7 +25,8 @@ python3 bench/random_model.py .gpu/tokenizer $models/bert-base --preset bert-bas
 python3 bench/random_model.py .gpu/tokenizer $models/minilm --preset minilm-l6-h384 --max-seq-length 128 || exit 1
 
 date; timeout "${TEACHER_TIMEOUT:-240}" python3 bench/teacher.py --model $models/bert-base \
-  --texts "${TEACHER_TEXTS:-55000}" --texts-file .gpu/debian-documents.jsonl.gz \
+  --texts "${TEACHER_TEXTS:-30000}" --rounds "${TEACHER_ROUNDS:-2}" \
+  --texts-file .gpu/debian-documents.jsonl.gz \
   --batch-size 256 --max-seq-length 512 2>&1 | tee $logs/teacher-gpu.log | grep -v "^\s*$"
 date; timeout "${TRAIN_TIMEOUT:-200}" python3 bench/train.py --teacher $models/bert-base \
   --student $models/minilm --texts "${TRAIN_TEXTS:-12000}" --batch-sizes 32 256 2>&1 \

@@ -1,18 +1,21 @@
 """Teacher-stage throughput as a ratio to a bare PyTorch forward and to `encode()`.
 
-    .venv/bin/python bench/teacher.py [--texts 8000] [--model NAME] [--actors 1] [--texts-file F]
+    .venv/bin/python bench/teacher.py [--texts 8000] [--model NAME] [--actors 1] [--rounds 3]
+                                      [--texts-file F]
 
-Three measurements of the same model on the same texts and threads, in this process:
+Three measurements of the same model on the same texts and threads, in this process, with Ray
+started for all of them (its background processes cost the baselines what they cost the stage):
   bare    pre-tokenized batches sorted by token length over all texts, inference_mode forward +
           mean pooling (the ceiling)
   encode  sentence-transformers `encode()` with the same batch size
-  stage   leaf-ray's Ray Data teacher stage (`embed_texts`), Ray already started, after one
-          warm-up run: end to end on all texts (actor start-up included), and its marginal rate
-          from the difference between runs on all texts and on the first SMALL (start-up and
-          warm-up cancel out, as the warm-up is excluded from bare and encode)
-Each of bare, encode and the full stage runs twice (the baselines before and after the stage) and
-the faster run counts, so the machine's noise treats all three alike. All three compute in the
-teacher's compute dtype (bf16 autocast on GPU, float32 on CPU).
+  stage   leaf-ray's Ray Data teacher stage (`embed_texts`), after one warm-up run: end to end on
+          all texts (actor start-up included), and its marginal rate from the difference between
+          runs on all texts and on the first SMALL (start-up and warm-up cancel out, as the
+          warm-up is excluded from bare and encode)
+The four runs are repeated `--rounds` times, interleaved, and each ratio is taken within a round
+and reported as the median over rounds: this machine's speed drifts by 10% over minutes, which a
+baseline measured minutes away from the stage would count as the stage's.
+All three compute in the teacher's compute dtype (bf16 autocast on GPU, float32 on CPU).
 Writes bench/results/teacher-<device>.json.
 """
 
@@ -24,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--texts-file", type=Path, default=REPO / "data" / "demo" / "train.jsonl.gz"
     )
@@ -119,17 +124,21 @@ def main() -> None:
     dtype = compute_dtype(cfg, device)
     baselines(model, texts[:SMALL], args.batch_size, dtype)  # warm-up
 
-    first = baselines(model, texts, args.batch_size, dtype)
-
     ray.init(num_cpus=cpus, include_dashboard=False)
     run_stage(rows[:SMALL], cfg)  # warm-up: worker processes, imports, file cache
-    small = run_stage(rows[:SMALL], cfg)
-    stage = min(run_stage(rows, cfg), run_stage(rows, cfg))
+    rounds = []
+    for _ in range(args.rounds):
+        bare, encode = baselines(model, texts, args.batch_size, dtype)
+        small, stage = run_stage(rows[:SMALL], cfg), run_stage(rows, cfg)
+        rounds.append({"bare": bare, "encode": encode, "stage_small": small, "stage": stage})
     ray.shutdown()
-    second = baselines(model, texts, args.batch_size, dtype)
-    bare, encode = min(first[0], second[0]), min(first[1], second[1])
     n = len(texts)
-    marginal = (n - SMALL) / (stage - small)
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values))
+
+    def marginal(r: dict) -> float:
+        return (n - SMALL) / (r["stage"] - r["stage_small"])
 
     result = {
         "model": args.model,
@@ -141,15 +150,18 @@ def main() -> None:
         "actors": args.actors,
         "threads": cpus,
         "device": device_name(),
+        "rounds": len(rounds),
         "seq_per_s": {
-            "bare": n / bare,
-            "encode": n / encode,
-            "stage_end_to_end": n / stage,
-            "stage_marginal": marginal,
+            "bare": median([n / r["bare"] for r in rounds]),
+            "encode": median([n / r["encode"] for r in rounds]),
+            "stage_end_to_end": median([n / r["stage"] for r in rounds]),
+            "stage_marginal": median([marginal(r) for r in rounds]),
         },
-        "stage_marginal_vs_bare": marginal * bare / n,
-        "stage_marginal_vs_encode": marginal * encode / n,
-        "stage_end_to_end_vs_bare": bare / stage,
+        "stage_marginal_vs_bare": median([marginal(r) * r["bare"] / n for r in rounds]),
+        "stage_marginal_vs_encode": median([marginal(r) * r["encode"] / n for r in rounds]),
+        "stage_end_to_end_vs_bare": median([r["bare"] / r["stage"] for r in rounds]),
+        "seconds_per_round": rounds,
+        "command": " ".join(["python", *sys.argv]),
     }
     print(json.dumps(result, indent=2))
     kind = "gpu" if torch.cuda.is_available() else "cpu"

@@ -133,9 +133,12 @@ class LocalTeacher:
         tokenizer's own `pad` is slow Python for fast tokenizers, and another thread may be
         tokenizing with that tokenizer meanwhile."""
         tokenizer = self.model.tokenizer
-        # Widths in steps of 8: tensor-core friendly, and fewer distinct shapes to warm up.
         longest = max(len(features["input_ids"][i]) for i in rows)
-        width = min(-(-longest // 8) * 8, max(longest, self.model.max_seq_length))
+        width = longest
+        if self.device == "cuda":
+            # Widths in steps of 8: tensor-core friendly, and fewer distinct shapes to warm up.
+            # Not on CPU: on short real texts (median 13 tokens) it added 13% of tokens.
+            width = min(-(-longest // 8) * 8, max(longest, self.model.max_seq_length))
         left = tokenizer.padding_side == "left"
         batch = {}
         for name, values in features.items():
