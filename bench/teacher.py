@@ -126,13 +126,32 @@ def main() -> None:
 
     ray.init(num_cpus=cpus, include_dashboard=False)
     run_stage(rows[:SMALL], cfg)  # warm-up: worker processes, imports, file cache
-    rounds = []
+    rounds: list[dict] = []
     for _ in range(args.rounds):
         bare, encode = baselines(model, texts, args.batch_size, dtype)
         small, stage = run_stage(rows[:SMALL], cfg), run_stage(rows, cfg)
         rounds.append({"bare": bare, "encode": encode, "stage_small": small, "stage": stage})
+        # Written after each round: a run cut short by a time limit keeps what it measured.
+        result = summary(rounds, len(texts)) | {
+            "model": args.model,
+            "texts_file": args.texts_file.name,
+            "compute_dtype": str(dtype),
+            "batch_size": args.batch_size,
+            "max_seq_length": args.max_seq_length,
+            "actors": args.actors,
+            "threads": cpus,
+            "device": device_name(),
+            "command": " ".join(["python", *sys.argv]),
+        }
+        kind = "gpu" if torch.cuda.is_available() else "cpu"
+        out_file = REPO / "bench" / "results" / f"teacher-{kind}.json"
+        out_file.write_text(json.dumps(result, indent=2) + "\n")
     ray.shutdown()
-    n = len(texts)
+    print(json.dumps(result, indent=2))
+
+
+def summary(rounds: list[dict], n: int) -> dict:
+    """Rates and ratios, each ratio taken within a round, as medians over rounds."""
 
     def median(values: list[float]) -> float:
         return float(np.median(values))
@@ -140,16 +159,8 @@ def main() -> None:
     def marginal(r: dict) -> float:
         return (n - SMALL) / (r["stage"] - r["stage_small"])
 
-    result = {
-        "model": args.model,
-        "texts_file": args.texts_file.name,
+    return {
         "texts": n,
-        "compute_dtype": str(dtype),
-        "batch_size": args.batch_size,
-        "max_seq_length": args.max_seq_length,
-        "actors": args.actors,
-        "threads": cpus,
-        "device": device_name(),
         "rounds": len(rounds),
         "seq_per_s": {
             "bare": median([n / r["bare"] for r in rounds]),
@@ -161,12 +172,7 @@ def main() -> None:
         "stage_marginal_vs_encode": median([marginal(r) * r["encode"] / n for r in rounds]),
         "stage_end_to_end_vs_bare": median([r["bare"] / r["stage"] for r in rounds]),
         "seconds_per_round": rounds,
-        "command": " ".join(["python", *sys.argv]),
     }
-    print(json.dumps(result, indent=2))
-    kind = "gpu" if torch.cuda.is_available() else "cpu"
-    out_file = REPO / "bench" / "results" / f"teacher-{kind}.json"
-    out_file.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import gzip
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +28,13 @@ import numpy as np
 import ray
 import ray.data
 import torch
+from ray.train import Checkpoint
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
 from leaf_ray.report import METRICS_JSONL, read_metrics
+from leaf_ray.storage import Location
 from leaf_ray.student import build_student, embed, freeze_unused, leaf_loss, param_groups
 from leaf_ray.teacher import embed_texts, load_teacher, teacher_calls, teacher_space
 from leaf_ray.train import train_student, trainer_resources
@@ -69,7 +72,9 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
 
 def ray_train(cfg: LeafConfig, init: str, ds: ray.data.Dataset, rows: int, storage: Path) -> float:
     """seq/s through `train_student` in its second epoch, from the loop's own per-step log."""
-    checkpoint, _ = train_student(cfg, ds, rows, init, storage)
+    checkpoint, _ = train_student(
+        cfg, ds, rows, Checkpoint.from_directory(init), Location.of(storage)
+    )
     with checkpoint.as_directory() as ckpt:
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
     # Rows are logged every `log_every` steps, each with its window's rate: the epoch's rate is
@@ -115,7 +120,18 @@ def main() -> None:
 
     rows = [{"text": str(t), "embedding": v} for t, v in zip(texts, targets, strict=True)]
     ray.init(num_cpus=cpus, include_dashboard=False)
-    results = []
+    results: list[dict] = []
+    out = {
+        "teacher": args.teacher,
+        "student": args.student or "layer_reduction",
+        "texts": len(texts),
+        "workers": args.workers,
+        "threads": cpus,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "results": results,
+        "command": " ".join(["python", *sys.argv]),
+    }
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
     for batch in args.batch_sizes:
         bare = bare_loop(init, texts, targets, batch)
         cfg = LeafConfig.model_validate(
@@ -155,18 +171,10 @@ def main() -> None:
                 "streaming_vs_cached": streamed / through_ray,
             }
         print(json.dumps(results[-1]), flush=True)
+        # Written after each batch size: a run cut short by a time limit keeps what it measured.
+        out_file = REPO / "bench" / "results" / f"train-{kind}.json"
+        out_file.write_text(json.dumps(out, indent=2) + "\n")
     ray.shutdown()
-    out = {
-        "teacher": args.teacher,
-        "student": args.student or "layer_reduction",
-        "texts": len(texts),
-        "workers": args.workers,
-        "threads": cpus,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "results": results,
-    }
-    kind = "gpu" if torch.cuda.is_available() else "cpu"
-    (REPO / "bench" / "results" / f"train-{kind}.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
