@@ -9,10 +9,19 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from leaf_ray.storage import Location
 
@@ -23,6 +32,21 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, line and key path."""
 
 
+def _no_credentials(uri: str | None) -> str | None:
+    """A storage URI is written into the run's config.yaml and shown in logs: no secrets in it."""
+    if uri and "://" in uri and urlsplit(uri).password is not None:
+        raise PydanticCustomError(
+            "credentials_in_uri",
+            "the URI holds credentials, which would be written into the run's config.yaml; "
+            "give them to every node through the environment (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or the cloud's own roles",
+        )
+    return uri
+
+
+StorageURI = Annotated[str, AfterValidator(_no_credentials)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,7 +55,7 @@ class RunConfig(Strict):
     name: str | None = Field(
         None, description="Run folder name; default <config stem>-<timestamp>."
     )
-    storage: str = Field(
+    storage: StorageURI = Field(
         "runs",
         description="Runs, checkpoints and (by default) caches: a local or NFS path, or an "
         "s3:// or gs:// URI (pyarrow.fs). Default: ./runs in the working directory.",
@@ -117,7 +141,7 @@ class TeacherConfig(ModelRef):
         "auto", description="auto: bfloat16 autocast on GPU, float32 on CPU."
     )
     vector_dtype: Literal["float32", "float16"] = Field("float32", description="As cached.")
-    cache_dir: str | None = Field(
+    cache_dir: StorageURI | None = Field(
         None, description="Path or URI; default <run.storage>/teacher_cache"
     )
 
@@ -221,7 +245,7 @@ class EvalConfig(Strict):
         default_factory=list,
         description="mteb retrieval tasks or benchmarks by name (NanoBEIR, SciFact; online).",
     )
-    cache_dir: str | None = Field(
+    cache_dir: StorageURI | None = Field(
         None, description="Eval vectors, reused across runs; default: <run.storage>/eval_cache."
     )
     split: str = "test"
@@ -384,7 +408,7 @@ def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) ->
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{path}:{line}" if line else str(path)
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        quiet = ("missing", "extra_forbidden", "value_error_named")
+        quiet = ("missing", "extra_forbidden", "value_error_named", "credentials_in_uri")
         got = "" if e["type"] in quiet else f" (got {e['input']!r})"
         msgs.append(f"{where}: {key}: {msg}{got}")
     return "invalid config:\n  " + "\n  ".join(msgs)

@@ -6,6 +6,9 @@
    reused by every later student, checkpoint and mode.
 2. One Ray task per (eval task, mode, dimension, precision) runs mteb's retrieval evaluation over
    those vectors (Matryoshka-truncated, quantized), and returns mteb's TaskResult.
+Vectors pass from phase 1 to phase 2 through the eval cache, never through the driver: the tasks
+write and read it themselves (a large corpus streams to disk as it is embedded), and each
+scoring task asks Ray for the memory its vectors take.
 
 Modes: the teacher, the distilled student, the student before distillation, and LEAF's
 asymmetric mode (student queries against the teacher's document index).
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,10 +32,11 @@ import torch
 from sentence_transformers.util.quantization import quantize_embeddings
 from tqdm import tqdm
 
-from leaf_ray.config import EvalConfig
+from leaf_ray.config import EvalConfig, TeacherConfig
 from leaf_ray.data import load_beir
 from leaf_ray.models import file_sha256
 from leaf_ray.storage import Location
+from leaf_ray.teacher import HttpTeacher
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -61,14 +66,18 @@ class Encoder:
     model: str  # local folder or hub name
     revision: str | None = None
     prompts: dict[str, str | None] = field(default_factory=dict)  # "query"/"document" -> prompt
+    endpoint: TeacherConfig | None = None  # a black-box teacher embedding through its HTTP API
 
     def key(self, max_seq_length: int) -> str:
         """Everything that changes a vector: the files of a local model (weights, pooling,
-        tokenizer; not logs, cards or training state), or the hub name and revision; the
-        prompts; the max length."""
+        tokenizer; not logs, cards or training state), the hub name and revision, or the
+        endpoint and model served there; the prompts; the max length."""
         digest = hashlib.sha256()
         folder = Path(self.model)
-        if folder.is_dir():
+        if self.endpoint is not None:
+            http = self.endpoint.http
+            digest.update(json.dumps([http.url, self.model, http.dimensions]).encode())
+        elif folder.is_dir():
             files = (p for p in folder.rglob("*") if p.is_file() and p.suffix not in NOT_MODEL)
             for path in sorted(files):
                 digest.update(str(path.relative_to(folder)).encode())
@@ -180,6 +189,28 @@ class Vectors:
     array: np.ndarray
 
 
+class VectorsFile:
+    """One side's vectors, appended as mteb asks for them, to a local Parquet file (id,
+    embedding) that goes into the eval cache whole once complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.rows = path, 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def append(self, ids: list[str], array: np.ndarray) -> None:
+        flat = pa.array(array.astype(np.float32).ravel())
+        embedding = pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
+        table = pa.table({"id": pa.array(ids, pa.string()), "embedding": embedding})
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer.write_table(table)
+        self.rows += len(ids)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 class EvalCache:
     """<root>/<task>-<data revision>/<model key>/{query,document}.parquet (id, embedding); the
     root may be a local or NFS path or an object store (`leaf_ray.storage`)."""
@@ -187,30 +218,28 @@ class EvalCache:
     def __init__(self, root: Location) -> None:
         self.root = root
 
-    def folder(self, task: EvalTask, model_key: str) -> Location:
-        return self.root / f"{task.name}-{task.revision}" / model_key
+    def file(self, task: EvalTask, model_key: str, side: str) -> Location:
+        return self.root / f"{task.name}-{task.revision}" / model_key / f"{side}.parquet"
 
-    def load(self, task: EvalTask, model_key: str) -> dict[str, Vectors] | None:
-        files = {side: self.folder(task, model_key) / f"{side}.parquet" for side in SIDES}
-        if not all(f.is_file() for f in files.values()):
-            return None
-        out = {}
-        for side, f in files.items():
-            table = pq.read_table(pa.BufferReader(f.read_bytes()))
-            array = table.column("embedding").combine_chunks().flatten().to_numpy()
-            out[side] = Vectors(table.column("id").to_pylist(), array.reshape(len(table), -1))
-        return out
+    def has(self, task: EvalTask, model_key: str) -> bool:
+        return all(self.file(task, model_key, side).is_file() for side in SIDES)
 
-    def save(self, task: EvalTask, model_key: str, vectors: dict[str, Vectors]) -> None:
-        for side, v in vectors.items():  # each file whole or absent (Location.write)
-            flat = pa.array(v.array.astype(np.float32).ravel())
-            embedding = pa.FixedSizeListArray.from_arrays(flat, v.array.shape[1])
-            sink = pa.BufferOutputStream()
-            pq.write_table(pa.table({"id": v.ids, "embedding": embedding}), sink)
-            (self.folder(task, model_key) / f"{side}.parquet").write(sink.getvalue().to_pybytes())
+    def shape(self, task: EvalTask, model_key: str, side: str) -> tuple[int, int]:
+        """Rows and dimension, from the file's footer alone."""
+        file = self.file(task, model_key, side)
+        meta = pq.read_metadata(file.path, filesystem=file.fs)
+        return meta.num_rows, meta.schema.to_arrow_schema().field("embedding").type.list_size
+
+    def load(self, task: EvalTask, model_key: str, side: str) -> Vectors:
+        file = self.file(task, model_key, side)
+        table = pq.read_table(file.path, filesystem=file.fs)
+        array = table.column("embedding").combine_chunks().flatten().to_numpy()
+        return Vectors(table.column("id").to_pylist(), array.reshape(len(table), -1))
 
 
-def _model_meta(name: str, revision: str, dim: int, setting: dict | None = None) -> ModelMeta:
+def _model_meta(
+    name: str, revision: str, dim: int | None, setting: dict | None = None
+) -> ModelMeta:
     """A real name and revision, so mteb's result folders never mix models, runs or settings."""
     from mteb.models.model_meta import ModelMeta
 
@@ -247,47 +276,61 @@ class _LeafSimilarity:
 
 
 class _RecordingEncoder(_LeafSimilarity):
-    """mteb's encoder protocol over a SentenceTransformer, keeping every vector it returns."""
+    """mteb's encoder protocol over a model (a SentenceTransformer, or a black-box teacher's
+    endpoint), writing every vector it returns."""
 
-    def __init__(self, encoder: Encoder, cfg: EvalConfig) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = SentenceTransformer(encoder.model, device=device, revision=encoder.revision)
-        self.model.max_seq_length = cfg.max_seq_length
-        self.prompts = encoder.prompts
-        self.batch_size = cfg.batch_size
-        self.recorded: dict[str, list[Vectors]] = {side: [] for side in SIDES}
-        dim = self.model.get_embedding_dimension()
+    def __init__(self, encoder: Encoder, cfg: EvalConfig, folder: Path) -> None:
+        self.files = {side: VectorsFile(folder / f"{side}.parquet") for side in SIDES}
+        if encoder.endpoint is not None:  # its prompts and requests, as in training
+            self.embed = HttpTeacher(encoder.endpoint).embed
+            dim = encoder.endpoint.http.dimensions
+        else:
+            self.embed, dim = _local_embedder(encoder, cfg)
         self.mteb_model_meta = _model_meta(encoder.name, encoder.revision or "local", dim)
 
     def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
         side = prompt_type.value
         data = inputs.dataset
-        array = self.model.encode(
-            list(data["text"]),
-            prompt=self.prompts.get(side),
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-        )
-        self.recorded[side].append(Vectors(list(data["id"]), array))
+        array = self.embed(list(data["text"]), side)
+        self.files[side].append(list(data["id"]), array)
         return array
 
 
+def _local_embedder(
+    encoder: Encoder, cfg: EvalConfig
+) -> tuple[Callable[[list[str], str], np.ndarray], int]:
+    """(texts, side) -> vectors through a SentenceTransformer, each side with its prompt."""
+    from sentence_transformers import SentenceTransformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = SentenceTransformer(encoder.model, device=device, revision=encoder.revision)
+    model.max_seq_length = cfg.max_seq_length
+
+    def embed(texts: list[str], side: str) -> np.ndarray:
+        prompt = encoder.prompts.get(side)
+        return model.encode(texts, prompt=prompt, batch_size=cfg.batch_size, convert_to_numpy=True)
+
+    return embed, model.get_embedding_dimension()
+
+
 @ray.remote
-def _embed_task(encoder: Encoder, task: EvalTask, cfg: EvalConfig) -> dict[str, Vectors]:
-    """Run mteb once with the real model; what it encoded is what every score task will read."""
+def _embed_task(
+    encoder: Encoder, task: EvalTask, cfg: EvalConfig, cache: EvalCache, model_key: str
+) -> int:
+    """Run mteb once with the real model; what it encoded goes into the eval cache, for every
+    score task to read. Returns the number of texts embedded."""
     import datasets
     import mteb
 
     datasets.disable_progress_bars()
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources()["CPU"])))
-    recorder = _RecordingEncoder(encoder, cfg)
-    mteb.evaluate(recorder, task.load(), cache=None, show_progress_bar=False)
-    return {
-        side: Vectors([i for v in parts for i in v.ids], np.concatenate([v.array for v in parts]))
-        for side, parts in recorder.recorded.items()
-    }
+    with tempfile.TemporaryDirectory(prefix="leaf-ray-eval-") as folder:
+        recorder = _RecordingEncoder(encoder, cfg, Path(folder))
+        mteb.evaluate(recorder, task.load(), cache=None, show_progress_bar=False)
+        for side, file in recorder.files.items():  # each whole or absent: a kill leaves a miss
+            file.close()
+            cache.file(task, model_key, side).put(file.path)
+        return sum(file.rows for file in recorder.files.values())
 
 
 class _CachedVectors(_LeafSimilarity):
@@ -313,18 +356,29 @@ class _CachedVectors(_LeafSimilarity):
 def _score_task(
     task: EvalTask,
     meta: ModelMeta,
-    queries: Vectors,
-    docs: Vectors,
+    cache: EvalCache,
+    keys: tuple[str, str],
     dimension: int,
     quantization: str,
 ) -> TaskResult:
+    """mteb's evaluation of `task` over the cached vectors of `keys` (queries', documents')."""
     import datasets
     import mteb
 
     datasets.disable_progress_bars()
+    queries, docs = (cache.load(task, key, side) for key, side in zip(keys, SIDES, strict=True))
     encoder = _CachedVectors(meta, queries, docs, dimension, quantization)
     result = mteb.evaluate(encoder, task.load(), cache=None, show_progress_bar=False)
     return result.task_results[0]
+
+
+def _score_memory(shapes: list[tuple[int, int]]) -> int:
+    """Bytes a scoring task holds: the float32 vectors, their compressed copy and mteb's
+    working set (about 3x the vectors), capped at the largest node's memory so that a big
+    corpus runs alone rather than never."""
+    need = 3 * 4 * sum(rows * dim for rows, dim in shapes)
+    largest = max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"])
+    return int(min(need, largest))
 
 
 @dataclass
@@ -343,16 +397,16 @@ def evaluate(
     # The teacher first: the largest model should not be the last task left running.
     roles = sorted({role for qd in modes.values() for role in qd}, key=lambda r: r != "teacher")
     keys = {role: models[role].key(cfg.max_seq_length) for role in roles}
-    vectors, dims, embedded = _embedded_vectors(
-        models, roles, keys, tasks, cfg, EvalCache(cache_root)
-    )
+    cache = EvalCache(cache_root)
+    embedded = _embed_missing(models, keys, tasks, cfg, cache)
 
     jobs = {}
     for task in tasks:
         for mode, (q_role, d_role) in modes.items():
-            queries = vectors[(q_role, task.name)]["query"]
-            docs = vectors[(d_role, task.name)]["document"]
-            full = min(dims[(q_role, task.name)], dims[(d_role, task.name)])
+            shapes = [cache.shape(task, keys[q_role], "query")]
+            shapes.append(cache.shape(task, keys[d_role], "document"))
+            full = min(dim for _, dim in shapes)
+            score = _score_task.options(memory=_score_memory(shapes))
             name = models["teacher"].name if mode == "teacher" else f"leaf-ray/{label}-{mode}"
             revision = keys[q_role] if q_role == d_role else f"{keys[q_role]}-{keys[d_role]}"
             for dimension in [full, *(d for d in cfg.dimensions if d < full)]:
@@ -364,7 +418,8 @@ def evaluate(
                     row = {"dataset": task.name, "mode": mode, "dimension": dimension}
                     row |= {"quantization": quantization, "full": dimension == full}
                     row |= {"metric": task.main_score, "model": name, "revision": revision}
-                    ref = _score_task.remote(task, meta, queries, docs, dimension, quantization)
+                    pair = (keys[q_role], keys[d_role])
+                    ref = score.remote(task, meta, cache, pair, dimension, quantization)
                     jobs[ref] = (row, meta)
     results = dict(_as_completed(jobs, "scoring"))
     rows = [row | {"score": results[ref].get_score()} for ref, (row, _) in jobs.items()]
@@ -372,37 +427,31 @@ def evaluate(
     return EvalOutcome(rows, embedded, [(meta, results[ref]) for ref, (_, meta) in jobs.items()])
 
 
-def _embedded_vectors(
+def _embed_missing(
     models: dict[str, Encoder],
-    roles: list[str],
     keys: dict[str, str],
     tasks: list[EvalTask],
     cfg: EvalConfig,
     cache: EvalCache,
-) -> tuple[dict[tuple[str, str], dict[str, ray.ObjectRef]], dict[tuple[str, str], int], dict]:
-    """(role, task) -> side -> vectors in Ray's object store, from the cache or embedded now;
-    (role, task) -> dimension; role -> texts embedded now."""
+) -> dict[str, int]:
+    """Embed every (role, task) the eval cache lacks, each as a Ray task that writes its vectors
+    there; role -> texts embedded now (0: all from the cache)."""
     gpus = ray.cluster_resources().get("GPU", 0)
-    embed = _embed_task.options(num_cpus=1, num_gpus=1 if gpus else 0)
-    vectors, dims, embedded, jobs = {}, {}, dict.fromkeys(roles, 0), {}
 
-    def keep(role: str, task: EvalTask, sides: dict[str, Vectors]) -> None:
-        vectors[(role, task.name)] = {s: ray.put(v) for s, v in sides.items()}
-        dims[(role, task.name)] = sides["query"].array.shape[1]
+    def embed(role: str) -> Any:  # a model's task takes a GPU when there are some; an API's not
+        needs_gpu = gpus > 0 and models[role].endpoint is None
+        return _embed_task.options(num_cpus=1, num_gpus=1 if needs_gpu else 0)
 
-    for task in tasks:
-        for role in roles:
-            cached = cache.load(task, keys[role])
-            if cached is not None:
-                keep(role, task, cached)
-            else:
-                jobs[embed.remote(models[role], task, cfg)] = (role, task)
-    for ref, sides in _as_completed(jobs, "embedding"):  # each kept as soon as it is done
-        role, task = jobs[ref]
-        cache.save(task, keys[role], sides)
-        keep(role, task, sides)
-        embedded[role] += sum(len(v.ids) for v in sides.values())
-    return vectors, dims, embedded
+    jobs = {
+        embed(role).remote(models[role], task, cfg, cache, keys[role]): (role, task)
+        for task in tasks
+        for role in keys  # the teacher first (its order in `keys`)
+        if not cache.has(task, keys[role])
+    }
+    embedded = dict.fromkeys(keys, 0)
+    for ref, texts in _as_completed(jobs, "embedding"):
+        embedded[jobs[ref][0]] += texts
+    return embedded
 
 
 def _as_completed(jobs: dict[ray.ObjectRef, Any], what: str) -> Iterator[tuple[ray.ObjectRef, Any]]:

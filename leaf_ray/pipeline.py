@@ -348,19 +348,30 @@ def _evaluate_into(
     out: Path, run_dir: Path, cfg: LeafConfig, student: Path, label: str
 ) -> EvalOutcome:
     """Evaluate `student` beside the run's teacher and untrained student; reports go to `out`."""
+    models = eval_models(cfg, run_dir, student, label)
+    outcome = evaluate(models, cfg.eval, cfg.eval_cache_dir(), label)
+    write_eval(outcome, out)
+    return outcome
+
+
+def eval_models(cfg: LeafConfig, run_dir: Path, student: Path, label: str) -> dict[str, Encoder]:
+    """The student, the untrained student and, when it can embed, the teacher, each named as
+    mteb will record it."""
     # Students see raw text: the teacher's prompts are part of its input, not of the space.
     models = {
         STUDENT: Encoder(f"leaf-ray/{label}-student", str(student)),
         STUDENT_INIT: Encoder(f"leaf-ray/{label}-student_init", str(run_dir / STUDENT_INIT)),
     }
     teacher_model = resolve_model(cfg.teacher)
-    # A black-box teacher is evaluated too when its model is also on disk.
-    if cfg.teacher.backend == "sentence_transformers" or Path(teacher_model).is_dir():
+    if cfg.teacher.backend == "http":  # through its endpoint, as in training
+        name = cfg.teacher.model if "/" in cfg.teacher.model else f"api/{cfg.teacher.model}"
+        prompts = teacher_prompts(cfg.teacher)
+        models["teacher"] = Encoder(name, cfg.teacher.model, None, prompts, cfg.teacher)
+    # Precomputed vectors are evaluated when their model is also on disk.
+    elif cfg.teacher.backend == "sentence_transformers" or Path(teacher_model).is_dir():
         prompts = teacher_prompts(cfg.teacher, load_teacher(cfg.teacher))
         # mteb names results by model: a hub name, or local/<folder> (its revision: its files).
         name = cfg.teacher.model
         name = f"local/{Path(name).name}" if Path(name).is_dir() else name
         models["teacher"] = Encoder(name, teacher_model, cfg.teacher.revision, prompts)
-    outcome = evaluate(models, cfg.eval, cfg.eval_cache_dir(), label)
-    write_eval(outcome, out)
-    return outcome
+    return models

@@ -3,14 +3,17 @@ gs://) opened with pyarrow.fs, the filesystem layer Ray Train and Ray Data use t
 
 An S3-compatible store other than AWS is named in the URI itself, e.g.
 `s3://bucket/leaf?endpoint_override=minio:9000&scheme=http`; credentials come from the usual
-AWS variables or, for tests, `s3://key:secret@bucket/...`. The URI travels with every Ray task
-that writes, so workers on other nodes reach the same store.
+AWS (or Google) variables on every node, never the URI (the config refuses them: it is saved with
+the run). The URI travels with every Ray task that writes, so workers on other nodes reach the
+same store.
 """
 
 from __future__ import annotations
 
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +72,36 @@ class Location:
         return self.read_bytes().decode()
 
     def write(self, data: str | bytes) -> None:
+        data = data.encode() if isinstance(data, str) else data
+        with self._whole() as target, self.fs.open_output_stream(target) as f:
+            f.write(data)
+
+    def put(self, local: Path) -> None:
+        """Copy a local file here, whole (for files built piece by piece, too big for `write`)."""
+        with self._whole() as target:
+            pafs.copy_files(
+                str(local),
+                target,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
+
+    @contextmanager
+    def _whole(self) -> Iterator[str]:
         """Readers never see a half-written file: a local or NFS file is written under a
         temporary name, then renamed; an object store's PUT is already all or nothing."""
-        data = data.encode() if isinstance(data, str) else data
         parent = posixpath.dirname(self.path)
         self.fs.create_dir(parent, recursive=True)
-        target = self.path
-        if self.is_local:
-            target = posixpath.join(parent, f".{self.name}.{uuid.uuid4().hex}.tmp")
-        with self.fs.open_output_stream(target) as f:
-            f.write(data)
-        if target != self.path:
-            self.fs.move(target, self.path)
+        if not self.is_local:
+            yield self.path
+            return
+        temporary = posixpath.join(parent, f".{self.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            yield temporary
+            self.fs.move(temporary, self.path)
+        finally:
+            if self.fs.get_file_info(temporary).type != pafs.FileType.NotFound:
+                self.fs.delete_file(temporary)
 
     def files(self, suffix: str = "") -> list[Location]:
         """The files directly in this folder, by name; none when the folder is absent."""

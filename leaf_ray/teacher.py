@@ -309,8 +309,7 @@ def embed_texts(
             enable_true_multi_threading=True,  # safe: one device thread per teacher
         ),
         num_gpus=gpus,
-        num_cpus=reserved_cpus,
-        scheduling_strategy="SPREAD",  # one actor per node before two on one
+        num_cpus=reserved_cpus,  # Ray Data spreads its actors over the nodes by default
     )
 
 

@@ -9,6 +9,9 @@ import yaml
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The local S3 server's (tests/test_storage.py): set before any Ray starts, so workers have them,
+# as a cluster's nodes would have real ones (storage URIs may not carry credentials).
+os.environ["AWS_ACCESS_KEY_ID"] = os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "demo"

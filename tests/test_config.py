@@ -55,6 +55,21 @@ def test_cross_field_training_rules_name_their_key_and_line(tmp_path):
     assert load_config(path, ["train.cycles=2"]).train.cycles == 2
 
 
+def test_storage_uris_with_credentials_are_refused_without_echoing_them(tmp_path):
+    """They would be written into the run's config.yaml; a URI without them is accepted."""
+    uri = "s3://AKIAEXAMPLE:hunter2@bucket/leaf?endpoint_override=minio:9000"
+    path = write(tmp_path, MINIMAL + f"run:\n  storage: {uri}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:7: run.storage: the URI holds credentials" in str(err.value)
+    assert "hunter2" not in str(err.value)
+    for key in ("teacher.cache_dir", "eval.cache_dir"):
+        with pytest.raises(ConfigError, match=rf"{key}: the URI holds credentials"):
+            load_config(path, ["run.storage=runs", f"{key}=gs://user:pw@bucket/cache"])
+    plain = "s3://bucket/leaf?endpoint_override=minio:9000&scheme=http"
+    assert load_config(path, [f"run.storage={plain}"]).run.storage == plain
+
+
 def test_error_inside_a_list_names_the_index(tmp_path):
     path = write(tmp_path, MINIMAL.replace("path: texts.jsonl", "path: a\n      hf_dataset: b"))
     with pytest.raises(ConfigError, match=r"data\.sources\.0: Value error, give exactly one"):

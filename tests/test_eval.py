@@ -10,6 +10,7 @@ from leaf_ray.eval import (
     EvalCache,
     EvalTask,
     Vectors,
+    VectorsFile,
     _CachedVectors,
     _model_meta,
     compress,
@@ -91,19 +92,34 @@ def test_eval_tasks_are_keyed_by_their_data_and_bad_names_are_named(tmp_path):
     assert scifact.folder is None and scifact.main_score == "ndcg_at_10"
 
 
-def test_eval_cache_round_trips_both_sides(tmp_path):
+def test_eval_cache_round_trips_vectors_written_piece_by_piece(tmp_path):
     task = EvalTask("graded", "rev0")
-    cache = EvalCache(Location.of(tmp_path))
-    assert cache.load(task, "model0") is None
+    cache = EvalCache(Location.of(tmp_path / "cache"))
+    assert not cache.has(task, "model0")
     sides = {
-        "query": Vectors(["q0", "q1"], np.arange(6, dtype=np.float32).reshape(2, 3)),
-        "document": Vectors(["d0"], np.ones((1, 3), dtype=np.float32)),
+        "query": (["q0", "q1", "q2", "q3"], np.arange(12, dtype=np.float32).reshape(4, 3)),
+        "document": (["d0"], np.ones((1, 3), dtype=np.float32)),
     }
-    cache.save(task, "model0", sides)
-    loaded = cache.load(task, "model0")
-    assert loaded["query"].ids == ["q0", "q1"] and loaded["document"].ids == ["d0"]
-    np.testing.assert_array_equal(loaded["query"].array, sides["query"].array)
-    assert cache.load(EvalTask("graded", "rev1"), "model0") is None  # other data: a miss
+    for side, (ids, array) in sides.items():
+        file = VectorsFile(tmp_path / f"{side}.parquet")
+        for start in range(0, len(ids), 3):  # in pieces, as mteb asks
+            file.append(ids[start : start + 3], array[start : start + 3])
+        file.close()
+        assert file.rows == len(ids)
+        assert not cache.has(task, "model0")  # one side alone is a miss
+        cache.file(task, "model0", side).put(file.path)
+    assert cache.has(task, "model0")
+    assert cache.shape(task, "model0", "query") == (4, 3)
+    loaded = cache.load(task, "model0", "query")
+    assert loaded.ids == ["q0", "q1", "q2", "q3"]
+    np.testing.assert_array_equal(loaded.array, sides["query"][1])
+    assert cache.load(task, "model0", "document").ids == ["d0"]
+    assert not cache.has(EvalTask("graded", "rev1"), "model0")  # other data: a miss
+    # Nothing but the two files: no temporary names left behind.
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == [
+        "document.parquet",
+        "query.parquet",
+    ]
 
 
 def test_load_beir_reads_the_demo_set_and_names_bad_lines(tmp_path):

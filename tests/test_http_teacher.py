@@ -44,6 +44,7 @@ class FakeServer:
         self.statuses: Counter[int] = Counter()
         self.auth: list[str | None] = []
         self.bodies: list[dict] = []
+        self.embed: Callable[[list[str]], np.ndarray] | None = None  # instead of `vector`
         self._tries: Counter[str] = Counter()
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -59,9 +60,10 @@ class FakeServer:
             response = await self.policy(texts, self._tries[texts[0]]) if self.policy else None
             if response is None:
                 dim = body.get("dimensions") or DIM
+                vectors = self.embed(texts) if self.embed else [vector(t)[:dim] for t in texts]
                 data = [
-                    {"object": "embedding", "index": i, "embedding": vector(t)[:dim].tolist()}
-                    for i, t in enumerate(texts)
+                    {"object": "embedding", "index": i, "embedding": v.tolist()}
+                    for i, v in enumerate(vectors)
                 ]
                 if self.shuffle:
                     random.Random(self.requests).shuffle(data)
@@ -266,3 +268,36 @@ def test_api_key_sent_as_bearer(server):
     server.auth.clear()
     HttpEmbedder(settings(server)).embed(texts(2))
     assert server.auth == [None]
+
+
+def test_http_teacher_is_evaluated_through_its_endpoint(server, tiny_teacher, tmp_path, ray_local):
+    """The same model behind the endpoint and on disk scores the same (the endpoint is asked
+    for every query and document once); a second evaluation asks the endpoint nothing."""
+    from sentence_transformers import SentenceTransformer
+
+    from leaf_ray.config import EvalConfig, TeacherConfig
+    from leaf_ray.eval import Encoder, evaluate
+    from leaf_ray.storage import Location
+    from tests.test_pipeline import small_eval_set
+
+    served = SentenceTransformer(str(tiny_teacher), device="cpu")
+    server.embed = lambda texts: served.encode(texts)
+    cfg = EvalConfig(datasets=[str(small_eval_set(tmp_path / "beir"))], max_seq_length=64)
+    endpoint = TeacherConfig(model="tiny", http={"url": server.url, "texts_per_request": 50})
+    over_http = {"teacher": Encoder("api/tiny", "tiny", None, {}, endpoint)}
+    on_disk = {"teacher": Encoder("local/tiny", str(tiny_teacher))}
+    cache = Location.of(tmp_path / "eval_cache")
+
+    first = evaluate(over_http, cfg, cache, "http")
+    texts_sent = sum(len(body["input"]) for body in server.bodies)
+    assert first.embedded == {"teacher": 360} and texts_sent == 360  # 60 queries, 300 documents
+    local = evaluate(on_disk, cfg, cache, "disk")
+    assert local.embedded == {"teacher": 360}  # its own key: another model
+    (http_row,), (disk_row,) = first.rows, local.rows
+    assert http_row["model"] == "api/tiny" and http_row["mode"] == "teacher"
+    assert http_row["score"] == pytest.approx(disk_row["score"], abs=1e-4)
+    assert disk_row["score"] > 0.3  # a real ranking, not noise
+
+    again = evaluate(over_http, cfg, cache, "http")
+    assert again.embedded == {"teacher": 0}
+    assert sum(len(body["input"]) for body in server.bodies) == texts_sent

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from leaf_ray.config import load_config
-from leaf_ray.pipeline import RunError, distill, evaluate_run
+from leaf_ray.config import LeafConfig, load_config
+from leaf_ray.pipeline import RunError, distill, eval_models, evaluate_run
 from tests.conftest import DEMO_DATA, tiny_run_config
 
 
@@ -146,3 +146,31 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
         evaluate_run(tmp_path)
     with pytest.raises(RunError, match="already exists"):
         distill(load_config(cfg))
+
+
+def test_eval_models_name_each_teacher_as_mteb_records_it(tmp_path, tiny_teacher):
+    """A local teacher is local/<folder>, with its prompts; an HTTP teacher embeds through its
+    endpoint; precomputed vectors with no model on disk leave the teacher out."""
+
+    def models(teacher: dict) -> dict:
+        student = {"init": "pretrained", "model": "sentence-transformers/all-MiniLM-L6-v2"}
+        raw = {"data": {"sources": [{"path": "t"}]}, "teacher": teacher, "student": student}
+        return eval_models(LeafConfig.model_validate(raw), tmp_path, tmp_path / "best", "run1")
+
+    local = models({"model": str(tiny_teacher), "query_prompt": "q: "})
+    assert local["teacher"].name == f"local/{tiny_teacher.name}"
+    assert local["teacher"].prompts == {"query": "q: ", "document": ""}  # the model's own
+    assert local["teacher"].endpoint is None
+    assert local["student"].name == "leaf-ray/run1-student"
+    assert local["student_init"].model == str(tmp_path / "student_init")
+
+    api = {"model": "text-embedding-3-small", "http": {"url": "http://127.0.0.1:9/v1"}}
+    over_http = models(api | {"document_prompt": "d: "})["teacher"]
+    assert over_http.name == "api/text-embedding-3-small"
+    assert over_http.endpoint.http.url == "http://127.0.0.1:9/v1"
+    assert over_http.prompts == {"query": None, "document": "d: "}
+
+    assert set(models({"model": "org/remote", "vectors": "v.parquet"})) == {
+        "student",
+        "student_init",
+    }

@@ -17,7 +17,8 @@ from tests.test_pipeline import small_eval_set
 
 @pytest.fixture(scope="module")
 def s3_uri():
-    """s3://leaf on a local S3 server; credentials and endpoint travel in the URI."""
+    """s3://leaf on a local S3 server: the endpoint travels in the URI, the credentials in the
+    environment (tests/conftest.py)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -25,15 +26,13 @@ def s3_uri():
     server.start()
     endpoint = f"127.0.0.1:{port}"
     fs = pafs.S3FileSystem(
-        access_key="testing",
-        secret_key="testing",
         endpoint_override=endpoint,
         scheme="http",
         region="us-east-1",
         allow_bucket_creation=True,
     )
     fs.create_dir("leaf")
-    yield f"s3://testing:testing@leaf?scheme=http&endpoint_override={endpoint}&region=us-east-1"
+    yield f"s3://leaf?scheme=http&endpoint_override={endpoint}&region=us-east-1"
     server.stop()
 
 
@@ -47,15 +46,17 @@ def test_location_writes_whole_files_and_copies_folders(tmp_path, s3_uri, where)
     root = Location.of(tmp_path / "store" if where == "local" else under(s3_uri, "unit"))
     (root / "a" / "x.json").write('{"x": 1}')
     (root / "a" / "y.json").write(b"[]")
+    built = tmp_path / "built.json"  # a file built elsewhere, then put in place whole
+    built.write_text('{"z": 2}')
+    (root / "a" / "z.json").put(built)
     assert json.loads((root / "a" / "x.json").read_text()) == {"x": 1}
-    assert [f.name for f in (root / "a").files(".json")] == ["x.json", "y.json"]
+    assert json.loads((root / "a" / "z.json").read_text()) == {"z": 2}
+    assert [f.name for f in (root / "a").files(".json")] == ["x.json", "y.json", "z.json"]
     assert (root / "a").exists() and not (root / "b").exists()
     assert (root / "nowhere").files() == []
-    # No temporary names are left behind by a write.
-    assert [i.base_name for i in root.fs.get_file_info(pafs.FileSelector((root / "a").path))] in (
-        ["x.json", "y.json"],
-        ["y.json", "x.json"],
-    )
+    # No temporary names are left behind by a write or a put.
+    infos = root.fs.get_file_info(pafs.FileSelector((root / "a").path))
+    assert sorted(i.base_name for i in infos) == ["x.json", "y.json", "z.json"]
     local = tmp_path / "folder"
     (local / "sub").mkdir(parents=True)
     (local / "sub" / "f.txt").write_text("hello")
