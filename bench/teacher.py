@@ -126,25 +126,25 @@ def main() -> None:
 
     ray.init(num_cpus=cpus, include_dashboard=False)
     run_stage(rows[:SMALL], cfg)  # warm-up: worker processes, imports, file cache
+    setting = {
+        "model": args.model,
+        "texts_file": args.texts_file.name,
+        "compute_dtype": str(dtype),
+        "batch_size": args.batch_size,
+        "max_seq_length": args.max_seq_length,
+        "actors": args.actors,
+        "threads": cpus,
+        "device": device_name(),
+        "command": " ".join(["python", *sys.argv]),
+    }
+    out_file = REPO / "bench" / "results" / f"teacher-{'gpu' if device == 'cuda' else 'cpu'}.json"
     rounds: list[dict] = []
     for _ in range(args.rounds):
         bare, encode = baselines(model, texts, args.batch_size, dtype)
         small, stage = run_stage(rows[:SMALL], cfg), run_stage(rows, cfg)
         rounds.append({"bare": bare, "encode": encode, "stage_small": small, "stage": stage})
         # Written after each round: a run cut short by a time limit keeps what it measured.
-        result = summary(rounds, len(texts)) | {
-            "model": args.model,
-            "texts_file": args.texts_file.name,
-            "compute_dtype": str(dtype),
-            "batch_size": args.batch_size,
-            "max_seq_length": args.max_seq_length,
-            "actors": args.actors,
-            "threads": cpus,
-            "device": device_name(),
-            "command": " ".join(["python", *sys.argv]),
-        }
-        kind = "gpu" if torch.cuda.is_available() else "cpu"
-        out_file = REPO / "bench" / "results" / f"teacher-{kind}.json"
+        result = summary(rounds, len(texts)) | setting
         out_file.write_text(json.dumps(result, indent=2) + "\n")
     ray.shutdown()
     print(json.dumps(result, indent=2))

@@ -132,6 +132,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
     }
     kind = "gpu" if torch.cuda.is_available() else "cpu"
+    out_file = REPO / "bench" / "results" / f"train-{kind}.json"
     for batch in args.batch_sizes:
         bare = bare_loop(init, texts, targets, batch)
         cfg = LeafConfig.model_validate(
@@ -172,7 +173,6 @@ def main() -> None:
             }
         print(json.dumps(results[-1]), flush=True)
         # Written after each batch size: a run cut short by a time limit keeps what it measured.
-        out_file = REPO / "bench" / "results" / f"train-{kind}.json"
         out_file.write_text(json.dumps(out, indent=2) + "\n")
     ray.shutdown()
 

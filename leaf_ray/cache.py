@@ -45,6 +45,11 @@ def first_of_each(hashes: np.ndarray) -> np.ndarray:
     return np.sort(np.unique(hashes, return_index=True)[1])
 
 
+def embedding_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """One fixed-size list per row: how both caches store vectors in Parquet."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+
+
 def add_text_hash(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     hashes = [text_hash(k, t) for k, t in zip(batch["kind"], batch["text"], strict=True)]
     return {**batch, "text_hash": np.array(hashes, dtype=object)}
@@ -129,9 +134,7 @@ class CacheSink(Datasink):
         shard = pa.table(
             {
                 **{c: pa.array(v[first].astype(str), pa.string()) for c, v in columns.items()},
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(vectors[first].ravel()), vectors.shape[1]
-                ),
+                "embedding": embedding_column(vectors[first]),
             }
         )
         sink = pa.BufferOutputStream()

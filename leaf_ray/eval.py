@@ -16,6 +16,7 @@ asymmetric mode (student queries against the teacher's document index).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tempfile
@@ -32,6 +33,7 @@ import torch
 from sentence_transformers.util.quantization import quantize_embeddings
 from tqdm import tqdm
 
+from leaf_ray.cache import embedding_column
 from leaf_ray.config import EvalConfig, TeacherConfig
 from leaf_ray.data import load_beir
 from leaf_ray.models import file_sha256
@@ -198,8 +200,7 @@ class VectorsFile:
         self._writer: pq.ParquetWriter | None = None
 
     def append(self, ids: list[str], array: np.ndarray) -> None:
-        flat = pa.array(array.astype(np.float32).ravel())
-        embedding = pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
+        embedding = embedding_column(array.astype(np.float32))
         table = pa.table({"id": pa.array(ids, pa.string()), "embedding": embedding})
         if self._writer is None:
             self._writer = pq.ParquetWriter(self.path, table.schema)
@@ -372,13 +373,12 @@ def _score_task(
     return result.task_results[0]
 
 
-def _score_memory(shapes: list[tuple[int, int]]) -> int:
+def _score_memory(shapes: list[tuple[int, int]], largest_node: float) -> int:
     """Bytes a scoring task holds: the float32 vectors, their compressed copy and mteb's
     working set (about 3x the vectors), capped at the largest node's memory so that a big
     corpus runs alone rather than never."""
     need = 3 * 4 * sum(rows * dim for rows, dim in shapes)
-    largest = max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"])
-    return int(min(need, largest))
+    return int(min(need, largest_node))
 
 
 @dataclass
@@ -400,15 +400,17 @@ def evaluate(
     cache = EvalCache(cache_root)
     embedded = _embed_missing(models, keys, tasks, cfg, cache)
 
+    shape = functools.cache(cache.shape)  # a footer read once, though modes share sides
+    largest_node = max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"])
     jobs = {}
     for task in tasks:
         for mode, (q_role, d_role) in modes.items():
-            shapes = [cache.shape(task, keys[q_role], "query")]
-            shapes.append(cache.shape(task, keys[d_role], "document"))
+            pair = (keys[q_role], keys[d_role])
+            shapes = [shape(task, pair[0], "query"), shape(task, pair[1], "document")]
             full = min(dim for _, dim in shapes)
-            score = _score_task.options(memory=_score_memory(shapes))
+            score = _score_task.options(memory=_score_memory(shapes, largest_node))
             name = models["teacher"].name if mode == "teacher" else f"leaf-ray/{label}-{mode}"
-            revision = keys[q_role] if q_role == d_role else f"{keys[q_role]}-{keys[d_role]}"
+            revision = pair[0] if q_role == d_role else "-".join(pair)
             for dimension in [full, *(d for d in cfg.dimensions if d < full)]:
                 for quantization in cfg.quantizations:
                     setting = None
@@ -418,7 +420,6 @@ def evaluate(
                     row = {"dataset": task.name, "mode": mode, "dimension": dimension}
                     row |= {"quantization": quantization, "full": dimension == full}
                     row |= {"metric": task.main_score, "model": name, "revision": revision}
-                    pair = (keys[q_role], keys[d_role])
                     ref = score.remote(task, meta, cache, pair, dimension, quantization)
                     jobs[ref] = (row, meta)
     results = dict(_as_completed(jobs, "scoring"))

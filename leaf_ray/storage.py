@@ -99,9 +99,10 @@ class Location:
         try:
             yield temporary
             self.fs.move(temporary, self.path)
-        finally:
+        except BaseException:
             if self.fs.get_file_info(temporary).type != pafs.FileType.NotFound:
                 self.fs.delete_file(temporary)
+            raise
 
     def files(self, suffix: str = "") -> list[Location]:
         """The files directly in this folder, by name; none when the folder is absent."""
