@@ -3,16 +3,19 @@
     .venv/bin/python bench/teacher.py [--texts 8000] [--model NAME] [--actors 1] [--rounds 3]
                                       [--texts-file F]
 
-Three measurements of the same model on the same texts and threads, in this process, with Ray
+Four measurements of the same model on the same texts and threads, in this process, with Ray
 started for all of them (its background processes cost the baselines what they cost the stage):
-  bare    pre-tokenized batches sorted by token length over all texts, inference_mode forward +
-          mean pooling (the ceiling)
-  encode  sentence-transformers `encode()` with the same batch size
-  stage   leaf-ray's Ray Data teacher stage (`embed_texts`), after one warm-up run: end to end on
-          all texts (actor start-up included), and its marginal rate from the difference between
-          runs on all texts and on the first SMALL (start-up and warm-up cancel out, as the
-          warm-up is excluded from bare and encode)
-The four runs are repeated `--rounds` times, interleaved, and each ratio is taken within a round
+  bare        pre-tokenized batches sorted by token length over all texts, inference_mode
+              forward + mean pooling (the ceiling)
+  encode      sentence-transformers `encode()` with the same batch size
+  in_process  the stage's actor code (`TeacherEmbedder`) called here, without Ray, on the calls
+              the stage makes, two at a time as in the actor: what the teacher code costs, apart
+              from what Ray Data costs
+  stage       leaf-ray's Ray Data teacher stage (`embed_texts`), after one warm-up run: end to end
+              on all texts (actor start-up included), and its marginal rate from the difference
+              between runs on all texts and on the first SMALL (start-up and warm-up cancel out,
+              as the warm-up is excluded from the others)
+The five runs are repeated `--rounds` times, interleaved, and each ratio is taken within a round
 and reported as the median over rounds: this machine's speed drifts by 10% over minutes, which a
 baseline measured minutes away from the stage would count as the stage's.
 All three compute in the teacher's compute dtype (bf16 autocast on GPU, float32 on CPU).
@@ -29,6 +32,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +41,15 @@ import ray.data
 import torch
 
 from leaf_ray.config import TeacherConfig
-from leaf_ray.teacher import LocalTeacher, compute_dtype, embed_texts, load_teacher, teacher_calls
+from leaf_ray.teacher import (
+    LocalTeacher,
+    TeacherEmbedder,
+    compute_dtype,
+    embed_texts,
+    load_teacher,
+    rows_per_actor_call,
+    teacher_calls,
+)
 
 UNPADDED = LocalTeacher.UNPADDED
 
@@ -87,6 +99,31 @@ def run_stage(rows: list[dict], cfg: TeacherConfig) -> float:
     return seconds
 
 
+def in_process(embedder: TeacherEmbedder, rows: list[dict], call_rows: int) -> float:
+    """Seconds for the actor's code over the stage's calls, two at a time, without Ray."""
+    calls = [
+        {name: np.array([r[name] for r in rows[s : s + call_rows]]) for name in ("text", "kind")}
+        for s in range(0, len(rows), call_rows)
+    ]
+    tic = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(embedder, calls))
+    return time.perf_counter() - tic
+
+
+def actor_code(cfg: TeacherConfig, threads: int) -> TeacherEmbedder:
+    """The actor's embedder, built here; its tokenizer settings stay with it (the baselines
+    keep theirs)."""
+    saved = {name: os.environ.get(name) for name in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    embedder = TeacherEmbedder(cfg, threads)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return embedder
+
+
 def baselines(model, texts: list[str], batch_size: int, dtype: torch.dtype) -> tuple[float, float]:
     bare = bare_forward(model, texts, batch_size, dtype)
     tic = time.perf_counter()
@@ -126,6 +163,9 @@ def main() -> None:
 
     ray.init(num_cpus=cpus, include_dashboard=False)
     run_stage(rows[:SMALL], cfg)  # warm-up: worker processes, imports, file cache
+    call_rows = rows_per_actor_call(cfg)
+    embedder = actor_code(cfg, cpus)
+    in_process(embedder, rows[:SMALL], call_rows)  # warm-up
     setting = {
         "model": args.model,
         "texts_file": args.texts_file.name,
@@ -141,8 +181,17 @@ def main() -> None:
     rounds: list[dict] = []
     for _ in range(args.rounds):
         bare, encode = baselines(model, texts, args.batch_size, dtype)
+        here = in_process(embedder, rows, call_rows)
         small, stage = run_stage(rows[:SMALL], cfg), run_stage(rows, cfg)
-        rounds.append({"bare": bare, "encode": encode, "stage_small": small, "stage": stage})
+        rounds.append(
+            {
+                "bare": bare,
+                "encode": encode,
+                "in_process": here,
+                "stage_small": small,
+                "stage": stage,
+            }
+        )
         # Written after each round: a run cut short by a time limit keeps what it measured.
         result = summary(rounds, len(texts)) | setting
         out_file.write_text(json.dumps(result, indent=2) + "\n")
@@ -165,11 +214,14 @@ def summary(rounds: list[dict], n: int) -> dict:
         "seq_per_s": {
             "bare": median([n / r["bare"] for r in rounds]),
             "encode": median([n / r["encode"] for r in rounds]),
+            "in_process": median([n / r["in_process"] for r in rounds]),
             "stage_end_to_end": median([n / r["stage"] for r in rounds]),
             "stage_marginal": median([marginal(r) for r in rounds]),
         },
         "stage_marginal_vs_bare": median([marginal(r) * r["bare"] / n for r in rounds]),
         "stage_marginal_vs_encode": median([marginal(r) * r["encode"] / n for r in rounds]),
+        "in_process_vs_bare": median([r["bare"] / r["in_process"] for r in rounds]),
+        "stage_marginal_vs_in_process": median([marginal(r) * r["in_process"] / n for r in rounds]),
         "stage_end_to_end_vs_bare": median([r["bare"] / r["stage"] for r in rounds]),
         "seconds_per_round": rounds,
     }

@@ -24,7 +24,7 @@ from leaf_ray.config import TeacherConfig, load_config
 from leaf_ray.data import DataError
 from leaf_ray.pipeline import embed
 from leaf_ray.storage import Location
-from leaf_ray.teacher import teacher_space
+from leaf_ray.teacher import LocalTeacher, teacher_space
 from tests.conftest import REPO
 from tests.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
 
@@ -250,3 +250,24 @@ def test_http_teacher_through_ray_with_a_flaky_server(server, demo_texts, tmp_pa
     inputs = [("query: " if t["kind"] == "query" else "") + t["text"] for t in texts]
     got = np.stack([rows[text_hash(t["kind"], t["text"])] for t in texts])
     np.testing.assert_allclose(got, expected(inputs), rtol=1e-6)
+
+
+def test_warm_up_runs_every_padded_width_and_leaves_vectors_alone(tiny_teacher, demo_texts):
+    """The GPU warm-up (run here on CPU): a full batch at each width a GPU call can pad to,
+    longest first; the teacher's vectors are the model's own afterwards."""
+    cfg = TeacherConfig(model=str(tiny_teacher), max_seq_length=60, batch_size=16)
+    teacher = LocalTeacher(cfg, "cpu")
+    shapes = []
+    forward = teacher._forward
+
+    def recording(order, batches):
+        shapes.extend(tuple(batch["input_ids"].shape) for batch in batches)
+        return forward(order, batches)
+
+    teacher._forward = recording
+    teacher._warm_up()
+    assert shapes == [(16, 60)] + [(16, width) for width in range(56, 0, -8)]
+    texts = [t["text"] for t in demo_texts[:50]]
+    model = SentenceTransformer(str(tiny_teacher), device="cpu")
+    model.max_seq_length = 60
+    np.testing.assert_allclose(teacher.embed(texts, "document"), model.encode(texts), atol=1e-5)
