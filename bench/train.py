@@ -148,7 +148,8 @@ def main() -> None:
                     "batch_size": batch,
                     "lr": 2e-4,
                     "head_lr": 1e-2,
-                    "log_every": args.log_every,
+                    # At least two rate windows in the measured epoch, however few its steps.
+                    "log_every": max(1, min(args.log_every, len(texts) // batch // 2)),
                 },
             }
         )
