@@ -3,22 +3,25 @@
     .venv/bin/python bench/teacher.py [--texts 8000] [--model NAME] [--actors 1] [--rounds 3]
                                       [--texts-file F]
 
-Four measurements of the same model on the same texts and threads, in this process, with Ray
-started for all of them (its background processes cost the baselines what they cost the stage):
-  bare        pre-tokenized batches sorted by token length over all texts, inference_mode
-              forward + mean pooling (the ceiling)
-  encode      sentence-transformers `encode()` with the same batch size
-  in_process  the stage's actor code (`TeacherEmbedder`) called here, without Ray, on the calls
-              the stage makes, two at a time as in the actor: what the teacher code costs, apart
-              from what Ray Data costs
-  stage       leaf-ray's Ray Data teacher stage (`embed_texts`), after one warm-up run: end to end
-              on all texts (actor start-up included), and its marginal rate from the difference
-              between runs on all texts and on the first SMALL (start-up and warm-up cancel out,
-              as the warm-up is excluded from the others)
-The five runs are repeated `--rounds` times, interleaved, and each ratio is taken within a round
-and reported as the median over rounds: this machine's speed drifts by 10% over minutes, which a
-baseline measured minutes away from the stage would count as the stage's.
-All three compute in the teacher's compute dtype (bf16 autocast on GPU, float32 on CPU).
+Measurements of the same model on the same texts and threads, in this process, with Ray started
+for all of them (its background processes cost the baselines what they cost the stage):
+  bare           pre-tokenized batches sorted by token length over all texts, inference_mode
+                 forward + mean pooling (the ceiling)
+  encode         sentence-transformers `encode()` with the same batch size
+  device_thread  the actor's device thread alone (`LocalTeacher._forward`) over the calls the
+                 stage makes, tokenized and padded beforehand, one after another
+  in_process     the actor's code (`TeacherEmbedder`) called here, without Ray, on those calls,
+                 two at a time as in the actor (tokenizing alongside the device thread)
+  stage          leaf-ray's Ray Data teacher stage (`embed_texts`), after one warm-up run: end
+                 to end on all texts (actor start-up included), and its marginal rate from the
+                 difference between runs on all texts and on the first SMALL (start-up and
+                 warm-up cancel out, as the warm-up is excluded from the others)
+`breakdown` splits stage/bare into three factors: the device thread against the bare forward
+(sorting within calls, the whole sentence-transformers module), tokenizing alongside it, and what
+Ray Data adds. The runs are repeated `--rounds` times, interleaved, and each ratio is taken within
+a round and reported as the median over rounds: this machine's speed drifts by 10% over minutes,
+which a baseline measured minutes away from the stage would count as the stage's.
+All compute in the teacher's compute dtype (bf16 autocast on GPU, float32 on CPU).
 Writes bench/results/teacher-<device>.json.
 """
 
@@ -41,6 +44,7 @@ import ray.data
 import torch
 
 from leaf_ray.config import TeacherConfig
+from leaf_ray.data import KINDS
 from leaf_ray.teacher import (
     LocalTeacher,
     TeacherEmbedder,
@@ -108,6 +112,25 @@ def in_process(embedder: TeacherEmbedder, rows: list[dict], call_rows: int) -> f
     tic = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(embedder, calls))
+    return time.perf_counter() - tic
+
+
+def device_thread(teacher: LocalTeacher, rows: list[dict], call_rows: int) -> float:
+    """Seconds for the device thread's work alone, the calls tokenized and padded beforehand."""
+    prepared = []
+    for start in range(0, len(rows), call_rows):
+        call = rows[start : start + call_rows]
+        for kind in KINDS:
+            texts = [r["text"] for r in call if r["kind"] == kind]
+            if texts:
+                prompt = teacher.prompts[kind]
+                features = teacher.model.preprocess(
+                    texts, prompt=prompt, processing_kwargs=UNPADDED
+                )
+                prepared.append(teacher._batches(features))
+    tic = time.perf_counter()
+    for order, batches in prepared:
+        teacher._forward(order, batches)
     return time.perf_counter() - tic
 
 
@@ -181,12 +204,14 @@ def main() -> None:
     rounds: list[dict] = []
     for _ in range(args.rounds):
         bare, encode = baselines(model, texts, args.batch_size, dtype)
+        alone = device_thread(embedder.teacher, rows, call_rows)
         here = in_process(embedder, rows, call_rows)
         small, stage = run_stage(rows[:SMALL], cfg), run_stage(rows, cfg)
         rounds.append(
             {
                 "bare": bare,
                 "encode": encode,
+                "device_thread": alone,
                 "in_process": here,
                 "stage_small": small,
                 "stage": stage,
@@ -214,14 +239,22 @@ def summary(rounds: list[dict], n: int) -> dict:
         "seq_per_s": {
             "bare": median([n / r["bare"] for r in rounds]),
             "encode": median([n / r["encode"] for r in rounds]),
+            "device_thread": median([n / r["device_thread"] for r in rounds]),
             "in_process": median([n / r["in_process"] for r in rounds]),
             "stage_end_to_end": median([n / r["stage"] for r in rounds]),
             "stage_marginal": median([marginal(r) for r in rounds]),
         },
         "stage_marginal_vs_bare": median([marginal(r) * r["bare"] / n for r in rounds]),
         "stage_marginal_vs_encode": median([marginal(r) * r["encode"] / n for r in rounds]),
-        "in_process_vs_bare": median([r["bare"] / r["in_process"] for r in rounds]),
-        "stage_marginal_vs_in_process": median([marginal(r) * r["in_process"] / n for r in rounds]),
+        "breakdown": {
+            "device_thread_vs_bare": median([r["bare"] / r["device_thread"] for r in rounds]),
+            "in_process_vs_device_thread": median(
+                [r["device_thread"] / r["in_process"] for r in rounds]
+            ),
+            "stage_marginal_vs_in_process": median(
+                [marginal(r) * r["in_process"] / n for r in rounds]
+            ),
+        },
         "stage_end_to_end_vs_bare": median([r["bare"] / r["stage"] for r in rounds]),
         "seconds_per_round": rounds,
     }
