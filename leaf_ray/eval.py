@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,9 +233,19 @@ class EvalCache:
 
     def load(self, task: EvalTask, model_key: str, side: str) -> Vectors:
         file = self.file(task, model_key, side)
-        table = pq.read_table(file.path, filesystem=file.fs)
-        array = table.column("embedding").combine_chunks().flatten().to_numpy()
-        return Vectors(table.column("id").to_pylist(), array.reshape(len(table), -1))
+        return _vectors(pq.read_table(file.path, filesystem=file.fs))
+
+    def stream(self, task: EvalTask, model_key: str, side: str) -> Iterator[Vectors]:
+        """The side in the order it was written, a Parquet batch at a time."""
+        file = self.file(task, model_key, side)
+        with file.fs.open_input_file(file.path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=STREAM_ROWS):
+                yield _vectors(pa.Table.from_batches([batch]))
+
+
+def _vectors(table: pa.Table) -> Vectors:
+    array = table.column("embedding").combine_chunks().flatten().to_numpy()
+    return Vectors(table.column("id").to_pylist(), array.reshape(len(table), -1))
 
 
 def _model_meta(
@@ -335,22 +345,75 @@ def _embed_task(
 
 
 class _CachedVectors(_LeafSimilarity):
-    """mteb's encoder protocol over vectors already computed: truncated and quantized as asked,
-    then looked up by id. It has no model, so it cannot run one."""
+    """mteb's encoder protocol over vectors already computed, truncated and quantized as asked.
+    It has no model, so it cannot run one.
+
+    The queries are held whole. The documents are read chunk by chunk in the order they were
+    written, which is the order mteb asks for them (its corpus order, 50,000 at a time): a
+    scoring task holds one chunk of a large corpus, not all of it. Asked in another order
+    (e.g. a reranking task), it reads them whole and looks them up by id."""
 
     def __init__(
-        self, meta: ModelMeta, queries: Vectors, docs: Vectors, dimension: int, quantization: str
+        self,
+        meta: ModelMeta,
+        queries: Vectors,
+        documents: Callable[[], Iterator[Vectors]],
+        dimension: int,
+        quantization: str,
     ) -> None:
         self.mteb_model_meta = meta
-        q, d = compress(queries.array, docs.array, dimension, quantization)
-        self.sides = {
-            "query": (dict(zip(queries.ids, range(len(q)), strict=True)), q),
-            "document": (dict(zip(docs.ids, range(len(d)), strict=True)), d),
-        }
+        self.documents, self.dimension, self.quantization = documents, dimension, quantization
+        # int8 is calibrated on the whole corpus: its ranges take one pass before the search.
+        self.ranges = (
+            int8_ranges(truncate(chunk.array, dimension) for chunk in documents())
+            if quantization == "int8"
+            else None
+        )
+        self.queries = dict(zip(queries.ids, range(len(queries.ids)), strict=True))
+        self.query_array = self._compress(queries.array)
+        self.in_order: Iterator[Vectors] | None = None
+        self.pending: Vectors | None = None  # read past the last chunk mteb asked for
+        self.by_id: tuple[dict[str, int], np.ndarray] | None = None
 
     def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
-        rows, array = self.sides[prompt_type.value]
-        return array[[rows[i] for i in inputs.dataset["id"]]]
+        ids = list(inputs.dataset["id"])
+        if prompt_type.value == "query":
+            return self.query_array[[self.queries[i] for i in ids]]
+        return self._compress(self._document_vectors(ids))
+
+    def _document_vectors(self, ids: list[str]) -> np.ndarray:
+        if self.by_id is None:
+            chunk = self._next_in_order(len(ids))
+            if chunk.ids == ids:
+                return chunk.array
+            whole = list(self.documents())  # asked out of order: look them up by id
+            rows = [i for part in whole for i in part.ids]
+            array = np.concatenate([part.array for part in whole])
+            self.by_id = dict(zip(rows, range(len(rows)), strict=True)), array
+        rows, array = self.by_id
+        return array[[rows[i] for i in ids]]
+
+    def _next_in_order(self, n: int) -> Vectors:
+        """The next `n` documents as stored, across the stream's batches."""
+        if self.in_order is None:
+            self.in_order = self.documents()
+        parts = [self.pending] if self.pending else []
+        have = sum(len(part.ids) for part in parts)
+        while have < n and (part := next(self.in_order, None)) is not None:
+            parts.append(part)
+            have += len(part.ids)
+        ids = [i for part in parts for i in part.ids]
+        array = np.concatenate([part.array for part in parts])
+        self.pending = Vectors(ids[n:], array[n:])
+        return Vectors(ids[:n], array[:n])
+
+    def _compress(self, vectors: np.ndarray) -> np.ndarray:
+        return quantize(truncate(vectors, self.dimension), self.quantization, self.ranges)
+
+
+# Rows per Parquet batch when documents are streamed; mteb searches its corpus 50,000 at a time.
+STREAM_ROWS = 16_384
+MTEB_CORPUS_CHUNK = 50_000
 
 
 @ray.remote(num_cpus=1)
@@ -367,17 +430,22 @@ def _score_task(
     import mteb
 
     datasets.disable_progress_bars()
-    queries, docs = (cache.load(task, key, side) for key, side in zip(keys, SIDES, strict=True))
-    encoder = _CachedVectors(meta, queries, docs, dimension, quantization)
+    (q_key, d_key), (q_side, d_side) = keys, SIDES
+    queries = cache.load(task, q_key, q_side)
+    documents = functools.partial(cache.stream, task, d_key, d_side)
+    encoder = _CachedVectors(meta, queries, documents, dimension, quantization)
     result = mteb.evaluate(encoder, task.load(), cache=None, show_progress_bar=False)
     return result.task_results[0]
 
 
 def _score_memory(shapes: list[tuple[int, int]], largest_node: float) -> int:
-    """Bytes a scoring task holds: the float32 vectors, their compressed copy and mteb's
-    working set (about 3x the vectors), capped at the largest node's memory so that a big
-    corpus runs alone rather than never."""
-    need = 3 * 4 * sum(rows * dim for rows, dim in shapes)
+    """Bytes a scoring task holds: the queries' vectors and their compressed copy, one corpus
+    chunk of documents (read, truncated, compressed) and its float64 scores against every
+    query; capped at the largest node's memory so that a big task runs alone rather than
+    never."""
+    (queries, q_dim), (documents, d_dim) = shapes
+    chunk = min(documents, MTEB_CORPUS_CHUNK) + STREAM_ROWS
+    need = 2 * 4 * queries * q_dim + 3 * 4 * chunk * d_dim + 2 * 8 * queries * chunk
     return int(min(need, largest_node))
 
 
@@ -493,18 +561,30 @@ def _add_retention(rows: list[dict]) -> None:
         r["retention"] = r["score"] / base if base else None
 
 
-def compress(
-    queries: np.ndarray, docs: np.ndarray, dimension: int, quantization: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Matryoshka truncation to the first `dimension` values, renormalised; then int8 calibrated
-    on the documents' ranges, or sign bits packed 8 to a byte (sentence-transformers' own
-    quantizer, as a vector index would store them)."""
-    q, d = (_unit(x[:, :dimension]) for x in (queries, docs))
+def truncate(vectors: np.ndarray, dimension: int) -> np.ndarray:
+    """Matryoshka truncation to the first `dimension` values, renormalised."""
+    return _unit(vectors[:, :dimension])
+
+
+def int8_ranges(documents: Iterable[np.ndarray]) -> np.ndarray:
+    """Per-dimension minimum and maximum over the (truncated) documents, chunk by chunk: the
+    calibration `quantize_embeddings` would compute from them all at once."""
+    low = high = None
+    for chunk in documents:
+        lo, hi = chunk.min(axis=0), chunk.max(axis=0)
+        low = lo if low is None else np.minimum(low, lo)
+        high = hi if high is None else np.maximum(high, hi)
+    return np.vstack([low, high])
+
+
+def quantize(vectors: np.ndarray, quantization: str, ranges: np.ndarray | None) -> np.ndarray:
+    """int8 within the documents' `ranges`, or sign bits packed 8 to a byte: sentence-transformers'
+    own quantizer, as a vector index would store them."""
     if quantization == "int8":
-        return tuple(quantize_embeddings(x, "int8", calibration_embeddings=d) for x in (q, d))
+        return quantize_embeddings(vectors, "int8", ranges=ranges)
     if quantization == "binary":
-        return quantize_embeddings(q, "ubinary"), quantize_embeddings(d, "ubinary")
-    return q, d
+        return quantize_embeddings(vectors, "ubinary")
+    return vectors
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

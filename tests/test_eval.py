@@ -13,9 +13,11 @@ from leaf_ray.eval import (
     VectorsFile,
     _CachedVectors,
     _model_meta,
-    compress,
+    int8_ranges,
+    quantize,
     resolve_tasks,
     similarity,
+    truncate,
 )
 from leaf_ray.storage import Location
 
@@ -41,6 +43,22 @@ def graded_set(root, n_queries=40, n_docs=200, seed=0):
     return root
 
 
+def whole_corpus(queries: np.ndarray, docs: np.ndarray, dimension: int, quantization: str):
+    """The reference compression: whole arrays, int8 calibrated by sentence-transformers itself
+    on all the documents."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    q, d = (
+        x[:, :dimension] / np.linalg.norm(x[:, :dimension], axis=1, keepdims=True)
+        for x in (queries, docs)
+    )
+    if quantization == "int8":
+        return tuple(quantize_embeddings(x, "int8", calibration_embeddings=d) for x in (q, d))
+    if quantization == "binary":
+        return quantize_embeddings(q, "ubinary"), quantize_embeddings(d, "ubinary")
+    return q, d
+
+
 def pytrec_ndcg_at_10(rs, queries: np.ndarray, docs: np.ndarray) -> float:
     """Exact search with leaf-ray's similarity, then pytrec_eval's ndcg_cut_10, query-averaged."""
     scores = similarity(queries, docs)
@@ -51,8 +69,11 @@ def pytrec_ndcg_at_10(rs, queries: np.ndarray, docs: np.ndarray) -> float:
     return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()]))
 
 
+@pytest.mark.parametrize("stored", ["in mteb's order", "shuffled"])
 @pytest.mark.parametrize("quantization", ["float32", "int8", "binary"])
-def test_mteb_ndcg_equals_pytrec_eval_on_the_same_rankings(tmp_path, quantization):
+def test_mteb_ndcg_equals_pytrec_eval_on_the_same_rankings(tmp_path, quantization, stored):
+    """Documents stream in 64-row pieces, as stored: in mteb's order they are read once (twice
+    for int8, whose calibration takes a pass); stored in another order, once more, whole."""
     import mteb
 
     from leaf_ray.config import EvalConfig
@@ -65,13 +86,23 @@ def test_mteb_ndcg_equals_pytrec_eval_on_the_same_rankings(tmp_path, quantizatio
     # Queries near their most relevant document, so the scores are neither 0 nor 1.
     rel = [max(rs.qrels[q], key=rs.qrels[q].get) for q in rs.queries]
     queries = docs[[int(d[1:]) for d in rel]] + 1.5 * rng.standard_normal((len(rel), 48))
-    q_vec, d_vec = Vectors(list(rs.queries), queries), Vectors(list(rs.corpus), docs)
+    ids = np.array(list(rs.corpus))
+    rows = rng.permutation(len(ids)) if stored == "shuffled" else np.arange(len(ids))
+    passes = []
+
+    def documents():
+        passes.append(1)
+        for start in range(0, len(rows), 64):
+            piece = rows[start : start + 64]
+            yield Vectors(ids[piece].tolist(), docs[piece])
+
     meta = _model_meta("leaf-ray/test", "r0", 48)
-    encoder = _CachedVectors(meta, q_vec, d_vec, 32, quantization)
+    encoder = _CachedVectors(meta, Vectors(list(rs.queries), queries), documents, 32, quantization)
     result = mteb.evaluate(encoder, task.load(), cache=None, show_progress_bar=False)
-    ours = pytrec_ndcg_at_10(rs, *compress(queries, docs, 32, quantization))
+    ours = pytrec_ndcg_at_10(rs, *whole_corpus(queries, docs, 32, quantization))
     assert 0.2 < ours < 0.95
     assert result.task_results[0].get_score() == pytest.approx(ours, abs=1e-4)
+    assert len(passes) == 1 + (quantization == "int8") + (stored == "shuffled")
 
 
 def test_eval_tasks_are_keyed_by_their_data_and_bad_names_are_named(tmp_path):
@@ -114,6 +145,9 @@ def test_eval_cache_round_trips_vectors_written_piece_by_piece(tmp_path):
     assert loaded.ids == ["q0", "q1", "q2", "q3"]
     np.testing.assert_array_equal(loaded.array, sides["query"][1])
     assert cache.load(task, "model0", "document").ids == ["d0"]
+    streamed = list(cache.stream(task, "model0", "query"))
+    assert [i for part in streamed for i in part.ids] == loaded.ids
+    np.testing.assert_array_equal(np.concatenate([p.array for p in streamed]), loaded.array)
     assert not cache.has(EvalTask("graded", "rev1"), "model0")  # other data: a miss
     # Nothing but the two files: no temporary names left behind.
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()) == [
@@ -144,7 +178,7 @@ def test_load_beir_reads_the_demo_set_and_names_bad_lines(tmp_path):
 def test_matryoshka_truncation_renormalises_the_first_dimensions():
     rng = np.random.default_rng(0)
     queries, docs = rng.standard_normal((5, 64)), rng.standard_normal((40, 64))
-    q, d = compress(queries, docs, 16, "float32")
+    q, d = truncate(queries, 16), truncate(docs, 16)
     assert q.shape == (5, 16) and d.shape == (40, 16)
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0)
     np.testing.assert_allclose(
@@ -156,18 +190,22 @@ def test_int8_is_calibrated_on_the_corpus_and_keeps_the_ranking():
     rng = np.random.default_rng(1)
     docs = rng.standard_normal((200, 32))
     queries = docs[:20] + 0.3 * rng.standard_normal((20, 32))  # each near its own document
-    q, d = compress(queries, docs, 32, "int8")
+    # Calibrated piece by piece, as documents stream: the same as on all of them at once.
+    ranges = int8_ranges(truncate(piece, 32) for piece in np.array_split(docs, 7))
+    q, d = (quantize(truncate(x, 32), "int8", ranges) for x in (queries, docs))
+    for ours, reference in zip((q, d), whole_corpus(queries, docs, 32, "int8"), strict=True):
+        np.testing.assert_array_equal(ours, reference)
     assert q.dtype == d.dtype == np.int8
     assert d.min() == -128 and d.max() == 127  # the corpus spans the whole int8 range
     best = similarity(q, d).argmax(1)
-    exact = similarity(*compress(queries, docs, 32, "float32")).argmax(1)
+    exact = similarity(truncate(queries, 32), truncate(docs, 32)).argmax(1)
     assert (best == exact).mean() >= 0.9
 
 
 def test_binary_scores_are_minus_the_hamming_distance_of_sign_bits():
     rng = np.random.default_rng(2)
     queries, docs = rng.standard_normal((4, 24)), rng.standard_normal((10, 24))
-    q, d = compress(queries, docs, 24, "binary")
+    q, d = (quantize(truncate(x, 24), "binary", None) for x in (queries, docs))
     assert q.dtype == np.uint8 and q.shape == (4, 3)  # 24 sign bits, 8 to a byte
     hamming = ((queries[:, None, :] > 0) != (docs[None, :, :] > 0)).sum(-1)
     np.testing.assert_array_equal(similarity(q, d), -hamming)
