@@ -440,12 +440,12 @@ def _score_task(
 
 def _score_memory(shapes: list[tuple[int, int]], largest_node: float) -> int:
     """Bytes a scoring task holds: the queries' vectors and their compressed copy, one corpus
-    chunk of documents (read, truncated, compressed) and its float64 scores against every
-    query; capped at the largest node's memory so that a big task runs alone rather than
-    never."""
+    chunk of documents (read, truncated, compressed) and its scores against every query
+    (float32 products, then float64); capped at the largest node's memory so that a big task
+    runs alone rather than never."""
     (queries, q_dim), (documents, d_dim) = shapes
     chunk = min(documents, MTEB_CORPUS_CHUNK) + STREAM_ROWS
-    need = 2 * 4 * queries * q_dim + 3 * 4 * chunk * d_dim + 2 * 8 * queries * chunk
+    need = 2 * 4 * queries * q_dim + 3 * 4 * chunk * d_dim + (4 + 8) * queries * chunk
     return int(min(need, largest_node))
 
 
