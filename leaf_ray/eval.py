@@ -286,9 +286,17 @@ class _LeafSimilarity:
         raise NotImplementedError("retrieval tasks only")
 
 
-class _RecordingEncoder(_LeafSimilarity):
+class _RecordingEncoder:
     """mteb's encoder protocol over a model (a SentenceTransformer, or a black-box teacher's
-    endpoint), writing every vector it returns."""
+    endpoint), writing every vector it returns. Its run only records: mteb's search still
+    asks for scores, which are discarded, so they are zeros rather than a product of every
+    query with every document (minutes to hours on CPU for a corpus of millions)."""
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        return torch.zeros(len(a), len(b))
+
+    def similarity_pairwise(self, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        return torch.zeros(len(a))
 
     def __init__(self, encoder: Encoder, cfg: EvalConfig, folder: Path) -> None:
         self.files = {side: VectorsFile(folder / f"{side}.parquet") for side in SIDES}
