@@ -116,7 +116,12 @@ class HttpTeacherConfig(Strict):
     )
     max_concurrency: int = Field(8, gt=0, description="Requests in flight per teacher actor.")
     requests_per_second: float | None = Field(None, gt=0, description="Per actor; None: no limit.")
-    max_retries: int = Field(6, ge=0, description="On 429, 5xx, timeouts; exponential backoff.")
+    max_retries: int = Field(
+        6,
+        ge=0,
+        description="On 408, 409, 429, 5xx, timeouts and connection errors; exponential backoff "
+        "or the server's Retry-After.",
+    )
     timeout_s: float = Field(60.0, gt=0)
     texts_per_request: int = Field(64, gt=0)
     dimensions: int | None = Field(None, gt=0, description="Sent as `dimensions` (MRL APIs).")
@@ -205,7 +210,10 @@ class TrainConfig(Strict):
         None, gt=0, description="Steps between checkpoints; each epoch's end checkpoints too."
     )
     keep_checkpoints: int = Field(
-        2, gt=0, description="Best checkpoints kept, by validation loss (plus the latest)."
+        2,
+        gt=0,
+        description="Best checkpoints kept, by validation loss (plus the latest); without "
+        "validation texts, the latest.",
     )
     validation_texts: int = Field(
         512, ge=0, description="Held out from training (chosen by hash) to score checkpoints."

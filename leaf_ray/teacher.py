@@ -303,13 +303,11 @@ def embed_texts(
         gpus, reserved_cpus = min(1.0, resources["GPU"] / cfg.num_actors), 1.0
         threads = max(1, int(resources["CPU"] // resources["GPU"]) - 1)
     else:
-        # On CPUs the actors reserve all but one CPU per node, so Ray Data's read, repartition
-        # and write tasks (a whole CPU each) can always be scheduled (otherwise the pipeline
-        # deadlocks); torch uses them all.
-        cpus = resources["CPU"]
-        nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU"))
-        gpus, reserved_cpus = 0, max(cpus - nodes, cpus / 2) / cfg.num_actors
-        threads = max(1, round(cpus / cfg.num_actors))
+        node_cpus = [
+            n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")
+        ]
+        gpus = 0
+        reserved_cpus, threads = cpu_actor_share(resources["CPU"], node_cpus, cfg.num_actors)
     # Two calls run at once in an actor (threads): one is tokenized while the other computes.
     return calls.map_batches(
         TeacherEmbedder,
@@ -325,6 +323,17 @@ def embed_texts(
         num_gpus=gpus,
         num_cpus=reserved_cpus,  # Ray Data spreads its actors over the nodes by default
     )
+
+
+def cpu_actor_share(free_cpus: float, node_cpus: list[float], num_actors: int) -> tuple[float, int]:
+    """CPUs each CPU actor reserves, and its torch threads. The actors reserve all but one CPU
+    per node, so Ray Data's read, repartition and write tasks (a whole CPU each) can always be
+    scheduled (otherwise the pipeline deadlocks); torch uses them all. An actor lives on one
+    node, so neither exceeds the largest node's (a reservation no node can meet waits forever)."""
+    largest = max(node_cpus)
+    share = max(free_cpus - len(node_cpus), free_cpus / 2) / num_actors
+    reserved = min(share, max(largest - 1, largest / 2))
+    return reserved, max(1, min(round(free_cpus / num_actors), int(largest)))
 
 
 def rows_per_actor_call(cfg: TeacherConfig, num_rows: int | None = None) -> int:

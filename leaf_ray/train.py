@@ -52,7 +52,9 @@ def train_student(
     resources = ray.cluster_resources()
     use_gpu = trainer_resources(cfg)["GPU"] > 0
     # Workers reserve less CPU than they compute with, so Ray Data can always feed them.
-    threads = cfg.train.torch_threads or max(1, round(resources["CPU"] / cfg.train.num_workers))
+    largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    per_worker = min(round(resources["CPU"] / cfg.train.num_workers), int(largest))  # one node's
+    threads = cfg.train.torch_threads or max(1, per_worker)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -151,10 +153,18 @@ def train_loop(config: dict) -> None:
         model.train()
         tic, seen = time.perf_counter(), 0  # throughput over each logging window
         micro_batches = _length_bucketed(shard, micro_batch, cfg.run.seed + epoch)
-        # Resuming mid-epoch: the epoch's batches come in the same order; skip those trained on.
+        # Resuming mid-epoch: skip as many micro-batches as were trained on. They are the same
+        # texts when the shard arrives in the same order (the local shuffle is seeded by epoch;
+        # Ray Data keeps block order on one worker); with several workers a block may go to
+        # another worker, so the rest of the epoch is its untrained part approximately.
         micro_batches = itertools.islice(micro_batches, done, None)
         step_loss = torch.zeros((), device=device)
         for i, (texts, targets) in enumerate(micro_batches, start=done):
+            if i >= micro_per_epoch:  # the schedule and the loss scaling count on the plan
+                raise RuntimeError(
+                    f"epoch {epoch}: the data shard holds more than the {micro_per_epoch} "
+                    f"micro-batches planned for {config['num_rows']} rows"
+                )
             # A step takes `accumulation` micro-batches; the epoch's last step may take fewer.
             group = min(accumulation, micro_per_epoch - i // accumulation * accumulation)
             stepping = (i + 1) % accumulation == 0 or i + 1 == micro_per_epoch

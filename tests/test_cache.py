@@ -22,9 +22,9 @@ from sentence_transformers import SentenceTransformer
 from leaf_ray.cache import MANIFEST, SHARDS, TeacherCache, text_hash, verify
 from leaf_ray.config import TeacherConfig, load_config
 from leaf_ray.data import DataError
-from leaf_ray.pipeline import embed
+from leaf_ray.pipeline import embed, streaming_training_set
 from leaf_ray.storage import Location
-from leaf_ray.teacher import LocalTeacher, teacher_space
+from leaf_ray.teacher import LocalTeacher, cpu_actor_share, teacher_space
 from tests.conftest import REPO
 from tests.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
 
@@ -271,3 +271,39 @@ def test_warm_up_runs_every_padded_width_and_leaves_vectors_alone(tiny_teacher, 
     model = SentenceTransformer(str(tiny_teacher), device="cpu")
     model.max_seq_length = 60
     np.testing.assert_allclose(teacher.embed(texts, "document"), model.encode(texts), atol=1e-5)
+
+
+def test_a_text_repeated_in_a_source_without_ids_is_one_text(
+    tiny_teacher, demo_texts, tmp_path, ray_local
+):
+    """Without an id field a row's id is its content hash, so a repeated text repeats its
+    (hash, id) too: it is still embedded, cached and trained on as one text."""
+    texts = [{"text": t["text"], "kind": t["kind"]} for t in demo_texts[:100]]
+    texts += texts[:20]
+    teacher = {"model": str(tiny_teacher), "max_seq_length": 64}
+    cfg = load_config(write_config(tmp_path, texts, teacher, train={"validation_texts": 5}))
+
+    vectors = embed(cfg)
+    assert (len(vectors.hashes), vectors.unique, vectors.embedded) == (120, 100, 100)
+    assert len(cache_rows(vectors)) == 100 and verify(vectors.cache, vectors.hashes).ok
+    data, count, _ = vectors.training_set(cfg)
+    assert count == data.count() == 95
+
+    _, stream, num_rows, validation = streaming_training_set(cfg)
+    hashes = Counter(r["text_hash"] for r in stream.select_columns(["text_hash"]).take_all())
+    assert num_rows == sum(hashes.values()) == 95 and set(hashes.values()) == {1}
+    assert len(validation[0]) == 5
+
+
+@pytest.mark.parametrize(
+    ("node_cpus", "actors", "share"),
+    [
+        ([2], 1, (1.0, 2)),  # this machine: one CPU left to Ray Data's tasks
+        ([16, 16], 1, (15.0, 16)),  # one actor fits one node, not the cluster's 30 CPUs
+        ([16, 16], 2, (15.0, 16)),
+        ([16, 16], 8, (3.75, 4)),
+        ([8, 2], 2, (4.0, 5)),
+    ],
+)
+def test_cpu_actors_reserve_what_one_node_can_give(node_cpus, actors, share):
+    assert cpu_actor_share(sum(node_cpus), node_cpus, actors) == share

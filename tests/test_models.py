@@ -1,0 +1,37 @@
+"""Model pins: a configured sha256 is checked before the weights are used, local or hub."""
+
+import hashlib
+
+import pytest
+
+from leaf_ray.config import ModelRef
+from leaf_ray.models import WEIGHTS, ModelPinError, resolve_model
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_local_folder_is_checked_against_its_pin(tmp_path):
+    (tmp_path / WEIGHTS).write_bytes(b"weights")
+    pin = hashlib.sha256(b"weights").hexdigest()
+    assert resolve_model(ModelRef(model=str(tmp_path), sha256=pin)) == str(tmp_path)
+    with pytest.raises(ModelPinError, match=rf"{WEIGHTS}: sha256 {pin} does not match pin 0+"):
+        resolve_model(ModelRef(model=str(tmp_path), sha256="0" * 64))
+
+
+def test_a_pinned_hub_model_is_checked_in_the_hub_cache(tmp_path, monkeypatch):
+    """Offline, from a hub cache laid out as huggingface_hub lays it out."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--acme--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo / "snapshots" / COMMIT / WEIGHTS).write_bytes(b"hub weights")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    pin = hashlib.sha256(b"hub weights").hexdigest()
+    assert resolve_model(ModelRef(model="acme/tiny", sha256=pin)) == "acme/tiny"
+    with pytest.raises(ModelPinError, match="does not match pin"):
+        resolve_model(ModelRef(model="acme/tiny", sha256="1" * 64))
+    assert resolve_model(ModelRef(model="acme/tiny")) == "acme/tiny"  # no pin: nothing fetched
