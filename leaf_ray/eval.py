@@ -38,7 +38,7 @@ from leaf_ray.config import EvalConfig, TeacherConfig
 from leaf_ray.data import load_beir
 from leaf_ray.models import file_sha256
 from leaf_ray.storage import Location
-from leaf_ray.teacher import HttpTeacher
+from leaf_ray.teacher import HttpTeacher, node_amounts
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval
@@ -477,7 +477,7 @@ def evaluate(
     embedded = _embed_missing(models, keys, tasks, cfg, cache)
 
     shape = functools.cache(cache.shape)  # a footer read once, though modes share sides
-    largest_node = max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"])
+    largest_node = max(node_amounts("memory"), default=0)
     jobs = {}
     for task in tasks:
         for mode, (q_role, d_role) in modes.items():

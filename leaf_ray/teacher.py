@@ -96,7 +96,8 @@ class LocalTeacher:
         kernel selection), which would otherwise be paid during the stage."""
         sample = self.model.preprocess(["warm up"], processing_kwargs=self.UNPADDED)
         limit = self.model.max_seq_length
-        for width in sorted({padded_width(n, limit, True) for n in range(1, limit + 1)})[::-1]:
+        widths = {padded_width(n, limit, True) for n in range(1, limit + 1)}
+        for width in sorted(widths, reverse=True):
             features = {
                 name: [values[0][:1] * width] * self.batch_size
                 if isinstance(values, list)
@@ -303,11 +304,10 @@ def embed_texts(
         gpus, reserved_cpus = min(1.0, resources["GPU"] / cfg.num_actors), 1.0
         threads = max(1, int(resources["CPU"] // resources["GPU"]) - 1)
     else:
-        node_cpus = [
-            n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")
-        ]
         gpus = 0
-        reserved_cpus, threads = cpu_actor_share(resources["CPU"], node_cpus, cfg.num_actors)
+        reserved_cpus, threads = cpu_actor_share(
+            resources["CPU"], node_amounts("CPU"), cfg.num_actors
+        )
     # Two calls run at once in an actor (threads): one is tokenized while the other computes.
     return calls.map_batches(
         TeacherEmbedder,
@@ -323,6 +323,14 @@ def embed_texts(
         num_gpus=gpus,
         num_cpus=reserved_cpus,  # Ray Data spreads its actors over the nodes by default
     )
+
+
+def node_amounts(resource: str) -> list[float]:
+    """How much of `resource` each alive node has (nodes without any left out): a task or actor
+    lives on one node, so the largest bounds what it can ask for."""
+    return [
+        n["Resources"][resource] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource)
+    ]
 
 
 def cpu_actor_share(free_cpus: float, node_cpus: list[float], num_actors: int) -> tuple[float, int]:

@@ -30,6 +30,7 @@ from leaf_ray.config import LeafConfig, TrainConfig
 from leaf_ray.report import VALIDATION_JSONL, write_metrics
 from leaf_ray.storage import Location
 from leaf_ray.student import embed, freeze_unused, leaf_loss, param_groups
+from leaf_ray.teacher import node_amounts
 
 TRAIN_STATE = "train_state.pt"
 # Texts per length-sorting window, in batches: batches then carry little padding.
@@ -52,7 +53,7 @@ def train_student(
     resources = ray.cluster_resources()
     use_gpu = trainer_resources(cfg)["GPU"] > 0
     # Workers reserve less CPU than they compute with, so Ray Data can always feed them.
-    largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    largest = max(node_amounts("CPU"), default=0)
     per_worker = min(round(resources["CPU"] / cfg.train.num_workers), int(largest))  # one node's
     threads = cfg.train.torch_threads or max(1, per_worker)
     trainer = TorchTrainer(
