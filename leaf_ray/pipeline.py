@@ -103,7 +103,7 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     ids, hashes, sources = _row_keys(texts)
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
-        chosen = _chosen_rows(texts, todo, ids, hashes)
+        chosen = _chosen_rows(texts, todo, _shared_rows(ids, hashes))
         rows_per_call = rows_per_actor_call(cfg.teacher, len(todo))
         sink = cache.sink(cfg.teacher.vector_dtype, rows_per_call)
         calls = teacher_calls(chosen, cfg.teacher, len(todo))
@@ -159,16 +159,20 @@ def _first_rows_missing(ids: np.ndarray, hashes: np.ndarray, cached: np.ndarray)
     return {h: (i, 1) for h, i in _first_ids(ids, hashes).items() if h not in cached}
 
 
+def _shared_rows(ids: np.ndarray, hashes: np.ndarray) -> set[tuple[str, str]]:
+    """(text_hash, id) pairs more than one row has: a text repeated in a source without ids,
+    whose id is its content hash."""
+    pairs, counts = np.unique(np.char.add(np.char.add(hashes, "\n"), ids), return_counts=True)
+    return {tuple(pair.split("\n", 1)) for pair in pairs[counts > 1].tolist()}
+
+
 def _chosen_rows(
-    texts: ray.data.Dataset, plan: dict, ids: np.ndarray, hashes: np.ndarray
+    texts: ray.data.Dataset, plan: dict, shared: set[tuple[str, str]]
 ) -> ray.data.Dataset:
     """The rows `plan` names (text_hash -> (id, times)), each repeated `times` times. Rows that
-    share both (a text repeated in a source without ids, so its id is its content hash) are one
-    text: kept once, through Ray Data's group-by, which runs only when there are such rows."""
-    named = np.fromiter(
-        (h in plan and plan[h][0] == i for h, i in zip(hashes, ids, strict=True)), bool, len(ids)
-    )
-    if np.unique(hashes[named]).size == named.sum():
+    name the same pair (`_shared_rows`) are one text: kept once, through Ray Data's group-by,
+    which runs only when the plan names such a pair."""
+    if not any(h in plan and plan[h][0] == i for h, i in shared):
         return texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
     once = {h: (i, 1) for h, (i, _) in plan.items()}
     named_rows = texts.map_batches(_repeat_rows, fn_args=(once,), batch_format="numpy")
@@ -225,17 +229,17 @@ def streaming_training_set(
     space, texts = _space_and_texts(cfg)
     ids, hashes, sources = _row_keys(texts)
     held, wanted, counts = _training_plan(cfg, hashes, sources)
-    id_of = _first_ids(ids, hashes)
+    id_of, shared = _first_ids(ids, hashes), _shared_rows(ids, hashes)
     validation = None
     if held.size:
         plan = {h: (id_of[h], 1) for h in held.tolist()}
-        chosen = _chosen_rows(texts, plan, ids, hashes)
+        chosen = _chosen_rows(texts, plan, shared)
         validation = _validation(
             embed_texts(teacher_calls(chosen, cfg.teacher, held.size), cfg.teacher, held.size)
         )
     plan = {h: (id_of[h], c) for h, c in zip(wanted.tolist(), counts.tolist(), strict=True) if c}
     num_rows = int(counts.sum())
-    chosen = _chosen_rows(texts, plan, ids, hashes)
+    chosen = _chosen_rows(texts, plan, shared)
     calls = teacher_calls(chosen, cfg.teacher, num_rows).materialize()
     stream = embed_texts(calls, cfg.teacher, num_rows, held_elsewhere=trainer_resources(cfg))
     return space, stream, num_rows, validation
