@@ -243,6 +243,12 @@ class EvalCache:
                 yield _vectors(pa.Table.from_batches([batch]))
 
 
+def _joined(parts: list[Vectors]) -> Vectors:
+    return Vectors(
+        [i for part in parts for i in part.ids], np.concatenate([p.array for p in parts])
+    )
+
+
 def _vectors(table: pa.Table) -> Vectors:
     array = table.column("embedding").combine_chunks().flatten().to_numpy()
     return Vectors(table.column("id").to_pylist(), array.reshape(len(table), -1))
@@ -394,10 +400,8 @@ class _CachedVectors(_LeafSimilarity):
             chunk = self._next_in_order(len(ids))
             if chunk.ids == ids:
                 return chunk.array
-            whole = list(self.documents())  # asked out of order: look them up by id
-            rows = [i for part in whole for i in part.ids]
-            array = np.concatenate([part.array for part in whole])
-            self.by_id = dict(zip(rows, range(len(rows)), strict=True)), array
+            whole = _joined(list(self.documents()))  # asked out of order: look them up by id
+            self.by_id = dict(zip(whole.ids, range(len(whole.ids)), strict=True)), whole.array
         rows, array = self.by_id
         return array[[rows[i] for i in ids]]
 
@@ -410,10 +414,9 @@ class _CachedVectors(_LeafSimilarity):
         while have < n and (part := next(self.in_order, None)) is not None:
             parts.append(part)
             have += len(part.ids)
-        ids = [i for part in parts for i in part.ids]
-        array = np.concatenate([part.array for part in parts])
-        self.pending = Vectors(ids[n:], array[n:])
-        return Vectors(ids[:n], array[:n])
+        read = _joined(parts)
+        self.pending = Vectors(read.ids[n:], read.array[n:])
+        return Vectors(read.ids[:n], read.array[:n])
 
     def _compress(self, vectors: np.ndarray) -> np.ndarray:
         return quantize(truncate(vectors, self.dimension), self.quantization, self.ranges)
