@@ -46,6 +46,7 @@ import torch
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data import KINDS
 from leaf_ray.teacher import (
+    UNPADDED,
     LocalTeacher,
     TeacherEmbedder,
     compute_dtype,
@@ -54,8 +55,6 @@ from leaf_ray.teacher import (
     rows_per_actor_call,
     teacher_calls,
 )
-
-UNPADDED = LocalTeacher.UNPADDED
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -131,6 +131,12 @@ class TeacherConfig(ModelRef):
     max_seq_length: int = Field(128, gt=0)
     batch_size: int = Field(64, gt=0)
     num_actors: int = Field(1, gt=0)
+    tokenizer_actors: int | None = Field(
+        None,
+        ge=0,
+        description="CPU actors (one CPU each) tokenizing for the teacher actors; 0: the teacher "
+        "actors tokenize. Default: on GPUs up to 4 per teacher actor, as CPUs allow; on CPUs 0.",
+    )
     query_prompt: str | None = Field(None, description="Default: the teacher's own 'query' prompt.")
     document_prompt: str | None = Field(
         None, description="Default: the teacher's 'document' prompt."
@@ -158,6 +164,8 @@ class TeacherConfig(ModelRef):
     def _one_backend(self) -> TeacherConfig:
         if self.vectors and self.http:
             raise ValueError("give at most one of 'vectors' or 'http'")
+        if self.tokenizer_actors and self.backend != "sentence_transformers":
+            raise ValueError("'tokenizer_actors' is for sentence-transformers teachers only")
         return self
 
 

@@ -71,18 +71,26 @@ class Teacher(Protocol):
 class LocalTeacher:
     """A sentence-transformers model run by hand rather than through `encode()`:
     - a call is tokenized once, unpadded, by the model's own `preprocess` (prompts included),
-      then batched by exact token length, so batches carry almost no padding;
+      here or beforehand by `TeacherTokenizer` actors, then batched by exact token length, so
+      batches carry almost no padding;
     - in a threaded actor the next call is tokenized and padded while this one runs on the
       device: the device thread only copies batches over and runs the model;
     - autocast (bf16 on GPU by default), and one device-to-host copy per call."""
-
-    UNPADDED = {"text": {"padding": False}, "common": {"return_tensors": None}}
 
     def __init__(self, cfg: TeacherConfig, device: str):
         self.model = load_teacher(cfg, device).eval()
         self.device, self.batch_size = device, cfg.batch_size
         self.dtype = compute_dtype(cfg, device)
         self.prompts = teacher_prompts(cfg, self.model)
+        # What `preprocess` gives per call rather than per row (modality, prompt length).
+        self.per_call = {
+            kind: {
+                name: value
+                for name, value in tokenize(self.model, ["x"], self.prompts[kind]).items()
+                if not isinstance(value, list)
+            }
+            for kind in KINDS
+        }
         self.tokenizing = threading.Lock()
         # Every forward runs on this one thread: one device queue, and on CPU one OpenMP team
         # (a team per calling thread would spin against the other on the same cores).
@@ -94,7 +102,7 @@ class LocalTeacher:
         """One full batch at every padded width, longest first: measured on an H100, a call whose
         shapes are new ran at a third of the speed of the same call again (allocator growth and
         kernel selection), which would otherwise be paid during the stage."""
-        sample = self.model.preprocess(["warm up"], processing_kwargs=self.UNPADDED)
+        sample = tokenize(self.model, ["warm up"], None)
         limit = self.model.max_seq_length
         widths = {padded_width(n, limit, True) for n in range(1, limit + 1)}
         for width in sorted(widths, reverse=True):
@@ -108,10 +116,13 @@ class LocalTeacher:
 
     def embed(self, texts: list[str], kind: str) -> np.ndarray:
         with self.tokenizing:
-            features = self.model.preprocess(
-                texts, prompt=self.prompts[kind], processing_kwargs=self.UNPADDED
-            )
+            features = tokenize(self.model, texts, self.prompts[kind])
             order, batches = self._batches(features)
+        return self.device_thread.submit(self._forward, order, batches).result()
+
+    def embed_tokens(self, tokens: dict[str, np.ndarray], kind: str) -> np.ndarray:
+        """Rows tokenized by `TeacherTokenizer` (one array of token values per row and name)."""
+        order, batches = self._batches(tokens | self.per_call[kind])
         return self.device_thread.submit(self._forward, order, batches).result()
 
     def _batches(self, features: dict) -> tuple[np.ndarray, list[dict]]:
@@ -142,30 +153,67 @@ class LocalTeacher:
         return result
 
     def _pad(self, features: dict, rows: np.ndarray) -> dict:
-        """Pad the chosen rows to their longest, on the tokenizer's side. Hand-written: the
-        tokenizer's own `pad` is slow Python for fast tokenizers, and another thread may be
-        tokenizing with that tokenizer meanwhile."""
+        """Pad the chosen rows to their longest, on the tokenizer's side, in one masked copy per
+        name. Hand-written: the tokenizer's own `pad` is slow Python for fast tokenizers, and
+        another thread may be tokenizing with that tokenizer meanwhile."""
         tokenizer = self.model.tokenizer
-        longest = max(len(features["input_ids"][i]) for i in rows)
-        width = padded_width(longest, self.model.max_seq_length, self.device == "cuda")
-        left = tokenizer.padding_side == "left"
+        lengths = np.array([len(features["input_ids"][i]) for i in rows])
+        width = padded_width(int(lengths.max()), self.model.max_seq_length, self.device == "cuda")
+        filled = np.arange(width) < lengths[:, None]
+        if tokenizer.padding_side == "left":
+            filled = filled[:, ::-1]
         batch = {}
         for name, values in features.items():
-            if not isinstance(values, list):  # modality, prompt_length: per batch, not per row
+            if not isinstance(values, list | np.ndarray):  # modality, prompt_length: per call
                 batch[name] = values
                 continue
             fill = tokenizer.pad_token_id if name == "input_ids" else 0
             padded = np.full((len(rows), width), fill, dtype=np.int64)
-            for r, i in enumerate(rows):
-                seq = values[i]
-                if left:
-                    padded[r, width - len(seq) :] = seq
-                else:
-                    padded[r, : len(seq)] = seq
+            padded[filled] = np.concatenate([values[i] for i in rows])
             tensor = torch.from_numpy(padded)
             # Pinned: the copy to the device is asynchronous and overlaps the running forward.
             batch[name] = tensor.pin_memory() if self.device == "cuda" else tensor
         return batch
+
+
+UNPADDED = {"text": {"padding": False}, "common": {"return_tensors": None}}
+TOKENS = "_teacher_tokens."  # column prefix for token values between the tokenizer and teacher
+
+
+def tokenize(model: SentenceTransformer, texts: list[str], prompt: str | None) -> dict:
+    """The model's own `preprocess` (prompt, truncation, special tokens), unpadded: a list of
+    values per row for each per-row name."""
+    return model.preprocess(texts, prompt=prompt, processing_kwargs=UNPADDED)
+
+
+class TeacherTokenizer:
+    """A CPU Ray Data actor that tokenizes calls for GPU teacher actors. Tokenizing in the
+    teacher's process holds its GIL ~70 µs a row (transformers' and sentence-transformers'
+    Python around the Rust tokenizer, profiled on CPU): a ceiling near 14k rows/s, below what
+    one GPU runs bert-base at, and taken from the thread that feeds the GPU. Each actor loads
+    the teacher on CPU for its `preprocess` (the weights go unused)."""
+
+    def __init__(self, cfg: TeacherConfig):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each: the actor reserves one
+        self.model = load_teacher(cfg, "cpu")
+        self.prompts = teacher_prompts(cfg, self.model)
+
+    def __call__(self, calls: pa.Table) -> pa.Table:
+        kinds = calls["kind"].to_numpy(zero_copy_only=False)
+        texts = calls["text"].to_pylist()
+        columns: dict[str, list] = {}
+        for kind in KINDS:
+            rows = np.flatnonzero(kinds == kind)
+            if rows.size:
+                features = tokenize(self.model, [texts[i] for i in rows], self.prompts[kind])
+                for name, values in features.items():
+                    if isinstance(values, list):
+                        column = columns.setdefault(name, [None] * len(texts))
+                        for row, value in zip(rows, values, strict=True):
+                            column[row] = value
+        for name, column in columns.items():
+            calls = calls.append_column(TOKENS + name, pa.array(column, pa.list_(pa.int32())))
+        return calls
 
 
 def padded_width(longest: int, limit: int, on_gpu: bool) -> int:
@@ -255,7 +303,7 @@ def open_teacher(cfg: TeacherConfig, device: str = "cpu") -> Teacher:
 
 class TeacherEmbedder:
     """One Ray Data actor: holds the teacher (on its GPU, if any) and embeds a batch, kind by
-    kind, each kind with its own prompt."""
+    kind, each kind with its own prompt; from the texts, or from `TeacherTokenizer`'s tokens."""
 
     def __init__(self, cfg: TeacherConfig, torch_threads: int):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -266,15 +314,22 @@ class TeacherEmbedder:
         self.teacher = open_teacher(cfg, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tokens = {name: v for name, v in batch.items() if name.startswith(TOKENS)}
         embeddings = None
         for kind in KINDS:
             rows = batch["kind"] == kind
-            if rows.any():
+            if not rows.any():
+                continue
+            if tokens:
+                own = {name.removeprefix(TOKENS): values[rows] for name, values in tokens.items()}
+                vectors = self.teacher.embed_tokens(own, kind)
+            else:
                 vectors = self.teacher.embed(batch["text"][rows].tolist(), kind)
-                if embeddings is None:
-                    embeddings = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)
-                embeddings[rows] = vectors
-        return {**batch, "embedding": embeddings}
+            if embeddings is None:
+                embeddings = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)
+            embeddings[rows] = vectors
+        rest = {name: values for name, values in batch.items() if name not in tokens}
+        return {**rest, "embedding": embeddings}
 
 
 def teacher_calls(
@@ -286,6 +341,38 @@ def teacher_calls(
     return texts.repartition(target_num_rows_per_block=rows_per_actor_call(cfg, num_rows))
 
 
+@dataclass(frozen=True)
+class StageLayout:
+    """What each teacher actor reserves and runs with, and how many tokenizer actors feed them."""
+
+    gpus: float
+    cpus: float
+    torch_threads: int
+    tokenizers: int
+
+
+def stage_layout(cfg: TeacherConfig, free: dict[str, float], node_cpus: list[float]) -> StageLayout:
+    """On GPUs, each teacher actor reserves one CPU, and tokenizer actors (one CPU each; by
+    default 4 per teacher actor, which measured 7k+ rows/s each on one core) take the CPUs left
+    but one per node for Ray Data's tasks; with none to spare, a teacher actor tokenizes with
+    the CPUs that come with its GPU. On CPUs the forward dwarfs tokenizing, so the actors do
+    it themselves unless `tokenizer_actors` says otherwise."""
+    if free.get("GPU", 0) > 0 and cfg.backend == "sentence_transformers":
+        spare = int(free["CPU"] - cfg.num_actors - len(node_cpus))
+        default = max(0, min(4 * cfg.num_actors, spare))
+        tokenizers = default if cfg.tokenizer_actors is None else cfg.tokenizer_actors
+        per_gpu = max(1, int(free["CPU"] // free["GPU"]) - 1)
+        return StageLayout(
+            gpus=min(1.0, free["GPU"] / cfg.num_actors),
+            cpus=1.0,
+            torch_threads=1 if tokenizers else per_gpu,
+            tokenizers=tokenizers,
+        )
+    tokenizers = cfg.tokenizer_actors or 0
+    cpus, threads = cpu_actor_share(free["CPU"] - tokenizers, node_cpus, cfg.num_actors)
+    return StageLayout(gpus=0, cpus=cpus, torch_threads=threads, tokenizers=tokenizers)
+
+
 def embed_texts(
     calls: ray.data.Dataset,
     cfg: TeacherConfig,
@@ -295,24 +382,26 @@ def embed_texts(
     """Add the teacher's `embedding` column to `teacher_calls` blocks; lazy, so it can feed
     training or be written out. `held_elsewhere`: resources the trainers hold while the teacher
     streams into them (streaming mode); the teacher's actors share the rest."""
-    resources = dict(ray.cluster_resources())
+    free = dict(ray.cluster_resources())
     for name, amount in (held_elsewhere or {}).items():
-        resources[name] = resources.get(name, 0) - amount
-    if resources.get("GPU", 0) > 0 and cfg.backend == "sentence_transformers":
-        # The GPU outruns one tokenizing core (bert-base on an H100: ~15k seq/s against ~5.6k):
-        # the actor tokenizes with the CPUs that come with its GPU, less one for Ray Data.
-        gpus, reserved_cpus = min(1.0, resources["GPU"] / cfg.num_actors), 1.0
-        threads = max(1, int(resources["CPU"] // resources["GPU"]) - 1)
-    else:
-        gpus = 0
-        reserved_cpus, threads = cpu_actor_share(
-            resources["CPU"], node_amounts("CPU"), cfg.num_actors
+        free[name] = free.get(name, 0) - amount
+    layout = stage_layout(cfg, free, node_amounts("CPU"))
+    rows_per_call = rows_per_actor_call(cfg, num_rows)
+    if layout.tokenizers:
+        calls = calls.map_batches(
+            TeacherTokenizer,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=rows_per_call,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=layout.tokenizers),
+            num_cpus=1,
         )
-    # Two calls run at once in an actor (threads): one is tokenized while the other computes.
+    # Two calls run at once in an actor (threads): one is tokenized or padded while the other
+    # computes.
     return calls.map_batches(
         TeacherEmbedder,
-        fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
-        batch_size=rows_per_actor_call(cfg, num_rows),
+        fn_constructor_kwargs={"cfg": cfg, "torch_threads": layout.torch_threads},
+        batch_size=rows_per_call,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
             size=cfg.num_actors,
@@ -320,8 +409,8 @@ def embed_texts(
             max_concurrent_calls_per_actor=2,
             enable_true_multi_threading=True,  # safe: one device thread per teacher
         ),
-        num_gpus=gpus,
-        num_cpus=reserved_cpus,  # Ray Data spreads its actors over the nodes by default
+        num_gpus=layout.gpus,
+        num_cpus=layout.cpus,  # Ray Data spreads its actors over the nodes by default
     )
 
 

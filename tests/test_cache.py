@@ -24,7 +24,16 @@ from leaf_ray.config import TeacherConfig, load_config
 from leaf_ray.data import DataError
 from leaf_ray.pipeline import embed, streaming_training_set
 from leaf_ray.storage import Location
-from leaf_ray.teacher import LocalTeacher, cpu_actor_share, teacher_space
+from leaf_ray.teacher import (
+    TOKENS,
+    LocalTeacher,
+    StageLayout,
+    TeacherEmbedder,
+    TeacherTokenizer,
+    cpu_actor_share,
+    stage_layout,
+    teacher_space,
+)
 from tests.conftest import REPO
 from tests.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
 
@@ -307,3 +316,87 @@ def test_a_text_repeated_in_a_source_without_ids_is_one_text(
 )
 def test_cpu_actors_reserve_what_one_node_can_give(node_cpus, actors, share):
     assert cpu_actor_share(sum(node_cpus), node_cpus, actors) == share
+
+
+def test_on_gpus_tokenizer_actors_feed_the_teacher(tiny_teacher, demo_texts, tmp_path, ray_local):
+    """The GPU layout, on a Ray that declares a GPU (tests/fake_gpu.py): CPU actors tokenize,
+    the GPU actor only pads and runs the model, and every text gets its own vector."""
+    texts = demo_texts[:300]
+    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "query_prompt": "q: "}
+    path = write_config(tmp_path, texts, teacher | {"batch_size": 16})
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "tests.fake_gpu", str(path)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(s for s in done.stdout.splitlines() if s.startswith("FAKE_GPU "))
+    report = json.loads(line.removeprefix("FAKE_GPU "))
+    assert report["embedded"] == 300
+    classes = Counter(a["class"] for a in report["actors"])
+    reserved = {a["class"]: a["resources"] for a in report["actors"]}
+    tokenizer = next(c for c in classes if "TeacherTokenizer" in c)
+    teacher = next(c for c in classes if "TeacherEmbedder" in c)
+    # 4 CPUs: one for the teacher actor, one left to Ray Data's tasks, two tokenizer actors.
+    assert classes == {tokenizer: 2, teacher: 1}
+    assert reserved[tokenizer] == {"CPU": 1.0} and reserved[teacher] == {"CPU": 1.0, "GPU": 1.0}
+
+    table = pq.read_table(report["shards"])
+    rows = dict(zip(table["text_hash"].to_pylist(), table["embedding"].to_pylist(), strict=True))
+    model = SentenceTransformer(str(tiny_teacher), device="cpu")
+    model.max_seq_length = 64
+    for kind, prompt in (("query", "q: "), ("document", None)):
+        mine = [t["text"] for t in texts if t["kind"] == kind]
+        got = np.stack([rows[text_hash(kind, t)] for t in mine])
+        np.testing.assert_allclose(got, model.encode(mine, prompt=prompt), atol=1e-5)
+
+
+def test_tokens_from_tokenizer_actors_embed_as_texts_do(tiny_teacher, demo_texts):
+    """`TeacherTokenizer`'s columns through `TeacherEmbedder` give the vectors of texts embedded
+    in the actor, and padding lands on the tokenizer's side."""
+    cfg = TeacherConfig(
+        model=str(tiny_teacher), max_seq_length=64, batch_size=16, query_prompt="q: "
+    )
+    rows = demo_texts[:100]
+    calls = pa.table({"text": [r["text"] for r in rows], "kind": [r["kind"] for r in rows]})
+    tokenized = TeacherTokenizer(cfg)(calls)
+    embedder = TeacherEmbedder(cfg, torch_threads=1)
+    from_tokens = embedder(
+        {n: tokenized[n].to_numpy(zero_copy_only=False) for n in tokenized.column_names}
+    )
+    from_texts = embedder({n: calls[n].to_numpy(zero_copy_only=False) for n in calls.column_names})
+    assert sorted(from_tokens) == ["embedding", "kind", "text"]
+    np.testing.assert_allclose(from_tokens["embedding"], from_texts["embedding"], atol=1e-6)
+
+    teacher = embedder.teacher
+    ids = tokenized[TOKENS + "input_ids"].to_pylist()
+    pad = teacher.model.tokenizer.pad_token_id
+    for side in ("right", "left"):
+        teacher.model.tokenizer.padding_side = side
+        order, batches = teacher._batches(
+            {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
+        )
+        padded, mask = batches[0]["input_ids"].tolist(), batches[0]["attention_mask"].tolist()
+        for row, seq, seq_mask in zip(order[:16], padded, mask, strict=True):
+            fill = [pad] * (len(seq) - len(ids[row]))
+            assert seq == (ids[row] + fill if side == "right" else fill + ids[row])
+            assert (
+                sum(seq_mask) == len(ids[row]) and seq_mask[len(fill) if side == "left" else 0] == 1
+            )
+
+
+@pytest.mark.parametrize(
+    ("free", "node_cpus", "teacher", "layout"),
+    [
+        # one H100 box: four tokenizer actors, the teacher's thread only feeds the GPU
+        ({"CPU": 16, "GPU": 1}, [16], {}, StageLayout(1.0, 1.0, 1, 4)),
+        # no CPU to spare (streaming on a small box): the teacher actor tokenizes
+        ({"CPU": 2, "GPU": 1}, [2], {}, StageLayout(1.0, 1.0, 1, 0)),
+        ({"CPU": 32, "GPU": 16}, [16, 16], {"num_actors": 16}, StageLayout(1.0, 1.0, 1, 14)),
+        ({"CPU": 16, "GPU": 1}, [16], {"tokenizer_actors": 0}, StageLayout(1.0, 1.0, 15, 0)),
+        ({"CPU": 2}, [2], {}, StageLayout(0, 1.0, 2, 0)),  # CPUs: the actors tokenize
+        ({"CPU": 4}, [4], {"tokenizer_actors": 1}, StageLayout(0, 2.0, 3, 1)),
+    ],
+)
+def test_stage_layout_gives_tokenizer_actors_the_cpus_gpus_leave(free, node_cpus, teacher, layout):
+    cfg = TeacherConfig(model="m", **teacher)
+    assert stage_layout(cfg, free, node_cpus) == layout

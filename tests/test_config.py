@@ -88,6 +88,8 @@ def test_missing_section_and_cross_field_rules(tmp_path):
     pretrained = ["student.init=pretrained", "student.model=m", "teacher.http.url=http://h/v1"]
     with pytest.raises(ConfigError, match="give at most one of 'vectors' or 'http'"):
         load_config(write(tmp_path, black_box), pretrained)
+    with pytest.raises(ConfigError, match="'tokenizer_actors' is for sentence-transformers"):
+        load_config(write(tmp_path, black_box), [*pretrained[:2], "teacher.tokenizer_actors=2"])
     cfg = load_config(write(tmp_path, black_box), pretrained[:2])
     assert (cfg.teacher.backend, cfg.teacher.vectors) == ("vectors", str(tmp_path / "v.parquet"))
 
