@@ -24,8 +24,8 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'st'
 python3 bench/random_model.py .gpu/tokenizer $models/bert-base --preset bert-base --max-seq-length 512 || exit 1
 python3 bench/random_model.py .gpu/tokenizer $models/minilm --preset minilm-l6-h384 --max-seq-length 128 || exit 1
 
-date; timeout "${TEACHER_TIMEOUT:-220}" python3 bench/teacher.py --model $models/bert-base \
-  --texts "${TEACHER_TEXTS:-30000}" --rounds "${TEACHER_ROUNDS:-2}" \
+date; timeout "${TEACHER_TIMEOUT:-270}" python3 bench/teacher.py --model $models/bert-base \
+  --texts "${TEACHER_TEXTS:-24000}" --rounds "${TEACHER_ROUNDS:-2}" \
   --texts-file .gpu/debian-documents.jsonl.gz \
   --batch-size 256 --max-seq-length 512 2>&1 | tee $logs/teacher-gpu.log | grep -v "^\s*$"
 date; timeout "${TRAIN_TIMEOUT:-260}" python3 bench/train.py --teacher $models/bert-base \

@@ -10,16 +10,19 @@ for all of them (its background processes cost the baselines what they cost the 
   encode         sentence-transformers `encode()` with the same batch size
   device_thread  the actor's device thread alone (`LocalTeacher._forward`) over the calls the
                  stage makes, tokenized and padded beforehand, one after another
-  in_process     the actor's code (`TeacherEmbedder`) called here, without Ray, on those calls,
-                 two at a time as in the actor (tokenizing alongside the device thread)
+  in_process     the teacher actor's code (`TeacherEmbedder`) called here, without Ray, on
+                 those calls as the actor gets them (texts; tokens, tokenized beforehand, where
+                 tokenizer actors feed it), two at a time as in the actor
   stage          leaf-ray's Ray Data teacher stage (`embed_texts`), after one warm-up run: end
                  to end on all texts (actor start-up included), and its marginal rate from the
                  difference between runs on all texts and on the first SMALL (start-up and
-                 warm-up cancel out, as the warm-up is excluded from the others)
+                 warm-up cancel out, as the warm-up is excluded from the others); where the
+                 layout has tokenizer actors (GPUs), also with the teacher actor tokenizing
 `breakdown` splits stage/bare into three factors: the device thread against the bare forward
-(sorting within calls, the whole sentence-transformers module), tokenizing alongside it, and what
-Ray Data adds. The runs are repeated `--rounds` times, interleaved, and each ratio is taken within
-a round and reported as the median over rounds: this machine's speed drifts by 10% over minutes,
+(sorting within calls, the whole sentence-transformers module), the actor's padding (and
+tokenizing, where it tokenizes) alongside it, and what Ray Data (and the tokenizer actors) add.
+The runs are repeated `--rounds` times, interleaved, and each ratio is taken within a round and
+reported as the median over rounds: this machine's speed drifts by 10% over minutes,
 which a baseline measured minutes away from the stage would count as the stage's.
 All compute in the teacher's compute dtype (bf16 autocast on GPU, float32 on CPU).
 Writes bench/results/teacher-<device>.json.
@@ -35,10 +38,13 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 import torch
@@ -49,12 +55,18 @@ from leaf_ray.teacher import (
     UNPADDED,
     LocalTeacher,
     TeacherEmbedder,
+    TeacherTokenizer,
     compute_dtype,
     embed_texts,
     load_teacher,
+    node_amounts,
     rows_per_actor_call,
+    stage_layout,
     teacher_calls,
+    tokenize,
 )
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,12 +114,23 @@ def run_stage(rows: list[dict], cfg: TeacherConfig) -> float:
     return seconds
 
 
-def in_process(embedder: TeacherEmbedder, rows: list[dict], call_rows: int) -> float:
+def actor_calls(
+    rows: list[dict], call_rows: int, tokenizer: TeacherTokenizer | None
+) -> list[dict[str, np.ndarray]]:
+    """The stage's calls as its teacher actor receives them: texts, or tokens when tokenizer
+    actors feed it (tokenized here beforehand)."""
+    calls = []
+    for start in range(0, len(rows), call_rows):
+        call = pa.Table.from_pylist(
+            [{"text": r["text"], "kind": r["kind"]} for r in rows[start : start + call_rows]]
+        )
+        call = tokenizer(call) if tokenizer else call
+        calls.append({n: call[n].to_numpy(zero_copy_only=False) for n in call.column_names})
+    return calls
+
+
+def in_process(embedder: TeacherEmbedder, calls: list[dict[str, np.ndarray]]) -> float:
     """Seconds for the actor's code over the stage's calls, two at a time, without Ray."""
-    calls = [
-        {name: np.array([r[name] for r in rows[s : s + call_rows]]) for name in ("text", "kind")}
-        for s in range(0, len(rows), call_rows)
-    ]
     tic = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(embedder, calls))
@@ -122,10 +145,7 @@ def device_thread(teacher: LocalTeacher, rows: list[dict], call_rows: int) -> fl
         for kind in KINDS:
             texts = [r["text"] for r in call if r["kind"] == kind]
             if texts:
-                prompt = teacher.prompts[kind]
-                features = teacher.model.preprocess(
-                    texts, prompt=prompt, processing_kwargs=UNPADDED
-                )
+                features = tokenize(teacher.model, texts, teacher.prompts[kind])
                 prepared.append(teacher._batches(features))
     tic = time.perf_counter()
     for order, batches in prepared:
@@ -133,17 +153,17 @@ def device_thread(teacher: LocalTeacher, rows: list[dict], call_rows: int) -> fl
     return time.perf_counter() - tic
 
 
-def actor_code(cfg: TeacherConfig, threads: int) -> TeacherEmbedder:
-    """The actor's embedder, built here; its tokenizer settings stay with it (the baselines
-    keep theirs)."""
+def built_here(make: Callable[[], T]) -> T:
+    """An actor's object, built here; the tokenizer settings it makes stay with it (the
+    baselines keep theirs)."""
     saved = {name: os.environ.get(name) for name in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
-    embedder = TeacherEmbedder(cfg, threads)
+    made = make()
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    return embedder
+    return made
 
 
 def baselines(model, texts: list[str], batch_size: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -186,8 +206,15 @@ def main() -> None:
     ray.init(num_cpus=cpus, include_dashboard=False)
     run_stage(rows[:SMALL], cfg)  # warm-up: worker processes, imports, file cache
     call_rows = rows_per_actor_call(cfg)
-    embedder = actor_code(cfg, cpus)
-    in_process(embedder, rows[:SMALL], call_rows)  # warm-up
+    layout = stage_layout(cfg, ray.cluster_resources(), node_amounts("CPU"))
+    # With tokenizer actors, the stage is also measured with its teacher actor tokenizing.
+    in_actor = cfg.model_copy(update={"tokenizer_actors": 0}) if layout.tokenizers else None
+    if in_actor:
+        run_stage(rows[:SMALL], in_actor)
+    embedder = built_here(lambda: TeacherEmbedder(cfg, layout.torch_threads))
+    tokenizer = built_here(lambda: TeacherTokenizer(cfg)) if layout.tokenizers else None
+    calls = actor_calls(rows, call_rows, tokenizer)
+    in_process(embedder, calls[:1])  # warm-up
     setting = {
         "model": args.model,
         "texts_file": args.texts_file.name,
@@ -195,6 +222,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length,
         "actors": args.actors,
+        "tokenizer_actors": layout.tokenizers,
         "threads": cpus,
         "device": device_name(),
         "command": " ".join(["python", *sys.argv]),
@@ -204,18 +232,20 @@ def main() -> None:
     for _ in range(args.rounds):
         bare, encode = baselines(model, texts, args.batch_size, dtype)
         alone = device_thread(embedder.teacher, rows, call_rows)
-        here = in_process(embedder, rows, call_rows)
+        here = in_process(embedder, calls)
         small, stage = run_stage(rows[:SMALL], cfg), run_stage(rows, cfg)
-        rounds.append(
-            {
-                "bare": bare,
-                "encode": encode,
-                "device_thread": alone,
-                "in_process": here,
-                "stage_small": small,
-                "stage": stage,
-            }
-        )
+        times = {
+            "bare": bare,
+            "encode": encode,
+            "device_thread": alone,
+            "in_process": here,
+            "stage_small": small,
+            "stage": stage,
+        }
+        if in_actor:
+            times["in_actor_small"] = run_stage(rows[:SMALL], in_actor)
+            times["in_actor"] = run_stage(rows, in_actor)
+        rounds.append(times)
         # Written after each round: a run cut short by a time limit keeps what it measured.
         result = summary(rounds, len(texts)) | setting
         out_file.write_text(json.dumps(result, indent=2) + "\n")
@@ -229,9 +259,14 @@ def summary(rounds: list[dict], n: int) -> dict:
     def median(values: list[float]) -> float:
         return float(np.median(values))
 
-    def marginal(r: dict) -> float:
-        return (n - SMALL) / (r["stage"] - r["stage_small"])
+    def marginal(r: dict, stage: str = "stage") -> float:
+        return (n - SMALL) / (r[stage] - r[f"{stage}_small"])
 
+    in_actor = {}
+    if "in_actor" in rounds[0]:
+        in_actor["stage_tokenizing_in_actor_marginal_vs_bare"] = median(
+            [marginal(r, "in_actor") * r["bare"] / n for r in rounds]
+        )
     return {
         "texts": n,
         "rounds": len(rounds),
@@ -255,6 +290,7 @@ def summary(rounds: list[dict], n: int) -> dict:
             ),
         },
         "stage_end_to_end_vs_bare": median([r["bare"] / r["stage"] for r in rounds]),
+        **in_actor,
         "seconds_per_round": rounds,
     }
 
