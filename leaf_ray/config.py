@@ -122,6 +122,12 @@ class HttpTeacherConfig(Strict):
         description="On 408, 409, 429, 5xx, timeouts and connection errors; exponential backoff "
         "or the server's Retry-After.",
     )
+    max_retry_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="A longer Retry-After (a spent quota, say) fails the stage at once rather "
+        "than stall its actors; rerunning embeds only what is missing.",
+    )
     timeout_s: float = Field(60.0, gt=0)
     texts_per_request: int = Field(64, gt=0)
     dimensions: int | None = Field(None, gt=0, description="Sent as `dimensions` (MRL APIs).")

@@ -33,6 +33,7 @@ class HttpSettings:
     texts_per_request: int = 64  # texts per request body ("input": [...])
     dimensions: int | None = None  # sent as "dimensions" when set (MRL APIs)
     backoff_s: float = 0.5  # first retry's delay; doubles per retry (with jitter), capped at 30 s
+    max_retry_after_s: float = 120.0  # a longer Retry-After (a spent quota) fails at once
 
 
 class HttpTeacherError(RuntimeError):
@@ -141,6 +142,12 @@ class HttpEmbedder:
                     return await self._post(session, body, len(texts))
                 except _Retryable as e:
                     last = e
+                    if e.wait_s is not None and e.wait_s > s.max_retry_after_s:
+                        detail = (
+                            f"{e.detail} (the server asks to wait {e.wait_s:g} s, more than "
+                            f"max_retry_after_s={s.max_retry_after_s:g})"
+                        )
+                        raise HttpTeacherError(self.endpoint, e.status, detail) from None
                 except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     last = _Retryable(None, repr(e))
                 if attempt < s.max_retries:

@@ -284,6 +284,7 @@ class HttpTeacher:
                 timeout_s=http.timeout_s,
                 texts_per_request=http.texts_per_request,
                 dimensions=http.dimensions,
+                max_retry_after_s=http.max_retry_after_s,
             )
         )
 

@@ -168,6 +168,21 @@ def test_retry_after_overrides_a_long_backoff(server):
     assert 0.1 <= elapsed < 4.0  # our own backoff would have slept >= 5 s
 
 
+def test_a_retry_after_beyond_the_limit_fails_at_once(server):
+    async def quota_spent(batch: list[str], tries: int) -> web.Response | None:
+        return error(429, "daily quota exceeded", **{"Retry-After": "3600"})
+
+    server.policy = quota_spent
+    start = time.monotonic()
+    with pytest.raises(
+        HttpTeacherError,
+        match=r"HTTP 429: daily quota exceeded \(the server "
+        r"asks to wait 3600 s, more than max_retry_after_s=120\)",
+    ):
+        HttpEmbedder(settings(server)).embed(texts(3))
+    assert server.requests == 1 and time.monotonic() - start < 5
+
+
 def test_timeouts_are_retried(server):
     async def slow_first(batch: list[str], tries: int) -> web.Response | None:
         if tries == 1:
