@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from leaf_ray.config import LeafConfig
+from leaf_ray.data import data_files, is_parquet
 
 
 class PlanError(ValueError):
@@ -184,11 +185,10 @@ def count_rows(path: Path) -> int:
     """Rows of a JSONL(.gz)/Parquet file or folder, as `data.read_texts` would read them."""
     if not path.exists():
         raise PlanError(f"data.sources: {path}: no such file or folder")
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    parquet = [p for p in files if ".parquet" in "".join(p.suffixes)]
-    if parquet:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in parquet)
-    return sum(_count_lines(p) for p in files if not p.name.startswith("."))
+    files = data_files(path)
+    if is_parquet(path):
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in files if is_parquet(p))
+    return sum(_count_lines(p) for p in files)
 
 
 def _count_lines(path: Path) -> int:

@@ -28,7 +28,7 @@ from sentence_transformers.sentence_transformer.modules import Normalize
 
 from leaf_ray.cache import FORMAT_VERSION, text_hash
 from leaf_ray.config import TeacherConfig
-from leaf_ray.data import KINDS, DataError
+from leaf_ray.data import KINDS, DataError, data_files, is_parquet
 from leaf_ray.http_teacher import HttpEmbedder, HttpSettings
 from leaf_ray.models import resolve_model
 
@@ -253,11 +253,13 @@ def read_vectors_file(path: str) -> pa.Table:
     if not file.exists():
         raise DataError(f"teacher.vectors: {path}: no such file or folder")
     try:
-        if ".parquet" in file.suffixes or file.is_dir():
+        if is_parquet(file):
             table = pq.read_table(path)
         else:
-            table = pyarrow.json.read_json(path)
-    except (pa.ArrowInvalid, OSError) as e:
+            table = pa.concat_tables(
+                [pyarrow.json.read_json(f) for f in data_files(file)], promote_options="default"
+            )
+    except (pa.ArrowInvalid, OSError, ValueError) as e:  # ValueError: a folder with no files
         raise DataError(f"teacher.vectors: {path}: cannot read: {e}") from None
     absent = {"kind", "text", "embedding"} - set(table.column_names)
     if absent:

@@ -1,10 +1,15 @@
+import gzip
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from leaf_ray.config import DataConfig
 from leaf_ray.data import DataError, mixture_counts, read_texts
+from leaf_ray.plan import count_rows
+from leaf_ray.teacher import read_vectors_file
 
 
 def write_jsonl(path, rows):
@@ -72,3 +77,30 @@ def test_mixture_weights_set_how_often_each_source_is_seen():
     other = mixture_counts(hashes, sources, [2.0, 0.5, 1.0], seed=1)[1]
     assert again.tolist() == counts.tolist()  # seeded: every worker and rerun agrees
     assert other.sum() == counts.sum()
+
+
+@pytest.mark.parametrize("form", ["jsonl folder", "jsonl.gz file", "parquet folder"])
+def test_texts_vectors_and_plan_read_a_path_alike(tmp_path, form, ray_local):
+    """One rule tells Parquet from JSON lines for the texts, precomputed vectors and `plan`'s
+    row counts: a file by its suffixes, a folder by whether it holds Parquet."""
+    rows = [
+        {"id": str(i), "kind": "query", "text": f"text {i}", "embedding": [float(i), 1.0]}
+        for i in range(7)
+    ]
+    path = tmp_path / "in"
+    if form == "jsonl.gz file":
+        path = tmp_path / "in.jsonl.gz"
+        with gzip.open(path, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    else:
+        path.mkdir()
+        for part, chunk in enumerate((rows[:3], rows[3:])):
+            if form == "parquet folder":
+                pq.write_table(pa.Table.from_pylist(chunk), path / f"part-{part}.parquet")
+            else:
+                write_jsonl(path / f"part-{part}.jsonl", chunk)
+        (path / ".hidden").write_text("not data\n")
+    texts = read_texts(DataConfig.model_validate({"sources": [{"path": str(path)}]})).take_all()
+    vectors = read_vectors_file(str(path))
+    assert count_rows(path) == len(texts) == vectors.num_rows == 7
+    assert sorted(vectors["embedding"].to_pylist()) == [r["embedding"] for r in rows]
