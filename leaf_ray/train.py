@@ -51,7 +51,7 @@ def train_student(
     """Fit the student on (text, embedding) rows. Returns the latest checkpoint (its history is
     the whole run's) and the best by validation loss (the latest when there is no validation)."""
     resources = ray.cluster_resources()
-    use_gpu = trainer_resources(cfg)["GPU"] > 0
+    gpus = gpus_per_trainer(cfg, resources.get("GPU", 0))
     # Workers reserve less CPU than they compute with, so Ray Data can always feed them.
     largest = max(node_amounts("CPU"), default=0)
     per_worker = min(round(resources["CPU"] / cfg.train.num_workers), int(largest))  # one node's
@@ -67,8 +67,9 @@ def train_student(
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+            | ({"GPU": gpus} if gpus else {}),
             placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=RunConfig(
@@ -93,12 +94,27 @@ def train_student(
 
 
 def trainer_resources(cfg: LeafConfig) -> dict[str, float]:
-    """What the Ray Train workers hold: a GPU each when the cluster has GPUs (or use_gpu)."""
+    """What the Ray Train workers hold, all of them together."""
+    gpus = gpus_per_trainer(cfg, ray.cluster_resources().get("GPU", 0))
+    workers = cfg.train.num_workers
+    return {"CPU": workers * cfg.train.cpus_per_worker, "GPU": workers * gpus}
+
+
+def gpus_per_trainer(cfg: LeafConfig, cluster_gpus: float) -> float:
+    """A GPU each when the cluster has GPUs (or use_gpu). Streaming with a local teacher on as
+    many GPUs as trainers (one GPU, say), half of each: the teacher's actors take the other
+    halves and the two stages take turns on every GPU, as `leaf-ray plan` assumes, rather than
+    the teacher falling back to the CPUs. One trainer per GPU still: NCCL takes no two."""
     tcfg = cfg.train
-    use_gpu = (
-        tcfg.use_gpu if tcfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = tcfg.use_gpu if tcfg.use_gpu is not None else cluster_gpus > 0
+    if not use_gpu:
+        return 0.0
+    sharing = (
+        tcfg.data_mode == "streaming"
+        and cfg.teacher.backend == "sentence_transformers"
+        and tcfg.num_workers == cluster_gpus
     )
-    return {"CPU": tcfg.num_workers * tcfg.cpus_per_worker, "GPU": tcfg.num_workers * use_gpu}
+    return 0.5 if sharing else 1.0
 
 
 def train_loop(config: dict) -> None:
