@@ -166,8 +166,11 @@ def main() -> None:
         if args.streaming:  # the teacher's actors embed while the trainer consumes
             texts_ds = ray.data.from_items([{"text": i["text"], "kind": i["kind"]} for i in items])
             calls = teacher_calls(texts_ds, teacher_cfg, len(items)).materialize()
-            stream = embed_texts(calls, teacher_cfg, len(items), trainer_resources(cfg))
-            streamed = ray_train(cfg, init, stream, len(items), storage / f"s{batch}")
+            streaming = cfg.model_copy(
+                update={"train": cfg.train.model_copy(update={"data_mode": "streaming"})}
+            )
+            stream = embed_texts(calls, teacher_cfg, len(items), trainer_resources(streaming))
+            streamed = ray_train(streaming, init, stream, len(items), storage / f"s{batch}")
             results[-1] |= {
                 "streaming_seq_per_s": streamed,
                 "streaming_vs_cached": streamed / through_ray,
