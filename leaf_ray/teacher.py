@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,9 @@ import ray
 import ray.data
 import torch
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules.transformer import Transformer
 from sentence_transformers.sentence_transformer.modules import Normalize
+from transformers import AutoModel
 
 from leaf_ray.cache import FORMAT_VERSION, text_hash
 from leaf_ray.config import TeacherConfig
@@ -186,16 +189,33 @@ def tokenize(model: SentenceTransformer, texts: list[str], prompt: str | None) -
     return model.preprocess(texts, prompt=prompt, processing_kwargs=UNPADDED)
 
 
+def load_without_weights(cfg: TeacherConfig) -> SentenceTransformer:
+    """The teacher's modules and tokenizer, its encoder built empty on the meta device: all
+    `preprocess` needs, without a copy of the weights in every tokenizer actor (a 7B teacher
+    would take 28 GB each). Hand-written: transformers builds empty models only through
+    accelerate. Where the encoder cannot be built so (a sentence-transformers without
+    `Transformer._load_model`, a model class `AutoModel` does not know), the weights load."""
+
+    def empty_encoder(module: Transformer, name: str, task: str, config, *args, **kwargs):
+        with torch.device("meta"):
+            return AutoModel.from_config(config)
+
+    try:
+        with mock.patch.object(Transformer, "_load_model", empty_encoder):
+            return load_teacher(cfg, "meta")
+    except (AttributeError, ValueError, KeyError):
+        return load_teacher(cfg, "cpu")
+
+
 class TeacherTokenizer:
     """A CPU Ray Data actor that tokenizes calls for GPU teacher actors. Tokenizing in the
     teacher's process holds its GIL ~70 µs a row (transformers' and sentence-transformers'
     Python around the Rust tokenizer, profiled on CPU): a ceiling near 14k rows/s, below what
-    one GPU runs bert-base at, and taken from the thread that feeds the GPU. Each actor loads
-    the teacher on CPU for its `preprocess` (the weights go unused)."""
+    one GPU runs bert-base at, and taken from the thread that feeds the GPU."""
 
     def __init__(self, cfg: TeacherConfig):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each: the actor reserves one
-        self.model = load_teacher(cfg, "cpu")
+        self.model = load_without_weights(cfg)
         self.prompts = teacher_prompts(cfg, self.model)
 
     def __call__(self, calls: pa.Table) -> pa.Table:

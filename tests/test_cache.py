@@ -358,7 +358,9 @@ def test_tokens_from_tokenizer_actors_embed_as_texts_do(tiny_teacher, demo_texts
     )
     rows = demo_texts[:100]
     calls = pa.table({"text": [r["text"] for r in rows], "kind": [r["kind"] for r in rows]})
-    tokenized = TeacherTokenizer(cfg)(calls)
+    tokenizer = TeacherTokenizer(cfg)
+    assert {p.device.type for p in tokenizer.model.parameters()} == {"meta"}  # no weights held
+    tokenized = tokenizer(calls)
     embedder = TeacherEmbedder(cfg, torch_threads=1)
     from_tokens = embedder(
         {n: tokenized[n].to_numpy(zero_copy_only=False) for n in tokenized.column_names}
