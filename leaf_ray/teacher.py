@@ -30,7 +30,7 @@ from sentence_transformers.sentence_transformer.modules import Normalize
 from transformers import AutoModel
 
 from leaf_ray.cache import FORMAT_VERSION, text_hash
-from leaf_ray.config import TeacherConfig
+from leaf_ray.config import ConfigError, TeacherConfig
 from leaf_ray.data import KINDS, DataError, data_files, is_parquet
 from leaf_ray.http_teacher import HttpEmbedder, HttpSettings
 from leaf_ray.models import resolve_model
@@ -380,8 +380,16 @@ def stage_layout(cfg: TeacherConfig, free: dict[str, float], node_cpus: list[flo
     but one per node for Ray Data's tasks; with none to spare, a teacher actor tokenizes with
     the CPUs that come with its GPU. On CPUs the forward dwarfs tokenizing, so the actors do
     it themselves unless `tokenizer_actors` says otherwise."""
-    if free.get("GPU", 0) > 0 and cfg.backend == "sentence_transformers":
-        spare = int(free["CPU"] - cfg.num_actors - len(node_cpus))
+    on_gpus = free.get("GPU", 0) > 0 and cfg.backend == "sentence_transformers"
+    # CPUs left once each node keeps one for Ray Data and the teacher actors have theirs (on
+    # CPUs, at least one between them): more tokenizer actors would wait for CPUs forever.
+    spare = int(free["CPU"] - len(node_cpus) - (cfg.num_actors if on_gpus else 1))
+    if (cfg.tokenizer_actors or 0) > max(spare, 0):
+        raise ConfigError(
+            f"teacher.tokenizer_actors: {cfg.tokenizer_actors} (a CPU each) do not fit: the "
+            f"cluster has {free['CPU']:g} CPUs free for the teacher stage; at most {max(spare, 0)}"
+        )
+    if on_gpus:
         default = max(0, min(4 * cfg.num_actors, spare))
         tokenizers = default if cfg.tokenizer_actors is None else cfg.tokenizer_actors
         per_gpu = max(1, int(free["CPU"] // free["GPU"]) - 1)

@@ -20,7 +20,7 @@ from aiohttp import web
 from sentence_transformers import SentenceTransformer
 
 from leaf_ray.cache import MANIFEST, SHARDS, TeacherCache, text_hash, verify
-from leaf_ray.config import TeacherConfig, load_config
+from leaf_ray.config import ConfigError, TeacherConfig, load_config
 from leaf_ray.data import DataError
 from leaf_ray.pipeline import embed, streaming_training_set
 from leaf_ray.storage import Location
@@ -402,3 +402,15 @@ def test_tokens_from_tokenizer_actors_embed_as_texts_do(tiny_teacher, demo_texts
 def test_stage_layout_gives_tokenizer_actors_the_cpus_gpus_leave(free, node_cpus, teacher, layout):
     cfg = TeacherConfig(model="m", **teacher)
     assert stage_layout(cfg, free, node_cpus) == layout
+
+
+@pytest.mark.parametrize(
+    ("free", "node_cpus", "actors", "most"),
+    [({"CPU": 16, "GPU": 1}, [16], 15, 14), ({"CPU": 2}, [2], 1, 0), ({"CPU": 8}, [4, 4], 6, 5)],
+)
+def test_tokenizer_actors_that_cannot_get_cpus_are_refused(free, node_cpus, actors, most):
+    cfg = TeacherConfig(model="m", tokenizer_actors=actors)
+    with pytest.raises(
+        ConfigError, match=rf"teacher.tokenizer_actors: {actors} .* at most {most}$"
+    ):
+        stage_layout(cfg, free, node_cpus)
