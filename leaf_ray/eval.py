@@ -516,22 +516,32 @@ def _embed_missing(
 ) -> dict[str, int]:
     """Embed every (role, task) the eval cache lacks, each as a Ray task that writes its vectors
     there; role -> texts embedded now (0: all from the cache)."""
-    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    todo = [(role, task) for task in tasks for role in keys if not cache.has(task, keys[role])]
+    cpus = embed_task_cpus(len(todo), resources["CPU"], max(node_amounts("CPU"))) if todo else 1
 
     def embed(role: str) -> Any:  # a model's task takes a GPU when there are some; an API's not
-        needs_gpu = gpus > 0 and models[role].endpoint is None
-        return _embed_task.options(num_cpus=1, num_gpus=1 if needs_gpu else 0)
+        if gpus > 0 and models[role].endpoint is None:
+            return _embed_task.options(num_cpus=1, num_gpus=1)
+        return _embed_task.options(num_cpus=cpus, num_gpus=0)
 
+    # The teacher first (its order in `keys`).
     jobs = {
         embed(role).remote(models[role], task, cfg, cache, keys[role]): (role, task)
-        for task in tasks
-        for role in keys  # the teacher first (its order in `keys`)
-        if not cache.has(task, keys[role])
+        for role, task in todo
     }
     embedded = dict.fromkeys(keys, 0)
     for ref, texts in _as_completed(jobs, "embedding"):
         embedded[jobs[ref][0]] += texts
     return embedded
+
+
+def embed_task_cpus(jobs: int, cpus: float, largest_node: float) -> int:
+    """CPUs for each embedding task off GPUs: an equal share of the cluster's, within one node,
+    at least one. A task's torch threads are its CPUs, so fewer tasks than CPUs (one model on
+    one task, say) use them all instead of a thread each."""
+    return max(1, min(int(cpus // jobs), int(largest_node)))
 
 
 def _as_completed(jobs: dict[ray.ObjectRef, Any], what: str) -> Iterator[tuple[ray.ObjectRef, Any]]:

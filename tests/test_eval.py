@@ -13,6 +13,7 @@ from leaf_ray.eval import (
     VectorsFile,
     _CachedVectors,
     _model_meta,
+    embed_task_cpus,
     int8_ranges,
     quantize,
     resolve_tasks,
@@ -209,3 +210,11 @@ def test_binary_scores_are_minus_the_hamming_distance_of_sign_bits():
     assert q.dtype == np.uint8 and q.shape == (4, 3)  # 24 sign bits, 8 to a byte
     hamming = ((queries[:, None, :] > 0) != (docs[None, :, :] > 0)).sum(-1)
     np.testing.assert_array_equal(similarity(q, d), -hamming)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "cpus", "largest", "each"),
+    [(3, 2, 2, 1), (1, 2, 2, 2), (2, 16, 16, 8), (1, 32, 16, 16), (40, 16, 16, 1)],
+)
+def test_embedding_tasks_off_gpus_share_the_cpus(jobs, cpus, largest, each):
+    assert embed_task_cpus(jobs, cpus, largest) == each
