@@ -2,6 +2,8 @@ import gzip
 import itertools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,17 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another test's Ray
     yield
     ray.shutdown()
+
+
+def run_on_own_cluster(script: str, config: Path, timeout: int) -> dict:
+    """Run `python -m tests.<script> CONFIG`, which starts a Ray cluster of its own (this
+    process already runs the tests' local Ray), and return the JSON it prints after
+    `<SCRIPT> `."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", f"tests.{script}", str(config)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tag = f"{script.upper()} "
+    return json.loads(next(s for s in done.stdout.splitlines() if s.startswith(tag))[len(tag) :])

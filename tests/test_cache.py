@@ -34,7 +34,7 @@ from leaf_ray.teacher import (
     stage_layout,
     teacher_space,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, run_on_own_cluster
 from tests.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
 
 
@@ -324,13 +324,7 @@ def test_on_gpus_tokenizer_actors_feed_the_teacher(tiny_teacher, demo_texts, tmp
     texts = demo_texts[:300]
     teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "query_prompt": "q: "}
     path = write_config(tmp_path, texts, teacher | {"batch_size": 16})
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "tests.fake_gpu", str(path)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(s for s in done.stdout.splitlines() if s.startswith("FAKE_GPU "))
-    report = json.loads(line.removeprefix("FAKE_GPU "))
+    report = run_on_own_cluster("fake_gpu", path, timeout=400)
     assert report["embedded"] == 300
     classes = Counter(a["class"] for a in report["actors"])
     reserved = {a["class"]: a["resources"] for a in report["actors"]}

@@ -1,13 +1,8 @@
 """The whole distillation on two Ray nodes made by `ray.cluster_utils.Cluster` on this machine
 (in a subprocess: this process already runs the tests' local Ray)."""
 
-import json
-import os
-import subprocess
-import sys
-
 from leaf_ray.pipeline import evaluate_run
-from tests.conftest import REPO, tiny_run_config
+from tests.conftest import run_on_own_cluster, tiny_run_config
 from tests.test_pipeline import small_eval_set
 
 
@@ -26,13 +21,7 @@ def test_distillation_spreads_over_two_nodes(tmp_path, tiny_teacher, demo_texts,
             "quantizations": ["float32", "int8", "binary"],
         },
     )
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "tests.two_nodes", str(cfg)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(s for s in done.stdout.splitlines() if s.startswith("TWO_NODES "))
-    two = json.loads(line.removeprefix("TWO_NODES "))
+    two = run_on_own_cluster("two_nodes", cfg, timeout=600)
 
     # Ray's own records: teacher actors, DDP workers and scoring tasks ran on both nodes.
     nodes = set(two["nodes"])
