@@ -75,15 +75,19 @@ def autocast(device: str, dtype: torch.dtype):
     return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def bare_forward(model, texts: list[str], batch_size: int, dtype: torch.dtype) -> float:
-    """Seconds for a forward over pre-tokenized batches sorted by token length over all texts
-    (the least padding possible; tokenizing excluded)."""
+def bare_batches(model, texts: list[str], batch_size: int) -> list[dict]:
+    """The texts tokenized and padded in batches sorted by token length over all texts (the
+    least padding possible); made once, outside every timed run."""
     lengths = [len(ids) for ids in model.preprocess(texts, processing_kwargs=UNPADDED)["input_ids"]]
     order = np.argsort(lengths)[::-1]
-    batches = [
+    return [
         model.preprocess([texts[i] for i in order[s : s + batch_size]])
         for s in range(0, len(texts), batch_size)
     ]
+
+
+def bare_forward(model, batches: list[dict], dtype: torch.dtype) -> float:
+    """Seconds for a forward over `bare_batches` (tokenizing excluded)."""
     encoder = model[0].auto_model
     device = model.device
     tic = time.perf_counter()
@@ -137,8 +141,9 @@ def in_process(embedder: TeacherEmbedder, calls: list[dict[str, np.ndarray]]) ->
     return time.perf_counter() - tic
 
 
-def device_thread(teacher: LocalTeacher, rows: list[dict], call_rows: int) -> float:
-    """Seconds for the device thread's work alone, the calls tokenized and padded beforehand."""
+def device_thread_calls(teacher: LocalTeacher, rows: list[dict], call_rows: int) -> list[tuple]:
+    """The stage's calls, each kind of each, tokenized and padded as the device thread gets
+    them; made once, outside every timed run."""
     prepared = []
     for start in range(0, len(rows), call_rows):
         call = rows[start : start + call_rows]
@@ -147,6 +152,11 @@ def device_thread(teacher: LocalTeacher, rows: list[dict], call_rows: int) -> fl
             if texts:
                 features = tokenize(teacher.model, texts, teacher.prompts[kind])
                 prepared.append(teacher._batches(features))
+    return prepared
+
+
+def device_thread(teacher: LocalTeacher, prepared: list[tuple]) -> float:
+    """Seconds for the device thread's work alone over `device_thread_calls`."""
     tic = time.perf_counter()
     for order, batches in prepared:
         teacher._forward(order, batches)
@@ -166,8 +176,10 @@ def built_here(make: Callable[[], T]) -> T:
     return made
 
 
-def baselines(model, texts: list[str], batch_size: int, dtype: torch.dtype) -> tuple[float, float]:
-    bare = bare_forward(model, texts, batch_size, dtype)
+def baselines(
+    model, texts: list[str], batches: list[dict], batch_size: int, dtype: torch.dtype
+) -> tuple[float, float]:
+    bare = bare_forward(model, batches, dtype)
     tic = time.perf_counter()
     with autocast(model.device.type, dtype):
         model.encode(texts, batch_size=batch_size)
@@ -201,7 +213,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_teacher(cfg, device)
     dtype = compute_dtype(cfg, device)
-    baselines(model, texts[:SMALL], args.batch_size, dtype)  # warm-up
+    warm_up = texts[:SMALL]
+    baselines(model, warm_up, bare_batches(model, warm_up, args.batch_size), args.batch_size, dtype)
+    batches = bare_batches(model, texts, args.batch_size)
 
     ray.init(num_cpus=cpus, include_dashboard=False)
     run_stage(rows[:SMALL], cfg)  # warm-up: worker processes, imports, file cache
@@ -214,6 +228,7 @@ def main() -> None:
     embedder = built_here(lambda: TeacherEmbedder(cfg, layout.torch_threads))
     tokenizer = built_here(lambda: TeacherTokenizer(cfg)) if layout.tokenizers else None
     calls = actor_calls(rows, call_rows, tokenizer)
+    prepared = device_thread_calls(embedder.teacher, rows, call_rows)
     in_process(embedder, calls[:1])  # warm-up
     setting = {
         "model": args.model,
@@ -230,8 +245,8 @@ def main() -> None:
     out_file = REPO / "bench" / "results" / f"teacher-{'gpu' if device == 'cuda' else 'cpu'}.json"
     rounds: list[dict] = []
     for _ in range(args.rounds):
-        bare, encode = baselines(model, texts, args.batch_size, dtype)
-        alone = device_thread(embedder.teacher, rows, call_rows)
+        bare, encode = baselines(model, texts, batches, args.batch_size, dtype)
+        alone = device_thread(embedder.teacher, prepared)
         here = in_process(embedder, calls)
         small, stage = run_stage(rows[:SMALL], cfg), run_stage(rows, cfg)
         times = {
