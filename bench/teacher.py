@@ -56,12 +56,10 @@ from leaf_ray.teacher import (
     LocalTeacher,
     TeacherEmbedder,
     TeacherTokenizer,
+    cluster_stage_layout,
     compute_dtype,
     embed_texts,
     load_teacher,
-    node_amounts,
-    rows_per_actor_call,
-    stage_layout,
     teacher_calls,
     tokenize,
 )
@@ -111,8 +109,9 @@ SMALL = 256
 
 def run_stage(rows: list[dict], cfg: TeacherConfig) -> float:
     ds = ray.data.from_items(rows).materialize()
+    layout = cluster_stage_layout(cfg)
     tic = time.perf_counter()
-    out = embed_texts(teacher_calls(ds, cfg), cfg).materialize()
+    out = embed_texts(teacher_calls(ds, layout), cfg, layout).materialize()
     seconds = time.perf_counter() - tic
     assert out.count() == len(rows)
     return seconds
@@ -219,8 +218,8 @@ def main() -> None:
 
     ray.init(num_cpus=cpus, include_dashboard=False)
     run_stage(rows[:SMALL], cfg)  # warm-up: worker processes, imports, file cache
-    call_rows = rows_per_actor_call(cfg)
-    layout = stage_layout(cfg, ray.cluster_resources(), node_amounts("CPU"))
+    layout = cluster_stage_layout(cfg)
+    call_rows = layout.rows_per_call
     # With tokenizer actors, the stage is also measured with its teacher actor tokenizing.
     in_actor = cfg.model_copy(update={"tokenizer_actors": 0}) if layout.tokenizers else None
     if in_actor:

@@ -36,7 +36,13 @@ from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
 from leaf_ray.report import METRICS_JSONL, read_metrics
 from leaf_ray.storage import Location
 from leaf_ray.student import build_student, embed, freeze_unused, leaf_loss, param_groups
-from leaf_ray.teacher import embed_texts, load_teacher, teacher_calls, teacher_space
+from leaf_ray.teacher import (
+    cluster_stage_layout,
+    embed_texts,
+    load_teacher,
+    teacher_calls,
+    teacher_space,
+)
 from leaf_ray.train import train_student, trainer_resources
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,11 +171,13 @@ def main() -> None:
         )
         if args.streaming:  # the teacher's actors embed while the trainer consumes
             texts_ds = ray.data.from_items([{"text": i["text"], "kind": i["kind"]} for i in items])
-            calls = teacher_calls(texts_ds, teacher_cfg, len(items)).materialize()
             streaming = cfg.model_copy(
                 update={"train": cfg.train.model_copy(update={"data_mode": "streaming"})}
             )
-            stream = embed_texts(calls, teacher_cfg, len(items), trainer_resources(streaming))
+            held = trainer_resources(streaming)
+            layout = cluster_stage_layout(teacher_cfg, len(items), held)
+            calls = teacher_calls(texts_ds, layout).materialize()
+            stream = embed_texts(calls, teacher_cfg, layout)
             streamed = ray_train(streaming, init, stream, len(items), storage / f"s{batch}")
             results[-1] |= {
                 "streaming_seq_per_s": streamed,

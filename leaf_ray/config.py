@@ -141,7 +141,7 @@ class TeacherConfig(ModelRef):
         None,
         ge=0,
         description="CPU actors (one CPU each) tokenizing for the teacher actors; 0: the teacher "
-        "actors tokenize. Default: on GPUs up to 4 per teacher actor, as CPUs allow; on CPUs 0.",
+        "actors tokenize. Default: on GPUs up to 16 per teacher actor, as CPUs allow; on CPUs 0.",
     )
     query_prompt: str | None = Field(None, description="Default: the teacher's own 'query' prompt.")
     document_prompt: str | None = Field(

@@ -37,9 +37,9 @@ from leaf_ray.storage import Location
 from leaf_ray.student import build_student
 from leaf_ray.teacher import (
     TeacherSpace,
+    cluster_stage_layout,
     embed_texts,
     load_teacher,
-    rows_per_actor_call,
     teacher_calls,
     teacher_prompts,
     teacher_space,
@@ -104,10 +104,10 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
         chosen = _chosen_rows(texts, todo, _shared_rows(ids, hashes))
-        rows_per_call = rows_per_actor_call(cfg.teacher, len(todo))
-        sink = cache.sink(cfg.teacher.vector_dtype, rows_per_call)
-        calls = teacher_calls(chosen, cfg.teacher, len(todo))
-        embed_texts(calls, cfg.teacher, len(todo)).write_datasink(sink)
+        layout = cluster_stage_layout(cfg.teacher, len(todo))
+        sink = cache.sink(cfg.teacher.vector_dtype, layout.rows_per_call)
+        calls = teacher_calls(chosen, layout)
+        embed_texts(calls, cfg.teacher, layout).write_datasink(sink)
     missing = np.setdiff1d(np.unique(hashes.astype(str)), cache.hashes().astype(str))
     if missing.size:
         raise RunError(f"{cache.root}: {missing.size} texts still have no vector after the stage")
@@ -233,15 +233,15 @@ def streaming_training_set(
     validation = None
     if held.size:
         plan = {h: (id_of[h], 1) for h in held.tolist()}
-        chosen = _chosen_rows(texts, plan, shared)
-        validation = _validation(
-            embed_texts(teacher_calls(chosen, cfg.teacher, held.size), cfg.teacher, held.size)
-        )
+        layout = cluster_stage_layout(cfg.teacher, held.size)
+        calls = teacher_calls(_chosen_rows(texts, plan, shared), layout)
+        validation = _validation(embed_texts(calls, cfg.teacher, layout))
     plan = {h: (id_of[h], c) for h, c in zip(wanted.tolist(), counts.tolist(), strict=True) if c}
     num_rows = int(counts.sum())
     chosen = _chosen_rows(texts, plan, shared)
-    calls = teacher_calls(chosen, cfg.teacher, num_rows).materialize()
-    stream = embed_texts(calls, cfg.teacher, num_rows, held_elsewhere=trainer_resources(cfg))
+    layout = cluster_stage_layout(cfg.teacher, num_rows, held_elsewhere=trainer_resources(cfg))
+    calls = teacher_calls(chosen, layout).materialize()
+    stream = embed_texts(calls, cfg.teacher, layout)
     return space, stream, num_rows, validation
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 import yaml
 from aiohttp import web
 from sentence_transformers import SentenceTransformer
@@ -31,7 +32,9 @@ from leaf_ray.teacher import (
     TeacherEmbedder,
     TeacherTokenizer,
     cpu_actor_share,
+    embed_texts,
     stage_layout,
+    teacher_calls,
     teacher_space,
 )
 from tests.conftest import REPO, run_on_own_cluster
@@ -380,22 +383,61 @@ def test_tokens_from_tokenizer_actors_embed_as_texts_do(tiny_teacher, demo_texts
             )
 
 
+def test_teacher_calls_gather_the_tokenizer_actors_blocks(tiny_teacher, demo_texts, ray_local):
+    """Tokenizer actors take blocks of a fraction of a call (so that many tokenize one call at
+    once); each teacher call gathers a whole call's rows from them, and every text still gets
+    its own vector."""
+    cfg = TeacherConfig(model=str(tiny_teacher), max_seq_length=64, batch_size=16)
+    layout = StageLayout(0, 0.25, 1, tokenizers=1, rows_per_call=64, rows_per_block=16)
+    rows = demo_texts[:200]
+    # Made first: the actors hold 1.25 of the tests' 2 CPUs, too few for repartition's tasks.
+    texts = ray.data.from_items(rows, override_num_blocks=1)
+    calls = teacher_calls(texts, layout).materialize()
+    assert {len(b["text"]) for b in calls.iter_batches(batch_size=None)} == {16, 8}
+    calls_made = list(embed_texts(calls, cfg, layout).iter_batches(batch_size=None))
+    assert sorted(len(c["text"]) for c in calls_made) == [8, 64, 64, 64]
+    model = SentenceTransformer(str(tiny_teacher), device="cpu")
+    model.max_seq_length = 64
+    texts = np.concatenate([c["text"] for c in calls_made]).tolist()
+    np.testing.assert_allclose(
+        np.concatenate([c["embedding"] for c in calls_made]), model.encode(texts), atol=1e-5
+    )
+
+
 @pytest.mark.parametrize(
-    ("free", "node_cpus", "teacher", "layout"),
+    ("free", "node_cpus", "teacher", "num_rows", "layout"),
     [
-        # one H100 box: four tokenizer actors, the teacher's thread only feeds the GPU
-        ({"CPU": 16, "GPU": 1}, [16], {}, StageLayout(1.0, 1.0, 1, 4)),
-        # no CPU to spare (streaming on a small box): the teacher actor tokenizes
-        ({"CPU": 2, "GPU": 1}, [2], {}, StageLayout(1.0, 1.0, 1, 0)),
-        ({"CPU": 32, "GPU": 16}, [16, 16], {"num_actors": 16}, StageLayout(1.0, 1.0, 1, 14)),
-        ({"CPU": 16, "GPU": 1}, [16], {"tokenizer_actors": 0}, StageLayout(1.0, 1.0, 15, 0)),
-        ({"CPU": 2}, [2], {}, StageLayout(0, 1.0, 2, 0)),  # CPUs: the actors tokenize
-        ({"CPU": 4}, [4], {"tokenizer_actors": 1}, StageLayout(0, 2.0, 3, 1)),
+        # One H100 box: 14 tokenizer actors, the teacher's thread only feeds the GPU; calls of
+        # 16 batches, each gathered from 8 tokenizer blocks.
+        ({"CPU": 16, "GPU": 1}, [16], {}, None, StageLayout(1.0, 1.0, 1, 14, 1024, 128)),
+        ({"CPU": 16, "GPU": 1}, [16], {}, 300, StageLayout(1.0, 1.0, 1, 14, 300, 64)),
+        # No CPU to spare (streaming on a small box): the teacher actor tokenizes.
+        ({"CPU": 2, "GPU": 1}, [2], {}, None, StageLayout(1.0, 1.0, 1, 0, 1024, 1024)),
+        (
+            {"CPU": 32, "GPU": 16},
+            [16, 16],
+            {"num_actors": 16},
+            None,
+            StageLayout(1.0, 1.0, 1, 14, 1024, 128),
+        ),
+        (
+            {"CPU": 16, "GPU": 1},
+            [16],
+            {"tokenizer_actors": 0},
+            None,
+            StageLayout(1.0, 1.0, 15, 0, 1024, 1024),
+        ),
+        # CPUs: the actors tokenize, in calls of 128 batches, or fewer to give each actor work.
+        ({"CPU": 2}, [2], {}, None, StageLayout(0, 1.0, 2, 0, 8192, 8192)),
+        ({"CPU": 2}, [2], {"num_actors": 2}, 1000, StageLayout(0, 0.5, 1, 0, 500, 500)),
+        ({"CPU": 4}, [4], {"tokenizer_actors": 1}, None, StageLayout(0, 2.0, 3, 1, 8192, 1024)),
     ],
 )
-def test_stage_layout_gives_tokenizer_actors_the_cpus_gpus_leave(free, node_cpus, teacher, layout):
+def test_stage_layout_gives_tokenizer_actors_the_cpus_gpus_leave(
+    free, node_cpus, teacher, num_rows, layout
+):
     cfg = TeacherConfig(model="m", **teacher)
-    assert stage_layout(cfg, free, node_cpus) == layout
+    assert stage_layout(cfg, free, node_cpus, num_rows) == layout
 
 
 @pytest.mark.parametrize(
