@@ -18,6 +18,9 @@ for all of them (its background processes cost the baselines what they cost the 
                  difference between runs on all texts and on the first SMALL (start-up and
                  warm-up cancel out, as the warm-up is excluded from the others); where the
                  layout has tokenizer actors (GPUs), also with the teacher actor tokenizing
+  tokenizer      one tokenizer actor's code (`TeacherTokenizer`) here, on one thread as in its
+                 one-CPU actor, once: its rows/s, and how many such actors it takes to keep up
+                 with the bare forward
 `breakdown` splits stage/bare into three factors: the device thread against the bare forward
 (sorting within calls, the whole sentence-transformers module), the actor's padding (and
 tokenizing, where it tokenizes) alongside it, and what Ray Data (and the tokenizer actors) add.
@@ -42,6 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -140,6 +144,22 @@ def in_process(embedder: TeacherEmbedder, calls: list[dict[str, np.ndarray]]) ->
     return time.perf_counter() - tic
 
 
+def tokenizer_actor_rate(tokenizer: TeacherTokenizer, rows: list[dict], block_rows: int) -> float:
+    """Rows/s of one tokenizer actor's code over the texts, in its blocks. Its actor holds one
+    CPU, so the Rust tokenizer runs on one thread."""
+    blocks = [
+        pa.Table.from_pylist(
+            [{"text": r["text"], "kind": r["kind"]} for r in rows[start : start + block_rows]]
+        )
+        for start in range(0, len(rows), block_rows)
+    ]
+    with mock.patch.dict(os.environ, {"TOKENIZERS_PARALLELISM": "false"}):
+        tic = time.perf_counter()
+        for block in blocks:
+            tokenizer(block)
+        return len(rows) / (time.perf_counter() - tic)
+
+
 def device_thread_calls(teacher: LocalTeacher, rows: list[dict], call_rows: int) -> list[tuple]:
     """The stage's calls, each kind of each, tokenized and padded as the device thread gets
     them; made once, outside every timed run."""
@@ -225,8 +245,9 @@ def main() -> None:
     if in_actor:
         run_stage(rows[:SMALL], in_actor)
     embedder = built_here(lambda: TeacherEmbedder(cfg, layout.torch_threads))
-    tokenizer = built_here(lambda: TeacherTokenizer(cfg)) if layout.tokenizers else None
-    calls = actor_calls(rows, call_rows, tokenizer)
+    tokenizer = built_here(lambda: TeacherTokenizer(cfg))
+    tokenizer_rate = tokenizer_actor_rate(tokenizer, rows, layout.rows_per_block)
+    calls = actor_calls(rows, call_rows, tokenizer if layout.tokenizers else None)
     prepared = device_thread_calls(embedder.teacher, rows, call_rows)
     in_process(embedder, calls[:1])  # warm-up
     setting = {
@@ -262,6 +283,8 @@ def main() -> None:
         rounds.append(times)
         # Written after each round: a run cut short by a time limit keeps what it measured.
         result = summary(rounds, len(texts)) | setting
+        result["tokenizer_actor_seq_per_s"] = tokenizer_rate
+        result["tokenizer_actors_for_bare_rate"] = result["seq_per_s"]["bare"] / tokenizer_rate
         out_file.write_text(json.dumps(result, indent=2) + "\n")
     ray.shutdown()
     print(json.dumps(result, indent=2))
