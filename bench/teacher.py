@@ -19,8 +19,8 @@ for all of them (its background processes cost the baselines what they cost the 
                  warm-up cancel out, as the warm-up is excluded from the others); where the
                  layout has tokenizer actors (GPUs), also with the teacher actor tokenizing
   tokenizer      one tokenizer actor's code (`TeacherTokenizer`) here, on one thread as in its
-                 one-CPU actor, once: its rows/s, and how many such actors it takes to keep up
-                 with the bare forward
+                 one-CPU actor, once, on the first TOKENIZER_SAMPLE texts: its rows/s, and how
+                 many such actors it takes to keep up with the bare forward
 `breakdown` splits stage/bare into three factors: the device thread against the bare forward
 (sorting within calls, the whole sentence-transformers module), the actor's padding (and
 tokenizing, where it tokenizes) alongside it, and what Ray Data (and the tokenizer actors) add.
@@ -109,6 +109,7 @@ def device_name() -> str:
 
 
 SMALL = 256
+TOKENIZER_SAMPLE = 4096  # ~1.6 s of bert-base tokenizing on one core
 
 
 def run_stage(rows: list[dict], cfg: TeacherConfig) -> float:
@@ -246,7 +247,8 @@ def main() -> None:
         run_stage(rows[:SMALL], in_actor)
     embedder = built_here(lambda: TeacherEmbedder(cfg, layout.torch_threads))
     tokenizer = built_here(lambda: TeacherTokenizer(cfg))
-    tokenizer_rate = tokenizer_actor_rate(tokenizer, rows, layout.rows_per_block)
+    sample = rows[:TOKENIZER_SAMPLE]
+    tokenizer_rate = tokenizer_actor_rate(tokenizer, sample, layout.rows_per_block)
     calls = actor_calls(rows, call_rows, tokenizer if layout.tokenizers else None)
     prepared = device_thread_calls(embedder.teacher, rows, call_rows)
     in_process(embedder, calls[:1])  # warm-up
