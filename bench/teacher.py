@@ -128,13 +128,20 @@ def actor_calls(
     """The stage's calls as its teacher actor receives them: texts, or tokens when tokenizer
     actors feed it (tokenized here beforehand)."""
     calls = []
-    for start in range(0, len(rows), call_rows):
-        call = pa.Table.from_pylist(
-            [{"text": r["text"], "kind": r["kind"]} for r in rows[start : start + call_rows]]
-        )
+    for call in text_tables(rows, call_rows):
         call = tokenizer(call) if tokenizer else call
         calls.append({n: call[n].to_numpy(zero_copy_only=False) for n in call.column_names})
     return calls
+
+
+def text_tables(rows: list[dict], table_rows: int) -> list[pa.Table]:
+    """The rows' texts and kinds, `table_rows` at a time, as Ray Data hands them to an actor."""
+    return [
+        pa.Table.from_pylist(
+            [{"text": r["text"], "kind": r["kind"]} for r in rows[start : start + table_rows]]
+        )
+        for start in range(0, len(rows), table_rows)
+    ]
 
 
 def in_process(embedder: TeacherEmbedder, calls: list[dict[str, np.ndarray]]) -> float:
@@ -148,12 +155,7 @@ def in_process(embedder: TeacherEmbedder, calls: list[dict[str, np.ndarray]]) ->
 def tokenizer_actor_rate(tokenizer: TeacherTokenizer, rows: list[dict], block_rows: int) -> float:
     """Rows/s of one tokenizer actor's code over the texts, in its blocks. Its actor holds one
     CPU, so the Rust tokenizer runs on one thread."""
-    blocks = [
-        pa.Table.from_pylist(
-            [{"text": r["text"], "kind": r["kind"]} for r in rows[start : start + block_rows]]
-        )
-        for start in range(0, len(rows), block_rows)
-    ]
+    blocks = text_tables(rows, block_rows)
     with mock.patch.dict(os.environ, {"TOKENIZERS_PARALLELISM": "false"}):
         tic = time.perf_counter()
         for block in blocks:
