@@ -29,7 +29,7 @@ date; timeout "${TEACHER_TIMEOUT:-270}" python3 bench/teacher.py --model $models
   --texts-file .gpu/debian-documents.jsonl.gz \
   --batch-size 256 --max-seq-length 512 2>&1 | tee $logs/teacher-gpu.log | grep -v "^\s*$"
 date; timeout "${TRAIN_TIMEOUT:-260}" python3 bench/train.py --teacher $models/bert-base \
-  --student $models/minilm --texts "${TRAIN_TEXTS:-12000}" --batch-sizes 32 256 --streaming 2>&1 \
+  --student $models/minilm --texts "${TRAIN_TEXTS:-12000}" --batch-sizes 32 256 --rounds 1 --streaming 2>&1 \
   | tee $logs/train-gpu.log | grep -v "^\s*$"
 [ -n "$OUT" ] && cp bench/results/*-gpu.json "$OUT"/ 2>/dev/null
 ls bench/results

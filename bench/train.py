@@ -1,14 +1,16 @@
 """Student-training throughput through Ray Train as a ratio to a bare PyTorch loop, same script.
 
     .venv/bin/python bench/train.py [--batch-sizes 32 256] [--texts 2048] [--workers 1]
-        [--teacher NAME_OR_DIR] [--student DIR] [--texts-file F] [--streaming]
+        [--rounds 3] [--teacher NAME_OR_DIR] [--student DIR] [--texts-file F] [--streaming]
 
 The same student (default: 3-layer MiniLM-L6 layer reduction + Linear + Normalize; or --student,
 a sentence-transformers folder, + Linear into the teacher's space), the same texts with
 teacher-shaped random target vectors (throughput does not depend on their values), the same
-AdamW step, bf16 autocast on GPU, and threads. Each side does one warm-up epoch; seq/s is
-measured on the second. --streaming also trains fed by the teacher's actors (streaming mode):
-its rate against the cached run's shows what running the teacher alongside costs.
+AdamW step, bf16 autocast on GPU, and threads, and the same length-sorted batches. Each side
+does one warm-up epoch; seq/s is measured over the whole second (for Ray Train, its data
+start-up included); rounds alternate the sides and the median is kept. --streaming also trains
+fed by the teacher's actors (streaming mode): its rate against the cached run's shows what
+running the teacher alongside costs.
 Writes bench/results/train-<device>.json.
 """
 
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import ray
@@ -32,6 +35,7 @@ from ray.train import Checkpoint
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
+from leaf_ray.cache import TeacherCache, text_hash
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
 from leaf_ray.report import METRICS_JSONL, read_metrics
 from leaf_ray.storage import Location
@@ -43,13 +47,21 @@ from leaf_ray.teacher import (
     teacher_calls,
     teacher_space,
 )
-from leaf_ray.train import train_student, trainer_resources
+from leaf_ray.train import (
+    BUCKET_BATCHES,
+    batches_per_epoch,
+    held_for_epochs,
+    length_sorted_batches,
+    train_student,
+    trainer_resources,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> float:
-    """seq/s of a plain loop over length-sorted windows, second epoch (as `train_loop` batches)."""
+    """seq/s of a plain loop, second epoch, over the batches `train_loop` makes: shuffled rows,
+    length-sorted in windows of BUCKET_BATCHES batches. It tokenizes inline, as plain loops do."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
@@ -57,8 +69,9 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
     freeze_unused(student)
     student.train()  # dropout on, as in `train_loop` (a loaded model starts in eval mode)
     optimizer = torch.optim.AdamW(param_groups(student, 2e-4, 1e-2), weight_decay=0.01)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    batches = [order[i : i + batch] for i in range(0, len(order), batch)]
+    shuffled, window = np.random.default_rng(0).permutation(len(texts)), batch * BUCKET_BATCHES
+    windows = [shuffled[start : start + window] for start in range(0, len(texts), window)]
+    batches = [rows[b] for rows in windows for b in length_sorted_batches(texts[rows], batch)]
     for _ in range(2):  # the second epoch is measured
         tic = time.perf_counter()
         for rows in batches:
@@ -77,16 +90,39 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
 
 
 def ray_train(cfg: LeafConfig, init: str, ds: ray.data.Dataset, rows: int, storage: Path) -> float:
-    """seq/s through `train_student` in its second epoch, from the loop's own per-step log."""
+    """seq/s through `train_student` over its whole second epoch, from the loop's own log: the
+    config logs once an epoch, so that row's window is the epoch, its data start-up included."""
     checkpoint, _ = train_student(
         cfg, ds, rows, Checkpoint.from_directory(init), Location.of(storage)
     )
     with checkpoint.as_directory() as ckpt:
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
-    # Rows are logged every `log_every` steps, each with its window's rate: the epoch's rate is
-    # their harmonic mean (windows of equal size; logging syncs the device only once a window).
-    second = [r["seq_per_s"] for r in history if r["epoch"] == 1]
-    return len(second) / sum(1 / r for r in second)
+    (second,) = [r["seq_per_s"] for r in history if r["epoch"] == 1]
+    return second
+
+
+def cached_vectors(items: list[dict], targets: np.ndarray, root: Path) -> ray.data.Dataset:
+    """The texts and their vectors as cached mode trains on them: from the teacher cache's
+    Parquet shards (one here, as a CPU teacher actor writes for 2,048 texts)."""
+    cache = TeacherCache.open(Location.of(root), {"bench": "random vectors"}, "bench")
+    hashes = [text_hash(i["kind"], i["text"]) for i in items]
+    rows = [
+        {"text_hash": h, "kind": i["kind"], "text": i["text"], "embedding": v}
+        for h, i, v in zip(hashes, items, targets, strict=True)
+    ]
+    ray.data.from_items(rows).write_datasink(cache.sink("float32", len(rows)))
+    return held_for_epochs(cache.read(np.array(hashes)), len(rows), targets.shape[1])
+
+
+def streaming_train(cfg: LeafConfig, init: str, items: list[dict], storage: Path) -> float:
+    """seq/s of the same training fed by the teacher's actors as they embed (streaming mode)."""
+    streaming = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"data_mode": "streaming"})}
+    )
+    layout = cluster_stage_layout(cfg.teacher, len(items), trainer_resources(streaming))
+    texts = ray.data.from_items([{"text": i["text"], "kind": i["kind"]} for i in items])
+    calls = teacher_calls(texts, layout).materialize()
+    return ray_train(streaming, init, embed_texts(calls, cfg.teacher, layout), len(items), storage)
 
 
 def main() -> None:
@@ -94,7 +130,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
     parser.add_argument("--texts", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="median of this many")
     parser.add_argument("--teacher", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--student", help="pretrained student folder (default: layer reduction)")
     parser.add_argument(
@@ -107,6 +143,10 @@ def main() -> None:
 
     with gzip.open(args.texts_file, "rt") as f:
         items = [json.loads(line) for line in itertools.islice(f, args.texts)]
+    distinct: dict[str, dict] = {}  # each (kind, text) once, as the teacher cache holds it
+    for item in items:
+        distinct.setdefault(text_hash(item["kind"], item["text"]), item)
+    items = list(distinct.values())
     texts = np.array([item["text"] for item in items])
     teacher_cfg = TeacherConfig(model=args.teacher, max_seq_length=128)
     teacher = load_teacher(teacher_cfg, "cpu")
@@ -124,8 +164,8 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     torch.set_num_threads(cpus)
 
-    rows = [{"text": str(t), "embedding": v} for t, v in zip(texts, targets, strict=True)]
     ray.init(num_cpus=cpus, include_dashboard=False)
+    cached = cached_vectors(items, targets, storage / "cache")
     results: list[dict] = []
     out = {
         "teacher": args.teacher,
@@ -140,7 +180,7 @@ def main() -> None:
     kind = "gpu" if torch.cuda.is_available() else "cpu"
     out_file = REPO / "bench" / "results" / f"train-{kind}.json"
     for batch in args.batch_sizes:
-        bare = bare_loop(init, texts, targets, batch)
+        rows_per_worker, micro_batch = len(texts) // args.workers, batch // args.workers
         cfg = LeafConfig.model_validate(
             {
                 "data": {"sources": [{"path": "unused"}]},
@@ -154,36 +194,22 @@ def main() -> None:
                     "batch_size": batch,
                     "lr": 2e-4,
                     "head_lr": 1e-2,
-                    # At least two rate windows in the measured epoch, however few its steps.
-                    "log_every": max(1, min(args.log_every, len(texts) // batch // 2)),
+                    # One rate window an epoch: the same batches as the bare loop's epoch.
+                    "log_every": batches_per_epoch(rows_per_worker, micro_batch),
                 },
             }
         )
-        cached = ray.data.from_items(rows).materialize()
-        through_ray = ray_train(cfg, init, cached, len(rows), storage / f"b{batch}")
-        results.append(
-            {
-                "batch": batch,
-                "bare_seq_per_s": bare,
-                "ray_seq_per_s": through_ray,
-                "ratio": through_ray / bare,
-            }
-        )
-        if args.streaming:  # the teacher's actors embed while the trainer consumes
-            texts_ds = ray.data.from_items([{"text": i["text"], "kind": i["kind"]} for i in items])
-            streaming = cfg.model_copy(
-                update={"train": cfg.train.model_copy(update={"data_mode": "streaming"})}
-            )
-            held = trainer_resources(streaming)
-            layout = cluster_stage_layout(teacher_cfg, len(items), held)
-            calls = teacher_calls(texts_ds, layout).materialize()
-            stream = embed_texts(calls, teacher_cfg, layout)
-            streamed = ray_train(streaming, init, stream, len(items), storage / f"s{batch}")
-            results[-1] |= {
-                "streaming_seq_per_s": streamed,
-                "streaming_vs_cached": streamed / through_ray,
-            }
-        print(json.dumps(results[-1]), flush=True)
+        rounds = []
+        for r in range(args.rounds):  # interleaved: a slow spell of the machine hits both sides
+            bare = bare_loop(init, texts, targets, batch)
+            through_ray = ray_train(cfg, init, cached, len(items), storage / f"b{batch}-{r}")
+            rounds.append({"bare": bare, "ray": through_ray, "ratio": through_ray / bare})
+            if args.streaming:
+                streamed = streaming_train(cfg, init, items, storage / f"s{batch}-{r}")
+                rounds[-1] |= {"streaming": streamed, "streaming_vs_cached": streamed / through_ray}
+            print(json.dumps({"batch": batch, "round": r} | rounds[-1]), flush=True)
+        results.append({"batch": batch} | {k: median(r[k] for r in rounds) for k in rounds[0]})
+        results[-1]["rounds"] = rounds
         # Written after each batch size: a run cut short by a time limit keeps what it measured.
         out_file.write_text(json.dumps(out, indent=2) + "\n")
     ray.shutdown()

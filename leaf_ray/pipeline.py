@@ -44,7 +44,13 @@ from leaf_ray.teacher import (
     teacher_prompts,
     teacher_space,
 )
-from leaf_ray.train import TRAIN_STATE, Validation, train_student, trainer_resources
+from leaf_ray.train import (
+    TRAIN_STATE,
+    Validation,
+    held_for_epochs,
+    train_student,
+    trainer_resources,
+)
 
 CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT = (
     "config.yaml",
@@ -90,7 +96,8 @@ class TeacherVectors:
         at most a tenth of the texts."""
         held, wanted, counts = _training_plan(cfg, self.hashes, self.sources)
         validation = _validation(self.cache.read(held)) if held.size else None
-        return self.cache.read(wanted, counts), int(counts.sum()), validation
+        rows, num_rows = self.cache.read(wanted, counts), int(counts.sum())
+        return held_for_epochs(rows, num_rows, self.space.dimension), num_rows, validation
 
 
 def embed(cfg: LeafConfig) -> TeacherVectors:

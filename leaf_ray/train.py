@@ -20,6 +20,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -35,6 +36,8 @@ from leaf_ray.teacher import node_amounts
 TRAIN_STATE = "train_state.pt"
 # Texts per length-sorting window, in batches: batches then carry little padding.
 BUCKET_BATCHES = 16
+# A generous size of one text in Ray's object store, for deciding whether a training set fits.
+TEXT_BYTES = 2048
 
 
 Validation = tuple[list[str], np.ndarray]  # held-out texts and their teacher vectors
@@ -48,8 +51,9 @@ def train_student(
     storage: Location,
     validation: Validation | None = None,
 ) -> tuple[Checkpoint, Checkpoint]:
-    """Fit the student on (text, embedding) rows. Returns the latest checkpoint (its history is
-    the whole run's) and the best by validation loss (the latest when there is no validation)."""
+    """Fit the student on rows with `text` and `embedding` columns (others ride along). Returns
+    the latest checkpoint (its history is the whole run's) and the best by validation loss (the
+    latest when there is no validation)."""
     resources = ray.cluster_resources()
     gpus = gpus_per_trainer(cfg, resources.get("GPU", 0))
     # Workers reserve less CPU than they compute with, so Ray Data can always feed them.
@@ -84,13 +88,27 @@ def train_student(
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": embedded.select_columns(["text", "embedding"])},
+        # No select_columns here: on a materialized set it would be a task again every epoch.
+        datasets={"train": embedded},
     )
     result = trainer.fit()
     if not validation:
         return result.checkpoint, result.checkpoint
     best = min(result.best_checkpoints, key=lambda kept: kept[1]["val_loss"])[0]
     return result.checkpoint, best
+
+
+def held_for_epochs(rows: ray.data.Dataset, num_rows: int, dim: int) -> ray.data.Dataset:
+    """Cached vectors read once into Ray's object store when they fit in a quarter of it.
+
+    Ray Data runs a dataset's plan again every epoch: re-reading the cache's Parquet shards
+    delayed each epoch's first batch by 4.5-7 s on the 2-core test machine, against 0.6 s from
+    the object store. Larger sets stream from the cache every epoch.
+    """
+    size = num_rows * (dim * 4 + TEXT_BYTES)
+    if size > ray.cluster_resources().get("object_store_memory", 0) / 4:
+        return rows
+    return rows.materialize()
 
 
 def trainer_resources(cfg: LeafConfig) -> dict[str, float]:
@@ -140,7 +158,7 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
     accumulation = tcfg.grad_accumulation
     micro_batch = tcfg.batch_size // world // accumulation
-    micro_per_epoch = _steps_per_epoch(config["num_rows"] // world, micro_batch)
+    micro_per_epoch = batches_per_epoch(config["num_rows"] // world, micro_batch)
     steps_per_epoch = -(-micro_per_epoch // accumulation)
     total_steps = steps_per_epoch * tcfg.epochs
     scheduler = leaf_schedule(optimizer, total_steps, tcfg)
@@ -169,14 +187,14 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         tic, seen = time.perf_counter(), 0  # throughput over each logging window
-        micro_batches = _length_bucketed(shard, micro_batch, cfg.run.seed + epoch)
+        micro_batches = _length_bucketed(shard, student, micro_batch, cfg.run.seed + epoch)
         # Resuming mid-epoch: skip as many micro-batches as were trained on. They are the same
         # texts when the shard arrives in the same order (the local shuffle is seeded by epoch;
         # Ray Data keeps block order on one worker); with several workers a block may go to
         # another worker, so the rest of the epoch is its untrained part approximately.
         micro_batches = itertools.islice(micro_batches, done, None)
         step_loss = torch.zeros((), device=device)
-        for i, (texts, targets) in enumerate(micro_batches, start=done):
+        for i, (features, targets) in enumerate(micro_batches, start=done):
             if i >= micro_per_epoch:  # the schedule and the loss scaling count on the plan
                 raise RuntimeError(
                     f"epoch {epoch}: the data shard holds more than the {micro_per_epoch} "
@@ -185,16 +203,15 @@ def train_loop(config: dict) -> None:
             # A step takes `accumulation` micro-batches; the epoch's last step may take fewer.
             group = min(accumulation, micro_per_epoch - i // accumulation * accumulation)
             stepping = (i + 1) % accumulation == 0 or i + 1 == micro_per_epoch
-            features = batch_to_device(student.preprocess(texts), device)
+            features = batch_to_device(features, device)
             # DDP all-reduces gradients on the micro-batch that ends a step, not before.
             with nullcontext() if stepping or world == 1 else model.no_sync():
                 with autocast:
                     predicted = embed(model, features)
-                target = torch.from_numpy(targets).to(device)
-                loss = leaf_loss(predicted.float(), target, tcfg.loss) / group
+                loss = leaf_loss(predicted.float(), targets.to(device), tcfg.loss) / group
                 loss.backward()
             step_loss += loss.detach()
-            seen += len(texts)
+            seen += len(targets)
             if not stepping:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
@@ -250,35 +267,56 @@ def leaf_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _steps_per_epoch(rows_per_worker: int, batch: int) -> int:
+def batches_per_epoch(rows_per_worker: int, batch: int) -> int:
     """Batches `_length_bucketed` yields for a shard this size (equal split: workers agree)."""
     window = batch * BUCKET_BATCHES
     full, rest = divmod(rows_per_worker, window)
     return full * BUCKET_BATCHES + -(-rest // batch)
 
 
+class TokenizedBuckets(NumpyBatchCollateFn):
+    """A window of rows as its batches of similar-length texts, tokenized, with their targets.
+
+    Ray Data calls it in its prefetch threads, so tokenizing (Rust, GIL released) overlaps the
+    training step instead of taking its place; on a GPU it is a large part of a small batch's step.
+    Every call tokenizes with the same settings, so the threads and validation share the tokenizer.
+    """
+
+    def __init__(self, student: SentenceTransformer, batch: int):
+        self.student, self.batch = student, batch
+
+    def __call__(self, window: dict[str, np.ndarray]) -> list[tuple[dict, torch.Tensor]]:
+        # Parquet list columns arrive as an object array of rows: stack them.
+        texts, vectors = window["text"], np.stack(window["embedding"]).astype(np.float32)
+        return [
+            (self.student.preprocess(texts[rows].tolist()), torch.from_numpy(vectors[rows]))
+            for rows in length_sorted_batches(texts, self.batch)
+        ]
+
+
+def length_sorted_batches(texts: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Row indices in batches of similar-length texts (characters: a cheap proxy for tokens)."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+
 def _length_bucketed(
-    shard: ray.data.DataIterator, batch: int, seed: int
-) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Shuffled batches of similar-length texts: each window of BUCKET_BATCHES batches is sorted.
+    shard: ray.data.DataIterator, student: SentenceTransformer, batch: int, seed: int
+) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Shuffled, tokenized batches: each window of BUCKET_BATCHES batches is length-sorted.
 
     Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`).
-    Sorting by characters is a cheap proxy for tokens.
     """
     rng = np.random.default_rng(seed)
-    for window in shard.iter_batches(
+    for batches in shard.iter_torch_batches(
         batch_size=batch * BUCKET_BATCHES,
-        batch_format="numpy",
+        collate_fn=TokenizedBuckets(student, batch),
+        prefetch_batches=2,  # two windows tokenized ahead, on two threads
         local_shuffle_buffer_size=batch * BUCKET_BATCHES * 4,
         local_shuffle_seed=seed,
     ):
-        # Parquet list columns arrive as an object array of rows: stack them.
-        texts, vectors = window["text"], np.stack(window["embedding"]).astype(np.float32)
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        batches = [order[i : i + batch] for i in range(0, len(order), batch)]
         for idx in rng.permutation(len(batches)):
-            rows = batches[idx]
-            yield texts[rows].tolist(), vectors[rows]
+            yield batches[idx]
 
 
 def _mean_over_workers(value: torch.Tensor, world: int) -> float:
