@@ -60,8 +60,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> float:
-    """seq/s of a plain loop, second epoch, over the batches `train_loop` makes: shuffled rows,
-    length-sorted in windows of BUCKET_BATCHES batches. It tokenizes inline, as plain loops do."""
+    """seq/s of a plain loop, second epoch, over batches made as `train_loop` makes them: rows
+    shuffled anew each epoch, length-sorted in windows of BUCKET_BATCHES batches (so the second
+    epoch meets batch shapes the first did not, as Ray Train's does). It tokenizes inline, as
+    plain loops do."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
@@ -69,10 +71,11 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
     freeze_unused(student)
     student.train()  # dropout on, as in `train_loop` (a loaded model starts in eval mode)
     optimizer = torch.optim.AdamW(param_groups(student, 2e-4, 1e-2), weight_decay=0.01)
-    shuffled, window = np.random.default_rng(0).permutation(len(texts)), batch * BUCKET_BATCHES
-    windows = [shuffled[start : start + window] for start in range(0, len(texts), window)]
-    batches = [rows[b] for rows in windows for b in length_sorted_batches(texts[rows], batch)]
-    for _ in range(2):  # the second epoch is measured
+    window = batch * BUCKET_BATCHES
+    for epoch in range(2):  # the second epoch is measured
+        shuffled = np.random.default_rng(epoch).permutation(len(texts))
+        windows = [shuffled[start : start + window] for start in range(0, len(texts), window)]
+        batches = [rows[b] for rows in windows for b in length_sorted_batches(texts[rows], batch)]
         tic = time.perf_counter()
         for rows in batches:
             features = batch_to_device(student.preprocess(texts[rows].tolist()), device)
