@@ -206,10 +206,15 @@ def main() -> None:
         for r in range(args.rounds):  # interleaved: a slow spell of the machine hits both sides
             bare = bare_loop(init, texts, targets, batch)
             through_ray = ray_train(cfg, init, cached, len(items), storage / f"b{batch}-{r}")
-            rounds.append({"bare": bare, "ray": through_ray, "ratio": through_ray / bare})
+            rounds.append(
+                {"bare_seq_per_s": bare, "ray_seq_per_s": through_ray, "ratio": through_ray / bare}
+            )
             if args.streaming:
                 streamed = streaming_train(cfg, init, items, storage / f"s{batch}-{r}")
-                rounds[-1] |= {"streaming": streamed, "streaming_vs_cached": streamed / through_ray}
+                rounds[-1] |= {
+                    "streaming_seq_per_s": streamed,
+                    "streaming_vs_cached": streamed / through_ray,
+                }
             print(json.dumps({"batch": batch, "round": r} | rounds[-1]), flush=True)
         results.append({"batch": batch} | {k: median(r[k] for r in rounds) for k in rounds[0]})
         results[-1]["rounds"] = rounds
