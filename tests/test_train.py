@@ -182,19 +182,27 @@ def test_streaming_trainers_leave_the_teacher_half_of_each_gpu(
 def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     tiny_teacher, demo_texts, ray_local
 ):
-    """The prefetch threads tokenize each window of 16 batches; every row comes once with its
-    own vector, batches of one window do not overlap in length, and a seed repeats the epoch."""
+    """The prefetch threads tokenize each window into batches that do not overlap in length;
+    every row comes once an epoch with its own vector, and a seed repeats the epoch."""
     import ray.data
     from sentence_transformers import SentenceTransformer
 
-    from leaf_ray.train import BUCKET_BATCHES, _length_bucketed, batches_per_epoch
+    from leaf_ray.train import TokenizedBuckets, _length_bucketed, batches_per_epoch
 
     student = SentenceTransformer(str(tiny_teacher), device="cpu")
     texts = [row["text"] for row in demo_texts[:300]]
     ids = np.repeat(np.arange(len(texts), dtype=np.float32)[:, None], 4, axis=1)  # row i: all i
-    rows = [{"text": t, "embedding": v} for t, v in zip(texts, ids, strict=True)]
-    shard = ray.data.from_items(rows).iterator()
 
+    window = TokenizedBuckets(student, 8)({"text": np.array(texts[:128]), "embedding": ids[:128]})
+    assert [len(targets) for _, targets in window] == [8] * 16
+    spans = sorted(
+        (min(lens), max(lens))
+        for lens in ([len(texts[int(i)]) for i in targets[:, 0]] for _, targets in window)
+    )
+    assert all(high <= low for (_, high), (low, _) in itertools.pairwise(spans))
+
+    rows = [{"text": t, "embedding": v} for t, v in zip(texts, ids, strict=True)]
+    shard = ray.data.from_items(rows).materialize().iterator()
     batches = list(_length_bucketed(shard, student, 8, seed=0))
     assert len(batches) == batches_per_epoch(len(texts), 8)
     trained = [targets[:, 0].int().tolist() for _, targets in batches]
@@ -202,12 +210,6 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     for (features, _), batch in zip(batches, trained, strict=True):
         expected = student.preprocess([texts[i] for i in batch])
         assert torch.equal(features["input_ids"], expected["input_ids"])
-    for start in range(0, len(trained), BUCKET_BATCHES):  # one window's batches, shuffled
-        window = trained[start : start + BUCKET_BATCHES]
-        spans = sorted(
-            (min(lens), max(lens)) for lens in ([len(texts[i]) for i in b] for b in window)
-        )
-        assert all(high <= low for (_, high), (low, _) in itertools.pairwise(spans))
 
     again = [t[:, 0].int().tolist() for _, t in _length_bucketed(shard, student, 8, seed=0)]
     other = [t[:, 0].int().tolist() for _, t in _length_bucketed(shard, student, 8, seed=1)]
@@ -216,12 +218,13 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
 
 def test_cached_vectors_are_read_once_when_they_fit_in_the_object_store(ray_local):
     import ray.data
+    from ray.data.dataset import MaterializedDataset
 
     from leaf_ray.train import held_for_epochs
 
     rows = ray.data.range(1000).map(lambda row: {"text": str(row["id"]), "embedding": [0.0] * 8})
     small = held_for_epochs(rows, 1000, 8)
-    assert isinstance(small, ray.data.MaterializedDataset)
+    assert isinstance(small, MaterializedDataset)
     assert sorted(int(r["text"]) for r in small.take_all()) == list(range(1000))
     store = ray.cluster_resources()["object_store_memory"]
     assert held_for_epochs(rows, int(store), 8) is rows  # too large: read again every epoch
