@@ -189,10 +189,9 @@ def train_loop(config: dict) -> None:
         tic, seen = time.perf_counter(), 0  # throughput over each logging window
         micro_batches = _length_bucketed(shard, student, micro_batch, cfg.run.seed + epoch)
         # Resuming mid-epoch: skip as many micro-batches as were trained on. They are the same
-        # texts when the shard arrives in the same order, as a set held in the object store does
-        # on one worker (the local shuffle is seeded by epoch). With several workers, or a set
-        # re-read or streamed every epoch, blocks may arrive in another order, so the rest of
-        # the epoch is its untrained part approximately.
+        # texts only when the shard's blocks arrive in the same order (the local shuffle is
+        # seeded by epoch); Ray Data does not promise that, so the rest of the epoch is its
+        # untrained part approximately.
         micro_batches = itertools.islice(micro_batches, done, None)
         step_loss = torch.zeros((), device=device)
         for i, (features, targets) in enumerate(micro_batches, start=done):
