@@ -35,7 +35,7 @@ from ray.train import Checkpoint
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
-from leaf_ray.cache import TeacherCache, text_hash
+from leaf_ray.cache import TeacherCache, first_of_each, text_hash
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
 from leaf_ray.report import METRICS_JSONL, read_metrics
 from leaf_ray.storage import Location
@@ -104,17 +104,18 @@ def ray_train(cfg: LeafConfig, init: str, ds: ray.data.Dataset, rows: int, stora
     return second
 
 
-def cached_vectors(items: list[dict], targets: np.ndarray, root: Path) -> ray.data.Dataset:
+def cached_vectors(
+    items: list[dict], hashes: np.ndarray, targets: np.ndarray, root: Path
+) -> ray.data.Dataset:
     """The texts and their vectors as cached mode trains on them: from the teacher cache's
     Parquet shards (one here, as a CPU teacher actor writes for 2,048 texts)."""
     cache = TeacherCache.open(Location.of(root), {"bench": "random vectors"}, "bench")
-    hashes = [text_hash(i["kind"], i["text"]) for i in items]
     rows = [
         {"text_hash": h, "kind": i["kind"], "text": i["text"], "embedding": v}
         for h, i, v in zip(hashes, items, targets, strict=True)
     ]
     ray.data.from_items(rows).write_datasink(cache.sink("float32", len(rows)))
-    return held_for_epochs(cache.read(np.array(hashes)), len(rows), targets.shape[1])
+    return held_for_epochs(cache.read(hashes), len(rows), targets.shape[1])
 
 
 def streaming_train(cfg: LeafConfig, init: str, items: list[dict], storage: Path) -> float:
@@ -146,10 +147,9 @@ def main() -> None:
 
     with gzip.open(args.texts_file, "rt") as f:
         items = [json.loads(line) for line in itertools.islice(f, args.texts)]
-    distinct: dict[str, dict] = {}  # each (kind, text) once, as the teacher cache holds it
-    for item in items:
-        distinct.setdefault(text_hash(item["kind"], item["text"]), item)
-    items = list(distinct.values())
+    hashes = np.array([text_hash(item["kind"], item["text"]) for item in items])
+    distinct = first_of_each(hashes)  # each (kind, text) once, as the teacher cache holds it
+    items, hashes = [items[k] for k in distinct], hashes[distinct]
     texts = np.array([item["text"] for item in items])
     teacher_cfg = TeacherConfig(model=args.teacher, max_seq_length=128)
     teacher = load_teacher(teacher_cfg, "cpu")
@@ -168,7 +168,7 @@ def main() -> None:
     torch.set_num_threads(cpus)
 
     ray.init(num_cpus=cpus, include_dashboard=False)
-    cached = cached_vectors(items, targets, storage / "cache")
+    cached = cached_vectors(items, hashes, targets, storage / "cache")
     results: list[dict] = []
     out = {
         "teacher": args.teacher,
