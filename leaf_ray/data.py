@@ -53,14 +53,16 @@ def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:
             ds = ray.data.read_parquet(str(path))
         else:
             ds = ray.data.read_json(str(path), lines=True)
+        if src.limit:
+            ds = _first_rows(ds, src.limit)
     else:
         import datasets  # only needed for hub datasets
 
         label = src.hf_dataset
         hf = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split)
+        if src.limit:  # the split's first rows; before Ray, which might hold all of it
+            hf = hf.select(range(min(src.limit, len(hf))))
         ds = _from_hugging_face(hf, local=Path(src.hf_dataset).exists())
-    if src.limit:
-        ds = ds.limit(src.limit)
     columns = set(ds.columns() or [])
     for field in (src.text_field,) + (() if src.kind else (src.kind_field,)):
         if field not in columns:
@@ -70,6 +72,14 @@ def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:
         fn_kwargs={"src": src, "index": index, "label": label, "has_id": src.id_field in columns},
         batch_format="numpy",
     )
+
+
+def _first_rows(ds: ray.data.Dataset, limit: int) -> ray.data.Dataset:
+    """The first `limit` rows in file order, read once. Ray's `limit` over several files keeps
+    whichever rows arrive first, so passes over the texts (planning, then embedding) and reruns
+    would disagree. The ordered read is kept apart: the stages downstream run unordered."""
+    ds.context.execution_options.preserve_order = True
+    return ray.data.from_arrow_refs(ds.limit(limit).to_arrow_refs())
 
 
 def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
@@ -101,9 +111,12 @@ def mixture_counts(
     hashes: np.ndarray, sources: np.ndarray, weights: list[float], seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Times each distinct text is trained on per epoch, from its source's weight (a text in
-    several sources takes its first source's). A fractional part picks exactly that fraction of
-    the source's texts for one more pass, seeded, so every worker and rerun sees the same set.
-    Returns the distinct hashes, sorted, and their counts."""
+    several sources takes the first listed one's). A fractional part picks exactly that fraction
+    of the source's texts for one more pass, seeded, from the texts in hash order: the rows'
+    order (which Ray Data does not fix) leaves the choice alone, so every worker and rerun sees
+    the same set. Returns the distinct hashes, sorted, and their counts."""
+    by_hash = np.lexsort((sources, hashes.astype(str)))  # each text's lowest source first
+    hashes, sources = hashes[by_hash], sources[by_hash]
     first = first_of_each(hashes)
     distinct, source = hashes[first], sources[first]
     counts = np.floor(np.asarray(weights)[source]).astype(np.int64)
@@ -112,8 +125,7 @@ def mixture_counts(
         members = np.flatnonzero(source == index)
         extra = round((weight % 1) * members.size)
         counts[rng.choice(members, size=extra, replace=False)] += 1
-    order = np.argsort(distinct)
-    return distinct[order], counts[order]
+    return distinct, counts
 
 
 @dataclass(frozen=True)

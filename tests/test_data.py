@@ -62,6 +62,35 @@ def test_hugging_face_dataset_source(tmp_path, ray_local):
     assert len({r["id"] for r in rows}) == 30
 
 
+def test_a_limit_keeps_the_first_rows_in_file_order_on_every_pass(tmp_path, ray_local):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for part in range(4):  # four read tasks, finishing in any order
+        rows = [
+            {"id": f"{part}-{i}", "text": f"text {part} {i}", "kind": "query"} for i in range(50)
+        ]
+        write_jsonl(folder / f"part-{part}.jsonl", rows)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    write_jsonl(hf / "train.jsonl", [{"sentence": f"example {i}"} for i in range(30)])
+    sources = [
+        {"path": str(folder), "limit": 120},
+        {"hf_dataset": str(hf), "text_field": "sentence", "kind": "document", "limit": 7},
+    ]
+    texts = read_texts(DataConfig.model_validate({"sources": sources}))
+    first = [r["id"] for r in texts.take_all() if r["source"] == 0]
+    assert sorted(first) == sorted(
+        [f"0-{i}" for i in range(50)]
+        + [f"1-{i}" for i in range(50)]
+        + [f"2-{i}" for i in range(20)]
+    )
+    again = [r["id"] for r in texts.take_all() if r["source"] == 0]
+    assert sorted(again) == sorted(first)
+    hub = sorted(r["text"] for r in texts.take_all() if r["source"] == 1)
+    assert hub == sorted(f"example {i}" for i in range(7))
+    assert not texts.context.execution_options.preserve_order  # the stages after run unordered
+
+
 def test_mixture_weights_set_how_often_each_source_is_seen():
     # Source 0: 4 texts at weight 2; source 1: 10 texts at 0.5 (one also in source 0); 2: 3 at 1.
     hashes = np.array(["a", "b", "c", "d"] + ["a"] + [f"h{i}" for i in range(9)] + ["x", "y", "z"])
@@ -76,6 +105,9 @@ def test_mixture_weights_set_how_often_each_source_is_seen():
     again = mixture_counts(hashes, sources, [2.0, 0.5, 1.0], seed=0)[1]
     other = mixture_counts(hashes, sources, [2.0, 0.5, 1.0], seed=1)[1]
     assert again.tolist() == counts.tolist()  # seeded: every worker and rerun agrees
+    shuffled = np.random.default_rng(3).permutation(len(hashes))  # rows in another order
+    _, reordered = mixture_counts(hashes[shuffled], sources[shuffled], [2.0, 0.5, 1.0], seed=0)
+    assert reordered.tolist() == counts.tolist()
     assert other.sum() == counts.sum()
 
 
