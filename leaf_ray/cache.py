@@ -1,8 +1,8 @@
 """The persistent teacher-embedding cache: a folder per teacher setting, Parquet shards + manifest.
 
-    <cache_dir>/<teacher>-<key>/key.json            everything that changes a vector
-                                /shards/<uuid>.parquet   text_hash, kind, text, embedding
-                                /manifest/<uuid>.json    rows and sha256 of one committed shard
+    <cache_dir>/<teacher>-<key>/key.json                      everything that changes a vector
+                                /shards/<uuid>.parquet             text_hash, kind, text, embedding
+                                /manifest/<uuid>.parquet.json      rows and sha256 of one shard
 
 The cache may sit on a local or NFS path or in an object store (`leaf_ray.storage`). A shard is
 written whole (a temporary name then a rename, or one object PUT), then its manifest entry the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import uuid
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray.data
 from ray.data.block import Block, BlockAccessor
@@ -81,11 +83,33 @@ class TeacherCache:
 
     def hashes(self) -> np.ndarray:
         """Hashes of every committed row (a text may appear twice if two runs raced)."""
+        return self._committed()["text_hash"].to_numpy(zero_copy_only=False)
+
+    def later_copies(self) -> dict[str, set[str]]:
+        """Shard name -> the hashes in it that an earlier shard (manifest order) holds too: texts
+        two runs embedded at once, both committed. Reads skip them, so a text comes once."""
+        committed = self._committed()
+        hashes = committed["text_hash"].to_numpy(zero_copy_only=False).astype(str)
+        later = np.ones(len(hashes), dtype=bool)
+        later[first_of_each(hashes)] = False
+        copies: dict[str, set[str]] = {}
+        for path, h in zip(
+            committed["__filename"].to_numpy(zero_copy_only=False)[later],
+            hashes[later],
+            strict=True,
+        ):
+            copies.setdefault(posixpath.basename(path), set()).add(h)
+        return copies
+
+    def _committed(self) -> pa.Table:
+        """text_hash and shard path of every committed row, shards in manifest order."""
         paths = self.shard_paths()
         if not paths:
-            return np.array([], dtype=object)
-        table = pq.read_table(paths, columns=["text_hash"], filesystem=self.root.fs)
-        return table.column("text_hash").to_numpy(zero_copy_only=False)
+            return pa.table(
+                {"text_hash": pa.array([], pa.string()), "__filename": pa.array([], pa.string())}
+            )
+        shards = pads.dataset(paths, format="parquet", filesystem=self.root.fs)
+        return shards.to_table(columns=["text_hash", "__filename"])
 
     def sink(self, vector_dtype: str, rows_per_shard: int) -> CacheSink:
         return CacheSink(self.root, vector_dtype, rows_per_shard)
@@ -95,13 +119,26 @@ class TeacherCache:
         `wanted[i]` (then `wanted` must be sorted and distinct, as `mixture_counts` gives)."""
         if counts is None:
             wanted, counts = np.unique(wanted.astype(str)), None
-        shards = ray.data.read_parquet(self.shard_paths(), filesystem=self.root.fs)
+        copies = self.later_copies()  # usually none: then rows need not say their shard
+        shards = ray.data.read_parquet(
+            self.shard_paths(), filesystem=self.root.fs, include_paths=bool(copies)
+        )
         return shards.map_batches(
-            _keep_wanted, fn_args=(wanted.astype(str), counts), batch_format="pyarrow"
+            _keep_wanted, fn_args=(wanted.astype(str), counts, copies), batch_format="pyarrow"
         )
 
 
-def _keep_wanted(table: pa.Table, wanted: np.ndarray, counts: np.ndarray | None) -> pa.Table:
+def _keep_wanted(
+    table: pa.Table, wanted: np.ndarray, counts: np.ndarray | None, copies: dict[str, set[str]]
+) -> pa.Table:
+    if copies:  # a block may hold several shards' rows: drop each row another shard holds first
+        paths = table.column("path").to_pylist()
+        hashes = table.column("text_hash").to_pylist()
+        first = [
+            h not in copies.get(posixpath.basename(p), ())
+            for p, h in zip(paths, hashes, strict=True)
+        ]
+        table = table.filter(pa.array(first)).drop_columns(["path"])
     if not len(wanted):
         return table.slice(0, 0)
     hashes = table.column("text_hash").to_numpy(zero_copy_only=False).astype(str)

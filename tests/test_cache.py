@@ -143,7 +143,8 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(
 ):
     # batch 1: shards of 128 or more rows (an actor call), so several of them
     teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 1}
-    vectors = embed(load_config(write_config(tmp_path, demo_texts[:800], teacher)))
+    cfg = load_config(write_config(tmp_path, demo_texts[:800], teacher))
+    vectors = embed(cfg)
     cache = vectors.cache
     assert verify(cache, vectors.hashes).ok
     assert not verify(cache, np.append(vectors.hashes, "0" * 32)).ok  # a text with no vector
@@ -159,6 +160,10 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(
     )
     report = verify(cache)
     assert report.duplicated == entries[0]["rows"] and not report.ok
+    # Training reads skip the later copy: each text comes once an epoch, as planned.
+    data, count, _ = vectors.training_set(cfg)
+    trained = Counter(r["text_hash"] for r in data.take_all())
+    assert count == trained.total() and set(trained.values()) == {1}
 
     # Bytes changed on disk after commit: the checksum catches it.
     other = root / SHARDS / entries[1]["shard"]
