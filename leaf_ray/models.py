@@ -26,8 +26,10 @@ class ModelPinError(RuntimeError):
     """Weights on disk do not match the configured sha256."""
 
 
-def resolve_model(ref: ModelRef) -> str:
-    """Return what `SentenceTransformer(...)` should load: a verified local folder or a hub name."""
+def resolve_model(ref: ModelRef, check_pin: bool = True) -> str:
+    """Return what `SentenceTransformer(...)` should load: a verified local folder or a hub name.
+    Without `check_pin`, for callers that never use the weights: the file is neither fetched
+    nor hashed."""
     local = Path(ref.model)
     pin = ref.sha256
     if not local.is_dir() and ref.model in BUNDLED:
@@ -36,6 +38,7 @@ def resolve_model(ref: ModelRef) -> str:
         if spec is not None and spec.submodule_search_locations:
             local = Path(next(iter(spec.submodule_search_locations))) / subdir
             pin = pin or bundled_pin
+    pin = pin if check_pin else None
     if not local.is_dir():  # a hub name: sentence-transformers downloads (and caches) it
         if pin:  # fetched into the same cache first, so the pin is checked before use
             from huggingface_hub import hf_hub_download

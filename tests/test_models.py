@@ -35,3 +35,16 @@ def test_a_pinned_hub_model_is_checked_in_the_hub_cache(tmp_path, monkeypatch):
     with pytest.raises(ModelPinError, match="does not match pin"):
         resolve_model(ModelRef(model="acme/tiny", sha256="1" * 64))
     assert resolve_model(ModelRef(model="acme/tiny")) == "acme/tiny"  # no pin: nothing fetched
+
+
+def test_tokenizer_actors_neither_fetch_nor_hash_pinned_weights(tiny_teacher, tmp_path):
+    """Only the actors that embed use the weights; the rest read the tokenizer and config."""
+    from leaf_ray.config import TeacherConfig
+    from leaf_ray.teacher import load_teacher, load_without_weights
+
+    absent = ModelRef(model="acme/not-in-any-cache", sha256="1" * 64)
+    assert resolve_model(absent, check_pin=False) == "acme/not-in-any-cache"
+    wrong_pin = TeacherConfig(model=str(tiny_teacher), sha256="1" * 64)
+    with pytest.raises(ModelPinError, match="does not match pin"):
+        load_teacher(wrong_pin, "cpu")
+    assert load_without_weights(wrong_pin).tokenizer is not None
