@@ -53,7 +53,9 @@ class Strict(BaseModel):
 
 class RunConfig(Strict):
     name: str | None = Field(
-        None, description="Run folder name; default <config stem>-<timestamp>."
+        None,
+        pattern=r"^\w[\w.-]*$",  # one folder: a "/" would nest the run where it is renamed
+        description="Run folder name (letters, digits, _ . -); default <config stem>-<timestamp>.",
     )
     storage: StorageURI = Field(
         "runs",
@@ -318,7 +320,7 @@ class LeafConfig(Strict):
         )
 
     def run_name(self) -> str:
-        stem = Path(self.source_file).stem if self.source_file else "run"
+        stem = re.sub(r"[^\w.-]+", "_", Path(self.source_file).stem) if self.source_file else "run"
         return self.run.name or f"{stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 

@@ -69,6 +69,9 @@ class Encoder:
     revision: str | None = None
     prompts: dict[str, str | None] = field(default_factory=dict)  # "query"/"document" -> prompt
     endpoint: TeacherConfig | None = None  # a black-box teacher embedding through its HTTP API
+    # The same folder in the run's object store, for a node that cannot see `model`: a run on
+    # s3:// or gs:// is evaluated from the driver's disk, and its tasks may land on any node.
+    stored: Location | None = None
 
     def key(self, max_seq_length: int) -> str:
         """Everything that changes a vector: the files of a local model (weights, pooling,
@@ -310,7 +313,7 @@ class _RecordingEncoder:
             self.embed = HttpTeacher(encoder.endpoint).embed
             dim = encoder.endpoint.http.dimensions
         else:
-            self.embed, dim = _local_embedder(encoder, cfg)
+            self.embed, dim = _local_embedder(encoder, cfg, folder)
         self.mteb_model_meta = _model_meta(encoder.name, encoder.revision or "local", dim)
 
     def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
@@ -322,13 +325,18 @@ class _RecordingEncoder:
 
 
 def _local_embedder(
-    encoder: Encoder, cfg: EvalConfig
+    encoder: Encoder, cfg: EvalConfig, folder: Path
 ) -> tuple[Callable[[list[str], str], np.ndarray], int]:
-    """(texts, side) -> vectors through a SentenceTransformer, each side with its prompt."""
+    """(texts, side) -> vectors through a SentenceTransformer, each side with its prompt. A model
+    folder this node cannot see is fetched into `folder` from its stored copy."""
     from sentence_transformers import SentenceTransformer
 
+    model_dir = encoder.model
+    if encoder.stored is not None and not Path(model_dir).is_dir():
+        model_dir = str(folder / "model")
+        encoder.stored.download(Path(model_dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = SentenceTransformer(encoder.model, device=device, revision=encoder.revision)
+    model = SentenceTransformer(model_dir, device=device, revision=encoder.revision)
     model.max_seq_length = cfg.max_seq_length
 
     def embed(texts: list[str], side: str) -> np.ndarray:

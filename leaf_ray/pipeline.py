@@ -40,11 +40,13 @@ from leaf_ray.teacher import (
     cluster_stage_layout,
     embed_texts,
     load_teacher,
+    load_without_weights,
     teacher_calls,
     teacher_prompts,
     teacher_space,
 )
 from leaf_ray.train import (
+    RAY_TRAIN,
     TRAIN_STATE,
     Validation,
     held_for_epochs,
@@ -269,8 +271,12 @@ def distill(cfg: LeafConfig) -> Location:
         checkpoints = run
     work.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
-    dump = cfg.model_dump(mode="json", exclude={"source_file"})
-    Location.of(work / CONFIG_YAML).write(yaml.safe_dump(dump, sort_keys=False))
+    config_yaml = yaml.safe_dump(
+        cfg.model_dump(mode="json", exclude={"source_file"}), sort_keys=False
+    )
+    trained_with = checkpoints / RAY_TRAIN / CONFIG_YAML
+    _refuse_another_config(trained_with, config_yaml)
+    Location.of(work / CONFIG_YAML).write(config_yaml)
 
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     #    Streaming mode: the actors embed while the student trains, and nothing is cached.
@@ -289,13 +295,17 @@ def distill(cfg: LeafConfig) -> Location:
 
     # 2. Student: layer-reduced (or pretrained) encoder + projection, trained on Ray Train. The
     #    workers read the untrained student where every node can: the run's storage.
-    reduces = cfg.student.init == "layer_reduction"  # only then is the teacher needed here
-    teacher = load_teacher(cfg.teacher) if reduces else None
+    #    Only layer reduction needs the teacher here: on the CPU, and not kept, so the driver
+    #    holds no GPU memory Ray does not know of while the workers train.
+    reduces = cfg.student.init == "layer_reduction"
+    teacher = load_teacher(cfg.teacher, "cpu") if reduces else None
     student = build_student(cfg.student, space, cfg.run.seed, teacher)
+    del teacher
     student.save_pretrained(str(work / STUDENT_INIT))
     init = checkpoints / STUDENT_INIT
     if not storage.is_local:
         init.upload(work / STUDENT_INIT)
+    trained_with.write(config_yaml)
     latest, best = train_student(
         cfg,
         training_set,
@@ -314,10 +324,46 @@ def distill(cfg: LeafConfig) -> Location:
     write_metrics(validations, work, VALIDATION_JSONL)
     plot_loss(history, validations, work, cfg.run.name)
 
-    # 3 + 4. Evaluation and report.
-    _evaluate_into(work, work, cfg, work / STUDENT, name)
+    # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
+    #    tasks on nodes that cannot see the driver's disk fetch it (and student_init) from it.
+    stored = None if storage.is_local else run
+    if stored:
+        (run / STUDENT).upload(work / STUDENT)
+    _evaluate_into(work, work, cfg, work / STUDENT, name, stored)
     _publish(work, run)
     return run
+
+
+def _refuse_another_config(trained_with: Location, config_yaml: str) -> None:
+    """A rerun under the same run.name resumes the checkpoints Ray Train finds there. Their step
+    and data position count by the config that wrote them, so resuming under another one would
+    mix two schedules silently: refuse, naming what changed. Where Ray runs (`ray`) and how the
+    finished student is evaluated (`eval`) may change."""
+    if not trained_with.exists():
+        return
+    before = _dotted(yaml.safe_load(trained_with.read_text()))
+    now = _dotted(yaml.safe_load(config_yaml))
+    changed = sorted(
+        key
+        for key in before.keys() | now.keys()
+        if before.get(key) != now.get(key) and not key.startswith(("ray.", "eval."))
+    )
+    if changed:
+        raise RunError(
+            f"{trained_with}: this run has checkpoints from another config ({', '.join(changed)} "
+            "changed). Rerun it with that config to resume it, or choose another run.name."
+        )
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping flattened to `a.b.c` keys (lists are compared whole)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _publish(work: Path, run: Location) -> None:
@@ -352,7 +398,8 @@ def evaluate_run(
         else:
             out, label = local / "evals" / student.name, f"{run.name}-{student.name}"
         out.mkdir(parents=True, exist_ok=True)
-        outcome = _evaluate_into(out, local, cfg, student or local / STUDENT, label)
+        stored = None if run.is_local else run
+        outcome = _evaluate_into(out, local, cfg, student or local / STUDENT, label, stored)
         if not run.is_local:
             _push_reports(out, local, run)
         return outcome
@@ -380,22 +427,35 @@ def _push_reports(out: Path, local: Path, run: Location) -> None:
 
 
 def _evaluate_into(
-    out: Path, run_dir: Path, cfg: LeafConfig, student: Path, label: str
+    out: Path,
+    run_dir: Path,
+    cfg: LeafConfig,
+    student: Path,
+    label: str,
+    stored: Location | None = None,
 ) -> EvalOutcome:
-    """Evaluate `student` beside the run's teacher and untrained student; reports go to `out`."""
-    models = eval_models(cfg, run_dir, student, label)
+    """Evaluate `student` beside the run's teacher and untrained student; reports go to `out`.
+    `stored`: the run in its object store, where other nodes fetch its models."""
+    models = eval_models(cfg, run_dir, student, label, stored)
     outcome = evaluate(models, cfg.eval, cfg.eval_cache_dir(), label)
     write_eval(outcome, out)
     return outcome
 
 
-def eval_models(cfg: LeafConfig, run_dir: Path, student: Path, label: str) -> dict[str, Encoder]:
+def eval_models(
+    cfg: LeafConfig, run_dir: Path, student: Path, label: str, stored: Location | None = None
+) -> dict[str, Encoder]:
     """The student, the untrained student and, when it can embed, the teacher, each named as
-    mteb will record it."""
+    mteb will record it. The run's own models name their copy in `stored`, if given."""
+
+    def copy(folder: Path) -> Location | None:
+        return stored / folder.name if stored and folder.parent == run_dir else None
+
+    init = run_dir / STUDENT_INIT
     # Students see raw text: the teacher's prompts are part of its input, not of the space.
     models = {
-        STUDENT: Encoder(f"leaf-ray/{label}-student", str(student)),
-        STUDENT_INIT: Encoder(f"leaf-ray/{label}-student_init", str(run_dir / STUDENT_INIT)),
+        STUDENT: Encoder(f"leaf-ray/{label}-student", str(student), stored=copy(student)),
+        STUDENT_INIT: Encoder(f"leaf-ray/{label}-student_init", str(init), stored=copy(init)),
     }
     teacher_model = resolve_model(cfg.teacher)
     if cfg.teacher.backend == "http":  # through its endpoint, as in training
@@ -404,7 +464,7 @@ def eval_models(cfg: LeafConfig, run_dir: Path, student: Path, label: str) -> di
         models["teacher"] = Encoder(name, cfg.teacher.model, None, prompts, cfg.teacher)
     # Precomputed vectors are evaluated when their model is also on disk.
     elif cfg.teacher.backend == "sentence_transformers" or Path(teacher_model).is_dir():
-        prompts = teacher_prompts(cfg.teacher, load_teacher(cfg.teacher))
+        prompts = teacher_prompts(cfg.teacher, load_without_weights(cfg.teacher))
         # mteb names results by model: a hub name, or local/<folder> (its revision: its files).
         name = cfg.teacher.model
         name = f"local/{Path(name).name}" if Path(name).is_dir() else name

@@ -362,13 +362,8 @@ def streaming_split(cfg: LeafConfig, cluster: Cluster, teacher: Teacher) -> tupl
         teachers = cluster.gpus - trainers
         return min(teachers * per_actor, training_rate(cfg, cluster.gpu, trainers)), -trainers
 
-    counts = trainer_counts(cfg, cluster.gpus - 1)
-    if not counts:
-        raise PlanError(
-            f"train.batch_size {cfg.train.batch_size} does not split over any trainer count "
-            f"up to {cluster.gpus - 1}"
-        )
-    trainers = max(counts, key=pipeline_rate)
+    # One trainer always divides the batch (the config checks batch_size % grad_accumulation).
+    trainers = max(trainer_counts(cfg, cluster.gpus - 1), key=pipeline_rate)
     return cluster.gpus - trainers, trainers
 
 

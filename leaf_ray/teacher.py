@@ -38,8 +38,10 @@ from leaf_ray.models import resolve_model
 PROBE_TEXTS = ["leaf-ray probe: what space do your vectors live in?", "a second probe text"]
 
 
-def load_teacher(cfg: TeacherConfig, device: str | None = None) -> SentenceTransformer:
-    model = SentenceTransformer(resolve_model(cfg), device=device, revision=cfg.revision)
+def load_teacher(
+    cfg: TeacherConfig, device: str | None = None, check_pin: bool = True
+) -> SentenceTransformer:
+    model = SentenceTransformer(resolve_model(cfg, check_pin), device=device, revision=cfg.revision)
     model.max_seq_length = cfg.max_seq_length
     return model
 
@@ -194,7 +196,9 @@ def load_without_weights(cfg: TeacherConfig) -> SentenceTransformer:
     `preprocess` needs, without a copy of the weights in every tokenizer actor (a 7B teacher
     would take 28 GB each). Hand-written: transformers builds empty models only through
     accelerate. Where the encoder cannot be built so (a sentence-transformers without
-    `Transformer._load_model`, a model class `AutoModel` does not know), the weights load."""
+    `Transformer._load_model`, a model class `AutoModel` does not know), the weights load.
+    Either way no vector comes from these weights: their sha256 pin is left to the actors that
+    embed, rather than every tokenizer actor fetching and hashing them."""
 
     def empty_encoder(module: Transformer, name: str, task: str, config, *args, **kwargs):
         with torch.device("meta"):
@@ -202,9 +206,9 @@ def load_without_weights(cfg: TeacherConfig) -> SentenceTransformer:
 
     try:
         with mock.patch.object(Transformer, "_load_model", empty_encoder):
-            return load_teacher(cfg, "meta")
+            return load_teacher(cfg, "meta", check_pin=False)
     except (AttributeError, ValueError, KeyError):
-        return load_teacher(cfg, "cpu")
+        return load_teacher(cfg, "cpu", check_pin=False)
 
 
 class TeacherTokenizer:
@@ -369,7 +373,7 @@ class StageLayout:
 
 
 TOKENIZERS_PER_GPU = 16
-BLOCKS_PER_CALL = 8  # with tokenizer actors: 512 rows a block at the GPU's 4,096 rows a call
+BLOCKS_PER_CALL = 8  # with tokenizer actors, a block is an eighth of a teacher call
 
 
 def stage_layout(
@@ -389,7 +393,7 @@ def stage_layout(
     smaller (the GPU waits for its first), and `num_rows`, when known, keeps calls small enough
     to give every actor work. Blocks are one call each, but for tokenizer actors: theirs are
     an eighth of a call, so that many tokenize one call's rows at once (one core takes 1.6 s
-    over 4,096 passages: the GPU's wait for its first call)."""
+    over a 4,096-passage call, as `batch_size: 256` makes: the GPU's wait for its first)."""
     on_gpus = free.get("GPU", 0) > 0 and cfg.backend == "sentence_transformers"
     # CPUs left once each node keeps one for Ray Data and the teacher actors have theirs (on
     # CPUs, at least one between them): more tokenizer actors would wait for CPUs forever.

@@ -41,6 +41,7 @@ from leaf_ray.student import embed, freeze_unused, leaf_loss, param_groups
 from leaf_ray.teacher import node_amounts
 
 TRAIN_STATE = "train_state.pt"
+RAY_TRAIN = "ray_train"  # Ray Train's run name: its folder in the run's storage
 # Texts per length-sorting window, in batches: batches then carry little padding.
 BUCKET_BATCHES = 16
 # A generous size of one text in Ray's object store, for deciding whether a training set fits.
@@ -84,7 +85,7 @@ def train_student(
             placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=RunConfig(
-            name="ray_train",
+            name=RAY_TRAIN,
             storage_path=storage.path,
             storage_filesystem=storage.fs,
             # The best `keep_checkpoints` by validation loss; Ray Train also keeps the latest.
@@ -140,8 +141,9 @@ def trainer_resources(cfg: LeafConfig) -> dict[str, float]:
 def gpus_per_trainer(cfg: LeafConfig, cluster_gpus: float) -> float:
     """A GPU each when the cluster has GPUs (or use_gpu). Streaming with a local teacher on as
     many GPUs as trainers (one GPU, say), half of each: the teacher's actors take the other
-    halves and the two stages take turns on every GPU, as `leaf-ray plan` assumes, rather than
-    the teacher falling back to the CPUs. One trainer per GPU still: NCCL takes no two."""
+    halves and the two stages take turns on every GPU (`leaf-ray plan` models the one-GPU
+    case), rather than the teacher falling back to the CPUs. One trainer per GPU still: NCCL
+    takes no two."""
     tcfg = cfg.train
     use_gpu = tcfg.use_gpu if tcfg.use_gpu is not None else cluster_gpus > 0
     if not use_gpu:

@@ -43,6 +43,15 @@ def test_bad_value_is_named_with_its_key_path(tmp_path):
     assert f"{path}:7: train.epochs: Input should be greater than 0 (got 0)" in str(err.value)
 
 
+def test_a_run_name_is_one_folder(tmp_path):
+    path = write(tmp_path, MINIMAL + "run:\n  name: team/run-1\n")
+    with pytest.raises(ConfigError, match=r":7: run\.name: String should match pattern"):
+        load_config(path)
+    spaced = tmp_path / "my run (v2).yaml"
+    spaced.write_text(MINIMAL)
+    assert load_config(spaced).run_name().startswith("my_run_v2_-")
+
+
 def test_cross_field_training_rules_name_their_key_and_line(tmp_path):
     path = write(tmp_path, MINIMAL + "train:\n  num_workers: 2\n  batch_size: 31\n  epochs: 3\n")
     with pytest.raises(ConfigError) as err:

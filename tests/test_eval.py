@@ -218,3 +218,23 @@ def test_binary_scores_are_minus_the_hamming_distance_of_sign_bits():
 )
 def test_embedding_tasks_off_gpus_share_the_cpus(jobs, cpus, largest, each):
     assert embed_task_cpus(jobs, cpus, largest) == each
+
+
+def test_a_node_that_cannot_see_a_run_model_fetches_it_from_the_run(tiny_teacher, tmp_path):
+    """A run on an object store is evaluated from the driver's disk; a task elsewhere reads the
+    run's copy instead (here a local store stands in for s3://)."""
+    from sentence_transformers import SentenceTransformer
+
+    from leaf_ray.config import EvalConfig
+    from leaf_ray.eval import Encoder, _local_embedder
+
+    stored = Location.of(tmp_path / "store" / "run" / "student")
+    stored.upload(tiny_teacher)
+    unseen = Encoder("leaf-ray/run-student", str(tmp_path / "driver" / "student"), stored=stored)
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    embed, dim = _local_embedder(unseen, EvalConfig(max_seq_length=64), task_dir)
+    assert dim == 32 and (task_dir / "model" / "modules.json").is_file()
+    texts = ["apt package manager", "a text editor for the terminal"]
+    want = SentenceTransformer(str(tiny_teacher), device="cpu").encode(texts)
+    np.testing.assert_allclose(embed(texts, "document"), want, atol=1e-5)

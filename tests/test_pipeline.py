@@ -174,3 +174,27 @@ def test_eval_models_name_each_teacher_as_mteb_records_it(tmp_path, tiny_teacher
         "student",
         "student_init",
     }
+
+
+def test_a_rerun_refuses_checkpoints_written_under_another_config(
+    tmp_path, tiny_teacher, demo_texts
+):
+    """Rerunning a run name resumes its checkpoints; they count steps by their own config."""
+    import yaml
+
+    from leaf_ray.pipeline import _refuse_another_config
+    from leaf_ray.storage import Location
+
+    path = tiny_run_config(tmp_path, demo_texts[:100], tiny_teacher, "again")
+    trained_with = tmp_path / "out" / ".again.partial" / "ray_train" / "config.yaml"
+    trained_with.parent.mkdir(parents=True)
+    dump = load_config(path).model_dump(mode="json", exclude={"source_file"})
+    trained_with.write_text(yaml.safe_dump(dump, sort_keys=False))
+
+    with pytest.raises(RunError, match=r"another config \(train\.batch_size, train\.lr changed\)"):
+        distill(load_config(path, ["train.batch_size=64", "train.lr=0.1", "ray.num_cpus=1"]))
+    assert not (tmp_path / "out" / ".again.partial" / "config.yaml").exists()  # nothing written
+    # Where Ray runs and how the student is evaluated may change between attempts.
+    moved = load_config(path, ["ray.num_cpus=1", "eval.batch_size=8"])
+    moved_yaml = yaml.safe_dump(moved.model_dump(mode="json", exclude={"source_file"}))
+    _refuse_another_config(Location.of(trained_with), moved_yaml)
