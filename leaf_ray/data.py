@@ -14,6 +14,7 @@ from leaf_ray.cache import first_of_each
 from leaf_ray.config import DataConfig, SourceConfig
 
 KINDS = ("query", "document")
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
 
 class DataError(ValueError):
@@ -28,19 +29,24 @@ def read_texts(cfg: DataConfig) -> ray.data.Dataset:
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def is_parquet(path: Path) -> bool:
-    """A Parquet file, or a folder holding one; else JSON lines. The one rule every reader of
-    user files here (texts, precomputed vectors, `plan`'s row counts) goes by."""
-    if path.is_dir():
-        return any(".parquet" in "".join(p.suffixes) for p in path.iterdir() if p.is_file())
-    return ".parquet" in "".join(path.suffixes)
-
-
 def data_files(path: Path) -> list[Path]:
-    """The file, or a folder's files (hidden ones left out), in name order."""
+    """The files every reader of user files here (texts, precomputed vectors, `plan`'s row
+    counts) reads: the file, or a folder's Parquet files, or else its JSON lines files, in name
+    order. Others in the folder (a README, a hidden file) are left out."""
     if path.is_file():
         return [path]
-    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.endswith(DATA_SUFFIXES)
+    )
+    parquet = [p for p in files if is_parquet(p)]
+    return parquet or files
+
+
+def is_parquet(path: Path) -> bool:
+    """A Parquet file, or a folder holding one; else JSON lines."""
+    return any(".parquet" in "".join(p.suffixes) for p in data_files(path))
 
 
 def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:
@@ -49,10 +55,13 @@ def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:
         path = Path(src.path)
         if not path.exists():
             raise DataError(f"data.sources: {path}: no such file or folder")
+        files = [str(f) for f in data_files(path)]
+        if not files:
+            raise DataError(f"data.sources: {path}: no {', '.join(DATA_SUFFIXES)} files")
         if is_parquet(path):
-            ds = ray.data.read_parquet(str(path))
+            ds = ray.data.read_parquet(files)
         else:
-            ds = ray.data.read_json(str(path), lines=True)
+            ds = ray.data.read_json(files, lines=True)
         if src.limit:
             ds = _first_rows(ds, src.limit)
     else:

@@ -187,7 +187,7 @@ def count_rows(path: Path) -> int:
         raise PlanError(f"data.sources: {path}: no such file or folder")
     files = data_files(path)
     if is_parquet(path):
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in files if is_parquet(p))
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     return sum(_count_lines(p) for p in files)
 
 

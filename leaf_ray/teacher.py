@@ -278,7 +278,7 @@ def read_vectors_file(path: str) -> pa.Table:
         raise DataError(f"teacher.vectors: {path}: no such file or folder")
     try:
         if is_parquet(file):
-            table = pq.read_table(path)
+            table = pq.read_table([str(f) for f in data_files(file)])
         else:
             table = pa.concat_tables(
                 [pyarrow.json.read_json(f) for f in data_files(file)], promote_options="default"

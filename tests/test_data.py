@@ -113,8 +113,9 @@ def test_mixture_weights_set_how_often_each_source_is_seen():
 
 @pytest.mark.parametrize("form", ["jsonl folder", "jsonl.gz file", "parquet folder"])
 def test_texts_vectors_and_plan_read_a_path_alike(tmp_path, form, ray_local):
-    """One rule tells Parquet from JSON lines for the texts, precomputed vectors and `plan`'s
-    row counts: a file by its suffixes, a folder by whether it holds Parquet."""
+    """One rule picks the files, and tells Parquet from JSON lines, for the texts, precomputed
+    vectors and `plan`'s row counts: a file by its suffixes, a folder by whether it holds
+    Parquet; in a folder, only data files count."""
     rows = [
         {"id": str(i), "kind": "query", "text": f"text {i}", "embedding": [float(i), 1.0]}
         for i in range(7)
@@ -132,6 +133,7 @@ def test_texts_vectors_and_plan_read_a_path_alike(tmp_path, form, ray_local):
             else:
                 write_jsonl(path / f"part-{part}.jsonl", chunk)
         (path / ".hidden").write_text("not data\n")
+        (path / "README.md").write_text("# not data either\n")
     texts = read_texts(DataConfig.model_validate({"sources": [{"path": str(path)}]})).take_all()
     vectors = read_vectors_file(str(path))
     assert count_rows(path) == len(texts) == vectors.num_rows == 7
