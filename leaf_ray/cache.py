@@ -114,12 +114,18 @@ class TeacherCache:
     def sink(self, vector_dtype: str, rows_per_shard: int) -> CacheSink:
         return CacheSink(self.root, vector_dtype, rows_per_shard)
 
-    def read(self, wanted: np.ndarray, counts: np.ndarray | None = None) -> ray.data.Dataset:
+    def read(
+        self,
+        wanted: np.ndarray,
+        counts: np.ndarray | None = None,
+        copies: dict[str, set[str]] | None = None,
+    ) -> ray.data.Dataset:
         """The committed rows whose hash is in `wanted`: each once, or `counts[i]` times for
         `wanted[i]` (then `wanted` must be sorted and distinct, as `mixture_counts` gives)."""
         if counts is None:
             wanted, counts = np.unique(wanted.astype(str)), None
-        copies = self.later_copies()  # usually none: then rows need not say their shard
+        if copies is None:  # callers reading twice pass `later_copies()` once
+            copies = self.later_copies()  # usually none: then rows need not say their shard
         shards = ray.data.read_parquet(
             self.shard_paths(), filesystem=self.root.fs, include_paths=bool(copies)
         )

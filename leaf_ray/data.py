@@ -40,13 +40,17 @@ def data_files(path: Path) -> list[Path]:
         for p in path.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.name.endswith(DATA_SUFFIXES)
     )
-    parquet = [p for p in files if is_parquet(p)]
+    parquet = [p for p in files if _parquet_name(p)]
     return parquet or files
 
 
 def is_parquet(path: Path) -> bool:
     """A Parquet file, or a folder holding one; else JSON lines."""
-    return any(".parquet" in "".join(p.suffixes) for p in data_files(path))
+    return any(_parquet_name(p) for p in data_files(path))
+
+
+def _parquet_name(file: Path) -> bool:
+    return ".parquet" in "".join(file.suffixes)
 
 
 def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:

@@ -97,8 +97,9 @@ class TeacherVectors:
         with their vectors: the first hashes in sorted order (uniform, and stable across runs),
         at most a tenth of the texts."""
         held, wanted, counts = _training_plan(cfg, self.hashes, self.sources)
-        validation = _validation(self.cache.read(held)) if held.size else None
-        rows, num_rows = self.cache.read(wanted, counts), int(counts.sum())
+        copies = self.cache.later_copies()  # one scan of the cache's hashes for both reads
+        validation = _validation(self.cache.read(held, copies=copies)) if held.size else None
+        rows, num_rows = self.cache.read(wanted, counts, copies), int(counts.sum())
         return held_for_epochs(rows, num_rows, self.space.dimension), num_rows, validation
 
 
