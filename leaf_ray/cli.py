@@ -14,7 +14,14 @@ from leaf_ray.data import DataError
 from leaf_ray.eval import EvalError
 from leaf_ray.http_teacher import HttpTeacherError
 from leaf_ray.models import ModelPinError
-from leaf_ray.pipeline import RunError, distill, embed, evaluate_run, verify_cache
+from leaf_ray.pipeline import (
+    RunError,
+    distill,
+    embed,
+    evaluate_run,
+    report_folder,
+    verify_cache,
+)
 from leaf_ray.plan import Cluster, PlanError, parse_cluster, plan_mode, plan_run
 from leaf_ray.report import (
     print_capacity,
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Location.of(args.run)
             student = args.student.resolve() if args.student else None
             evaluate_run(run_dir, args.overrides, student)
-            eval_dir = run_dir / "evals" / student.name if student else run_dir
+            eval_dir = report_folder(run_dir, student)
     except USER_ERRORS as e:
         print(f"leaf-ray: error: {e}", file=sys.stderr)
         return 2

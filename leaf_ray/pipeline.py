@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import ray
@@ -54,6 +55,7 @@ from leaf_ray.train import (
     trainer_resources,
 )
 
+RunFolder = TypeVar("RunFolder", Path, Location)  # a run on local disk, or wherever it is stored
 CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT = (
     "config.yaml",
     "teacher_cache.json",
@@ -394,16 +396,20 @@ def evaluate_run(
         local = Path(run.path) if run.is_local else _fetch_run(run, Path(tmp) / run.name)
         cfg = load_config(local / CONFIG_YAML, overrides)
         connect_ray(cfg.ray)
-        if student is None:
-            out, label = local, run.name
-        else:
-            out, label = local / "evals" / student.name, f"{run.name}-{student.name}"
+        out = report_folder(local, student)
+        label = f"{run.name}-{student.name}" if student else run.name
         out.mkdir(parents=True, exist_ok=True)
         stored = None if run.is_local else run
         outcome = _evaluate_into(out, local, cfg, student or local / STUDENT, label, stored)
         if not run.is_local:
             _push_reports(out, local, run)
         return outcome
+
+
+def report_folder(run: RunFolder, student: Path | None) -> RunFolder:
+    """Where an evaluation's reports go: the run folder, or <run>/evals/<checkpoint> when another
+    checkpoint stands in for the student."""
+    return run / "evals" / student.name if student else run
 
 
 RUN_INPUTS = (CONFIG_YAML, STUDENT, STUDENT_INIT)  # what an evaluation reads from a run
