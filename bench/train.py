@@ -6,11 +6,13 @@
 The same student (default: 3-layer MiniLM-L6 layer reduction + Linear + Normalize; or --student,
 a sentence-transformers folder, + Linear into the teacher's space), the same texts with
 teacher-shaped random target vectors (throughput does not depend on their values), the same
-AdamW step, bf16 autocast on GPU, and threads, and the same length-sorted batches. Each side
-does one warm-up epoch; seq/s is measured over the whole second (for Ray Train, its data
-start-up included); rounds alternate the sides and the median is kept. --streaming also trains
-fed by the teacher's actors (streaming mode): its rate against the cached run's shows what
-running the teacher alongside costs.
+AdamW step, bf16 autocast on GPU, threads and, on CPU, malloc settings (the script re-runs
+itself under the workers' CPU_WORKER_ENV), and the same length-sorted batches. Each side
+does WARMUP_EPOCHS epochs first (a fresh process's heap grows through two on CPU); seq/s is
+measured over the whole next one (for Ray Train, its data start-up included); rounds alternate
+the sides and the median is kept. --streaming also trains fed by the teacher's actors
+(streaming mode): its rate against the cached run's shows what running the teacher alongside
+costs.
 Writes bench/results/train-<device>.json.
 """
 
@@ -49,6 +51,7 @@ from leaf_ray.teacher import (
 )
 from leaf_ray.train import (
     BUCKET_BATCHES,
+    CPU_WORKER_ENV,
     batches_per_epoch,
     held_for_epochs,
     length_sorted_batches,
@@ -57,13 +60,26 @@ from leaf_ray.train import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# Ray Train's worker is a fresh process each run and the bare loop's is not: on CPU the worker's
+# heap was still growing in its second epoch (4% slower than its third, five runs), so both
+# sides are measured in their third.
+WARMUP_EPOCHS = 2
+
+
+def allocate_as_workers() -> None:
+    """On CPU, re-run this script under the train workers' malloc settings, which glibc reads
+    only at start-up: the bare loop then allocates as they do, and the ratio measures Ray alone
+    (with glibc's defaults the bare loop is itself a fifth slower at batch 256)."""
+    if torch.cuda.is_available() or CPU_WORKER_ENV.items() <= os.environ.items():
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | CPU_WORKER_ENV)
 
 
 def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> float:
-    """seq/s of a plain loop, second epoch, over batches made as `train_loop` makes them: rows
-    shuffled anew each epoch, length-sorted in windows of BUCKET_BATCHES batches (so the second
-    epoch meets batch shapes the first did not, as Ray Train's does). It tokenizes inline, as
-    plain loops do."""
+    """seq/s of a plain loop, the epoch after the warm-up, over batches made as `train_loop`
+    makes them: rows shuffled anew each epoch, length-sorted in windows of BUCKET_BATCHES
+    batches (so the measured epoch meets batch shapes the others did not, as Ray Train's does).
+    It tokenizes inline, as plain loops do."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
@@ -72,7 +88,7 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
     student.train()  # dropout on, as in `train_loop` (a loaded model starts in eval mode)
     optimizer = torch.optim.AdamW(param_groups(student, 2e-4, 1e-2), weight_decay=0.01)
     window = batch * BUCKET_BATCHES
-    for epoch in range(2):  # the second epoch is measured
+    for epoch in range(WARMUP_EPOCHS + 1):  # the last is measured
         shuffled = np.random.default_rng(epoch).permutation(len(texts))
         windows = [shuffled[start : start + window] for start in range(0, len(texts), window)]
         batches = [rows[b] for rows in windows for b in length_sorted_batches(texts[rows], batch)]
@@ -93,15 +109,16 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
 
 
 def ray_train(cfg: LeafConfig, init: str, ds: ray.data.Dataset, rows: int, storage: Path) -> float:
-    """seq/s through `train_student` over its whole second epoch, from the loop's own log: the
-    config logs once an epoch, so that row's window is the epoch, its data start-up included."""
+    """seq/s through `train_student` over its whole epoch after the warm-up, from the loop's
+    own log: the config logs once an epoch, so that row's window is the epoch, data start-up
+    included."""
     checkpoint, _ = train_student(
         cfg, ds, rows, Checkpoint.from_directory(init), Location.of(storage)
     )
     with checkpoint.as_directory() as ckpt:
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
-    (second,) = [r["seq_per_s"] for r in history if r["epoch"] == 1]
-    return second
+    (measured,) = [r["seq_per_s"] for r in history if r["epoch"] == WARMUP_EPOCHS]
+    return measured
 
 
 def cached_vectors(
@@ -144,6 +161,7 @@ def main() -> None:
         "--streaming", action="store_true", help="also train fed by the teacher, end to end"
     )
     args = parser.parse_args()
+    allocate_as_workers()
 
     with gzip.open(args.texts_file, "rt") as f:
         items = [json.loads(line) for line in itertools.islice(f, args.texts)]
@@ -177,6 +195,7 @@ def main() -> None:
         "workers": args.workers,
         "threads": cpus,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "malloc_env": {k: os.environ[k] for k in CPU_WORKER_ENV if k in os.environ},
         "results": results,
         "command": " ".join(["python", *sys.argv]),
     }
@@ -192,7 +211,7 @@ def main() -> None:
                     "num_workers": args.workers,
                     "cpus_per_worker": max(0.5, (cpus - 1) / args.workers),
                     "torch_threads": cpus // args.workers,
-                    "epochs": 2,
+                    "epochs": WARMUP_EPOCHS + 1,
                     "cycles": 1,
                     "batch_size": batch,
                     "lr": 2e-4,

@@ -46,11 +46,14 @@ RAY_TRAIN = "ray_train"  # Ray Train's run name: its folder in the run's storage
 BUCKET_BATCHES = 16
 # A generous size of one text in Ray's object store, for deciding whether a training set fits.
 TEXT_BYTES = 2048
-# Ray Train runs the loop in a thread. On CPU, glibc gives that thread an arena of its own, and
-# the step's large buffers cost more there: the same loop in a plain thread ran at 87 seq/s
-# against 112 in the main thread, and 110 with one arena (2-core test machine, batch 256);
-# `train_student` gained 11-17% (README, Training throughput). On GPU, CUDA's allocator holds them.
-CPU_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+# glibc's defaults cost CPU training a fifth of its speed at batch 256. Each of the step's large
+# buffers (hundreds of MB) is a fresh mmap, zero-filled page by page every step (3M page faults,
+# 5 s of system time an epoch on the 2-core test machine), and Ray Train's loop thread gets an
+# arena of its own, which pays more again. One arena (the heap) and a mmap threshold above any
+# buffer keep them in the heap, reused without faults once it has grown: 0 faults an epoch from
+# the third, at the cost of holding the heap's high-water mark (README, Training throughput).
+# On GPU, CUDA's allocator holds them.
+CPU_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30)}
 
 Validation = tuple[list[str], np.ndarray]  # held-out texts and their teacher vectors
 
