@@ -7,7 +7,7 @@ The same student (default: 3-layer MiniLM-L6 layer reduction + Linear + Normaliz
 a sentence-transformers folder, + Linear into the teacher's space), the same texts with
 teacher-shaped random target vectors (throughput does not depend on their values), the same
 AdamW step, bf16 autocast on GPU, threads and, on CPU, malloc settings (the script re-runs
-itself under the workers' CPU_WORKER_ENV), and the same length-sorted batches. Each side
+itself under the workers' `cpu_worker_env()`), and the same length-sorted batches. Each side
 does WARMUP_EPOCHS epochs first (a fresh process's heap grows through two on CPU); seq/s is
 measured over the whole next one (for Ray Train, its data start-up included); rounds alternate
 the sides and the median is kept. --streaming also trains fed by the teacher's actors
@@ -51,8 +51,8 @@ from leaf_ray.teacher import (
 )
 from leaf_ray.train import (
     BUCKET_BATCHES,
-    CPU_WORKER_ENV,
     batches_per_epoch,
+    cpu_worker_env,
     held_for_epochs,
     length_sorted_batches,
     train_student,
@@ -70,9 +70,10 @@ def allocate_as_workers() -> None:
     """On CPU, re-run this script under the train workers' malloc settings, which glibc reads
     only at start-up: the bare loop then allocates as they do, and the ratio measures Ray alone
     (with glibc's defaults the bare loop is itself a fifth slower at batch 256)."""
-    if torch.cuda.is_available() or CPU_WORKER_ENV.items() <= os.environ.items():
+    workers = cpu_worker_env()
+    if torch.cuda.is_available() or workers.items() <= os.environ.items():
         return
-    os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | CPU_WORKER_ENV)
+    os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | workers)
 
 
 def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> float:
@@ -188,6 +189,7 @@ def main() -> None:
     ray.init(num_cpus=cpus, include_dashboard=False)
     cached = cached_vectors(items, hashes, targets, storage / "cache")
     results: list[dict] = []
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
     out = {
         "teacher": args.teacher,
         "student": args.student or "layer_reduction",
@@ -195,11 +197,10 @@ def main() -> None:
         "workers": args.workers,
         "threads": cpus,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "malloc_env": {k: os.environ[k] for k in CPU_WORKER_ENV if k in os.environ},
+        "malloc_env": cpu_worker_env() if kind == "cpu" else None,
         "results": results,
         "command": " ".join(["python", *sys.argv]),
     }
-    kind = "gpu" if torch.cuda.is_available() else "cpu"
     out_file = REPO / "bench" / "results" / f"train-{kind}.json"
     for batch in args.batch_sizes:
         rows_per_worker, micro_batch = len(texts) // args.workers, batch // args.workers

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,6 +47,8 @@ RAY_TRAIN = "ray_train"  # Ray Train's run name: its folder in the run's storage
 BUCKET_BATCHES = 16
 # A generous size of one text in Ray's object store, for deciding whether a training set fits.
 TEXT_BYTES = 2048
+Validation = tuple[list[str], np.ndarray]  # held-out texts and their teacher vectors
+
 # glibc's defaults cost CPU training a fifth of its speed at batch 256. Each of the step's large
 # buffers (hundreds of MB) is a fresh mmap, zero-filled page by page every step (3M page faults,
 # 5 s of system time an epoch on the 2-core test machine), and Ray Train's loop thread gets an
@@ -55,7 +58,11 @@ TEXT_BYTES = 2048
 # On GPU, CUDA's allocator holds them.
 CPU_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30)}
 
-Validation = tuple[list[str], np.ndarray]  # held-out texts and their teacher vectors
+
+def cpu_worker_env() -> dict[str, str]:
+    """CPU_WORKER_ENV under the job's own values: a user who sets these (say, to give the heap's
+    memory back at the cost of speed) keeps them."""
+    return {name: os.environ.get(name, value) for name, value in CPU_WORKER_ENV.items()}
 
 
 def train_student(
@@ -102,7 +109,7 @@ def train_student(
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env={"env_vars": CPU_WORKER_ENV} if gpus == 0 else None,
+            worker_runtime_env={"env_vars": cpu_worker_env()} if gpus == 0 else None,
         ),
         # No select_columns here: on a materialized set it would be a task again every epoch.
         datasets={"train": embedded},

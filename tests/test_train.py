@@ -15,7 +15,7 @@ import torch
 
 from leaf_ray.config import LeafConfig, load_config
 from leaf_ray.pipeline import distill
-from leaf_ray.train import gpus_per_trainer
+from leaf_ray.train import cpu_worker_env, gpus_per_trainer
 from tests.conftest import tiny_run_config
 
 
@@ -32,16 +32,22 @@ def train_worker_pids() -> list[int]:
     return pids
 
 
+def malloc_env(pid: int) -> dict[str, str]:
+    """The MALLOC_* variables a process started with."""
+    pairs = (Path("/proc") / str(pid) / "environ").read_bytes().decode().split("\0")
+    return dict(p.split("=", 1) for p in pairs if p.startswith("MALLOC_"))
+
+
 def kill_a_worker_after_first_checkpoint(storage: Path, killed: list) -> None:
     """Kill once Ray Train has registered a checkpoint (its snapshot file lists it); a checkpoint
-    folder still being written does not count."""
+    folder still being written does not count. Records the worker's pid and malloc settings."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if (storage / "checkpoint_manager_snapshot.json").exists():
             pids = train_worker_pids()
             if pids:
+                killed.append((pids[-1], malloc_env(pids[-1])))
                 os.kill(pids[-1], signal.SIGKILL)
-                killed.append(pids[-1])
                 return
         time.sleep(0.2)
 
@@ -80,7 +86,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     texts = demo_texts[:512]
     steady = Path(distill(load_config(run_config(tmp_path, texts, tiny_teacher, "steady"))).path)
 
-    killed: list[int] = []
+    killed: list[tuple[int, dict[str, str]]] = []
     storage = tmp_path / "out" / ".killed.partial" / "ray_train"
     killer = threading.Thread(
         target=kill_a_worker_after_first_checkpoint, args=(storage, killed), daemon=True
@@ -89,6 +95,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     resumed = Path(distill(load_config(run_config(tmp_path, texts, tiny_teacher, "killed"))).path)
     killer.join(timeout=5)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
+    assert killed[0][1] == cpu_worker_env()  # CPU workers keep the step's buffers in the heap
     assert history(resumed)[-1]["resumes"] == 1  # Ray Train restarted it from a checkpoint
     # It restarted from the first checkpoints (steps 5 or 10), inside the first epoch (15 steps).
     resumed_from = next(r["step"] for r in history(resumed) if r["resumes"] == 1) - 1
