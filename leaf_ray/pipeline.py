@@ -333,7 +333,7 @@ def distill(cfg: LeafConfig) -> Location:
     if stored:
         (run / STUDENT).upload(work / STUDENT)
     _evaluate_into(work, work, cfg, work / STUDENT, name, stored)
-    _publish(work, run)
+    _publish(work, run, uploaded=(STUDENT_INIT, STUDENT))
     return run
 
 
@@ -369,15 +369,20 @@ def _dotted(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _publish(work: Path, run: Location) -> None:
-    """Make the finished run visible at once: a rename, or an upload with config.yaml last."""
+def _publish(work: Path, run: Location, uploaded: tuple[str, ...]) -> None:
+    """Make the finished run visible at once: a rename, or an upload with config.yaml last.
+    `uploaded`: folders of `work` already in an object store's `run` (for workers and tasks)."""
     if run.is_local:
         os.replace(work, run.path)
         return
-    config = (work / CONFIG_YAML).read_bytes()
-    (work / CONFIG_YAML).unlink()
-    run.upload(work)
-    (run / CONFIG_YAML).write(config)
+    for entry in sorted(work.iterdir()):
+        if entry.name in (*uploaded, CONFIG_YAML):
+            continue
+        if entry.is_dir():
+            (run / entry.name).upload(entry)
+        else:
+            (run / entry.name).put(entry)
+    (run / CONFIG_YAML).put(work / CONFIG_YAML)
     shutil.rmtree(work)
 
 

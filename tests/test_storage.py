@@ -85,6 +85,7 @@ def test_distill_and_eval_on_s3(tmp_path, tiny_teacher, demo_texts, s3_uri, ray_
     for part in ("config.yaml", "eval.json", "eval.md", "metrics.jsonl", "teacher_cache.json"):
         assert (run / part).is_file(), part
     assert (run / "student" / "modules.json").is_file()
+    assert (run / "student_init" / "modules.json").is_file()
     assert (run / "mteb" / "results").exists()
     checkpoints = [
         i
