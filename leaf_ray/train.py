@@ -256,7 +256,7 @@ def train_loop(config: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if step % tcfg.log_every == 0 or step == 1:
+            if step % tcfg.log_every == 0 or step in (1, total_steps):  # and the last
                 row = {
                     "step": step,
                     "epoch": epoch,
