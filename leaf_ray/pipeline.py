@@ -375,14 +375,12 @@ def _publish(work: Path, run: Location, uploaded: tuple[str, ...]) -> None:
     if run.is_local:
         os.replace(work, run.path)
         return
-    for entry in sorted(work.iterdir()):
-        if entry.name in (*uploaded, CONFIG_YAML):
-            continue
-        if entry.is_dir():
-            (run / entry.name).upload(entry)
-        else:
-            (run / entry.name).put(entry)
-    (run / CONFIG_YAML).put(work / CONFIG_YAML)
+    for folder in uploaded:
+        shutil.rmtree(work / folder)
+    config = (work / CONFIG_YAML).read_bytes()
+    (work / CONFIG_YAML).unlink()
+    run.upload(work)
+    (run / CONFIG_YAML).write(config)
     shutil.rmtree(work)
 
 
