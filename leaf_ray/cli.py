@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"leaf-ray: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        ray.shutdown()
+        print("leaf-ray: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     ray.shutdown()  # first, so Ray's log stream cannot interleave with the summary
     print_summary(run_dir, eval_dir)
     return 0

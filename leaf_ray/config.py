@@ -186,6 +186,19 @@ class StudentConfig(Strict):
     )
     max_seq_length: int = Field(128, gt=0)
     normalize: bool | None = Field(None, description="Default: normalise when the teacher does.")
+    projection_init: Literal["procrustes", "least_squares", "random"] = Field(
+        "procrustes",
+        description="The projection into the teacher's space before training: fitted in closed "
+        "form on the student's and teacher's vectors of a sample of the training texts "
+        "(procrustes: the nearest rotation, which keeps the student's own cosines; "
+        "least_squares: ridge regression), or random.",
+    )
+    projection_fit_texts: int = Field(
+        16384,
+        gt=0,
+        description="Training texts the projection is fitted on (the first by hash): the more, "
+        "the better it maps queries into the teacher's space.",
+    )
 
     @model_validator(mode="after")
     def _model_for_pretrained(self) -> StudentConfig:
@@ -214,7 +227,16 @@ class TrainConfig(Strict):
     final_lr_ratio: float = Field(
         0.1, ge=0, le=1, description="Each cycle decays linearly to lr x this (LEAF: 1e-4 -> 1e-5)."
     )
-    head_lr: float | None = Field(None, gt=0, description="Projection's rate; default: lr.")
+    head_lr: float | None = Field(
+        None, gt=0, description="The projection's rate (while the encoder trains too); default: lr."
+    )
+    head_only_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Of all steps, the first train the projection alone at head_lr (the encoder "
+        "frozen); the rest train everything, their cycles starting with their own warm-up.",
+    )
     loss: Literal["l2", "cosine"] = Field(
         "l2", description="l2: LEAF's mean squared L2 distance; cosine: mean (1 - cosine)."
     )

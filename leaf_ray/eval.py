@@ -10,8 +10,10 @@ Vectors pass from phase 1 to phase 2 through the eval cache, never through the d
 write and read it themselves (a large corpus streams to disk as it is embedded), and each
 scoring task asks Ray for the memory its vectors take.
 
-Modes: the teacher, the distilled student, the student before distillation, and LEAF's
-asymmetric mode (student queries against the teacher's document index).
+Modes: the teacher; the pretrained student model alone, as the user had it (its own encoder and
+pooling, no projection; when the student is pretrained); the student as training starts (its
+projection fitted) and the distilled student; and LEAF's asymmetric mode (student queries against
+the teacher's document index), before and after training.
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ if TYPE_CHECKING:
 # mode -> (model encoding the queries, model encoding the documents)
 MODES = {
     "teacher": ("teacher", "teacher"),
-    "student": ("student", "student"),
+    "pretrained": ("pretrained", "pretrained"),
     "student_init": ("student_init", "student_init"),
+    "student": ("student", "student"),
+    "asymmetric_init": ("student_init", "teacher"),
     "asymmetric": ("student", "teacher"),
 }
+# mode -> the mode it started from: distillation's change is the difference
+STARTS = {"student_init": "pretrained", "student": "student_init", "asymmetric": "asymmetric_init"}
 SIDES = ("query", "document")
 NOT_MODEL = {".jsonl", ".md", ".pt"}  # in a model folder: logs, model cards, training state
 
@@ -512,6 +518,7 @@ def evaluate(
     results = dict(_as_completed(jobs, "scoring"))
     rows = [row | {"score": results[ref].get_score()} for ref, (row, _) in jobs.items()]
     _add_retention(rows)
+    _add_change(rows)
     return EvalOutcome(rows, embedded, [(meta, results[ref]) for ref, (_, meta) in jobs.items()])
 
 
@@ -588,6 +595,14 @@ def _add_retention(rows: list[dict]) -> None:
     for r in rows:
         base = teacher.get((r["dataset"], r["dimension"], r["quantization"]))
         r["retention"] = r["score"] / base if base else None
+
+
+def _add_change(rows: list[dict]) -> None:
+    """Against the mode it started from (`STARTS`) at the same size and precision."""
+    score = {(r["dataset"], r["mode"], r["dimension"], r["quantization"]): r["score"] for r in rows}
+    for r in rows:
+        start = (r["dataset"], STARTS.get(r["mode"]), r["dimension"], r["quantization"])
+        r["change"] = r["score"] - score[start] if start in score else None
 
 
 def truncate(vectors: np.ndarray, dimension: int) -> np.ndarray:

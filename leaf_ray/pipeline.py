@@ -22,10 +22,11 @@ import yaml
 from ray.train import Checkpoint
 
 from leaf_ray.cache import TeacherCache, VerifyReport, add_text_hash, first_of_each, verify
-from leaf_ray.config import LeafConfig, RayConfig, load_config
+from leaf_ray.config import LeafConfig, ModelRef, RayConfig, load_config
 from leaf_ray.data import DataError, mixture_counts, read_texts
 from leaf_ray.eval import Encoder, EvalOutcome, evaluate
 from leaf_ray.models import resolve_model
+from leaf_ray.projection import fit_student_projection
 from leaf_ray.report import (
     METRICS_JSONL,
     VALIDATION_JSONL,
@@ -56,12 +57,16 @@ from leaf_ray.train import (
 )
 
 RunFolder = TypeVar("RunFolder", Path, Location)  # a run on local disk, or wherever it is stored
-CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT = (
+CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT, PRETRAINED = (
     "config.yaml",
     "teacher_cache.json",
     "student",
     "student_init",
+    "pretrained",
 )
+
+
+LOOPBACK = "127.0.0.1"
 
 
 class RunError(RuntimeError):
@@ -69,13 +74,24 @@ class RunError(RuntimeError):
 
 
 def connect_ray(cfg: RayConfig) -> None:
-    """Join the cluster at `address` or RAY_ADDRESS (`ray job submit` sets it), else start Ray."""
+    """Join the cluster at `address` or RAY_ADDRESS (`ray job submit` sets it), else one started
+    here by `ray start`, else start a Ray of our own. With `num_cpus`, always one of our own.
+
+    A Ray of our own listens on the loopback interface only: it runs with authentication off
+    (RAY_AUTH_MODE=disabled), so on any other interface anyone who can reach this machine could
+    run code on it."""
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address is None and cfg.num_cpus is not None:  # a Ray of our own, even if one runs here
-        ray.init(address="local", num_cpus=cfg.num_cpus)
-    else:  # Ray's convention: the given cluster, else one started here by `ray start`, else new
+    if address is None and cfg.num_cpus is None:
+        try:
+            ray.init(address="auto")  # Ray's convention: a cluster `ray start` began here
+            return
+        except ConnectionError:
+            pass
+    if address is None:
+        ray.init(address="local", num_cpus=cfg.num_cpus, _node_ip_address=LOOPBACK)
+    else:
         ray.init(address=address)
 
 
@@ -296,14 +312,20 @@ def distill(cfg: LeafConfig) -> Location:
     note |= {"validation_texts": len(validation[0]) if validation else 0}
     Location.of(work / TEACHER_CACHE_JSON).write(json.dumps(note))
 
-    # 2. Student: layer-reduced (or pretrained) encoder + projection, trained on Ray Train. The
-    #    workers read the untrained student where every node can: the run's storage.
+    # 2. Student: layer-reduced (or pretrained) encoder + projection (fitted in closed form on a
+    #    sample of the training set), trained on Ray Train. The workers read the untrained
+    #    student where every node can: the run's storage.
     #    Only layer reduction needs the teacher here: on the CPU, and not kept, so the driver
     #    holds no GPU memory Ray does not know of while the workers train.
     reduces = cfg.student.init == "layer_reduction"
     teacher = load_teacher(cfg.teacher, "cpu") if reduces else None
     student = build_student(cfg.student, space, cfg.run.seed, teacher)
     del teacher
+    if cfg.student.projection_init != "random":
+        s = cfg.student
+        fit_student_projection(
+            student, training_set, s.projection_init, s.projection_fit_texts, cfg.eval.batch_size
+        )
     student.save_pretrained(str(work / STUDENT_INIT))
     init = checkpoints / STUDENT_INIT
     if not storage.is_local:
@@ -319,6 +341,7 @@ def distill(cfg: LeafConfig) -> Location:
     )
     with best.as_directory() as ckpt:  # the student: the best checkpoint by validation loss
         logs = (TRAIN_STATE, METRICS_JSONL, VALIDATION_JSONL)
+        shutil.rmtree(work / STUDENT, ignore_errors=True)  # a rerun after a failed evaluation
         shutil.copytree(ckpt, work / STUDENT, ignore=shutil.ignore_patterns(*logs))
     with latest.as_directory() as ckpt:  # the whole run's logs
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
@@ -455,8 +478,9 @@ def _evaluate_into(
 def eval_models(
     cfg: LeafConfig, run_dir: Path, student: Path, label: str, stored: Location | None = None
 ) -> dict[str, Encoder]:
-    """The student, the untrained student and, when it can embed, the teacher, each named as
-    mteb will record it. The run's own models name their copy in `stored`, if given."""
+    """The student, the untrained student, the pretrained model it started from (init:
+    pretrained) and, when it can embed, the teacher, each named as mteb will record it. The run's
+    own models name their copy in `stored`, if given."""
 
     def copy(folder: Path) -> Location | None:
         return stored / folder.name if stored and folder.parent == run_dir else None
@@ -467,6 +491,9 @@ def eval_models(
         STUDENT: Encoder(f"leaf-ray/{label}-student", str(student), stored=copy(student)),
         STUDENT_INIT: Encoder(f"leaf-ray/{label}-student_init", str(init), stored=copy(init)),
     }
+    if cfg.student.init == "pretrained":  # "is my model better than before?"
+        ref = ModelRef(model=cfg.student.model, revision=cfg.student.revision)
+        models[PRETRAINED] = Encoder(_mteb_name(ref.model), resolve_model(ref), ref.revision)
     teacher_model = resolve_model(cfg.teacher)
     if cfg.teacher.backend == "http":  # through its endpoint, as in training
         name = cfg.teacher.model if "/" in cfg.teacher.model else f"api/{cfg.teacher.model}"
@@ -475,8 +502,11 @@ def eval_models(
     # Precomputed vectors are evaluated when their model is also on disk.
     elif cfg.teacher.backend == "sentence_transformers" or Path(teacher_model).is_dir():
         prompts = teacher_prompts(cfg.teacher, load_without_weights(cfg.teacher))
-        # mteb names results by model: a hub name, or local/<folder> (its revision: its files).
-        name = cfg.teacher.model
-        name = f"local/{Path(name).name}" if Path(name).is_dir() else name
+        name = _mteb_name(cfg.teacher.model)
         models["teacher"] = Encoder(name, teacher_model, cfg.teacher.revision, prompts)
     return models
+
+
+def _mteb_name(model: str) -> str:
+    """mteb names results by model: a hub name, or local/<folder> (its revision: its files)."""
+    return f"local/{Path(model).name}" if Path(model).is_dir() else model

@@ -62,9 +62,12 @@ def write_eval(outcome: EvalOutcome, out: Path) -> None:
     Location.of(out / EVAL_JSON).write(json.dumps(rows, indent=2) + "\n")
     metric = rows[0]["metric"] if rows else "score"
     lines = ["# leaf-ray evaluation", "", f"{metric} per task and mode (full size, float32):", ""]
-    lines += [f"| task | mode | {metric} | vs teacher |", "|---|---|---:|---:|"]
+    lines += [f"| task | mode | {metric} | vs teacher | vs start |", "|---|---|---:|---:|---:|"]
     for r in main_rows(rows):
-        lines.append(f"| {r['dataset']} | {r['mode']} | {r['score']:.4f} | {_retention(r)} |")
+        lines.append(
+            f"| {r['dataset']} | {r['mode']} | {r['score']:.4f} | {_retention(r)} | {_change(r)} |"
+        )
+    lines += ["", START_NOTE]
     embedded = ", ".join(f"{role} {n}" for role, n in outcome.embedded.items())
     lines += ["", f"Texts embedded now (0: all from the eval cache): {embedded}."]
     if len(rows) > len(main_rows(rows)):  # sizes or precisions beyond the headline were asked
@@ -104,9 +107,11 @@ def main_rows(rows: list[dict]) -> list[dict]:
 
 MODE_COLORS = {
     "teacher": "tab:blue",
-    "student": "tab:red",
-    "asymmetric": "tab:green",
+    "pretrained": "tab:purple",
     "student_init": "tab:gray",
+    "student": "tab:red",
+    "asymmetric_init": "tab:olive",
+    "asymmetric": "tab:green",
 }
 
 
@@ -173,6 +178,17 @@ def _retention(row: dict) -> str:
     return f"{row['retention']:.1%}" if row["retention"] is not None else "-"
 
 
+START_NOTE = (
+    "vs start: student against student_init (the student as training started, its projection "
+    "fitted), asymmetric against asymmetric_init, student_init against pretrained (the student "
+    "model alone, as it was before leaf-ray)."
+)
+
+
+def _change(row: dict) -> str:
+    return f"{row['change']:+.4f}" if row.get("change") is not None else "-"
+
+
 def plot_loss(history: list[dict], validations: list[dict], run_dir: Path, title: str) -> None:
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
     steps = [r["step"] for r in history]
@@ -227,11 +243,17 @@ def print_plan(cfg: LeafConfig) -> None:
         )
         notes = [f"first {src.limit}" if src.limit else "", src.kind or "", f"weight {src.weight}"]
         console.print(f"   texts from {where} ({', '.join(filter(None, notes))})")
+    projection = s.projection_init
+    if s.projection_init != "random":
+        projection += f" (fitted on {s.projection_fit_texts} texts)"
+    if tr.head_only_ratio:
+        projection += f", trained alone for the first {tr.head_only_ratio:.0%} of steps"
     console.print(
-        f"[bold]2. student[/] {s.init}: {student}, max length {s.max_seq_length}; "
-        f"{tr.num_workers} DDP worker(s), {tr.epochs} epoch(s) in {tr.cycles} cycle(s) of batch "
-        f"{tr.batch_size} ({tr.grad_accumulation} micro-batch(es) per step), {tr.loss} loss, "
-        f"lr {tr.lr} -> {tr.lr * tr.final_lr_ratio:g} per cycle (projection {tr.projection_lr})"
+        f"[bold]2. student[/] {s.init}: {student}, max length {s.max_seq_length}, projection "
+        f"{projection}; {tr.num_workers} DDP worker(s), {tr.epochs} epoch(s) in {tr.cycles} "
+        f"cycle(s) of batch {tr.batch_size} ({tr.grad_accumulation} micro-batch(es) per step), "
+        f"{tr.loss} loss, lr {tr.lr} -> {tr.lr * tr.final_lr_ratio:g} per cycle (projection "
+        f"{tr.projection_lr})"
     )
     ev = cfg.eval
     tasks = [*ev.datasets, *(f"mteb:{name}" for name in ev.mteb_tasks)]
@@ -324,10 +346,10 @@ def print_summary(run_dir: Location, eval_dir: Location | None = None) -> None:
     console = Console()
     table = Table(title=f"LEAF distillation: {eval_dir}")
     metric = rows[0]["metric"] if rows else "score"
-    for column in ("task", "mode", metric, "vs teacher"):
+    for column in ("task", "mode", metric, "vs teacher", "vs start"):
         table.add_column(column, justify="left" if column in ("task", "mode") else "right")
     for r in main_rows(rows):
-        table.add_row(r["dataset"], r["mode"], f"{r['score']:.4f}", _retention(r))
+        table.add_row(r["dataset"], r["mode"], f"{r['score']:.4f}", _retention(r), _change(r))
     console.print(table)
     console.print(f"report: {eval_dir / EVAL_MD}")
     if history:

@@ -31,7 +31,8 @@ def build_student(
     teacher: SentenceTransformer | None = None,
 ) -> SentenceTransformer:
     """The undistilled student: encoder from `cfg.init` (layer reduction copies `teacher`'s
-    layers), projection into the teacher's space freshly initialised."""
+    layers), projection into the teacher's space randomly initialised (`leaf_ray.projection`
+    fits it)."""
     torch.manual_seed(seed)
     if cfg.init == "layer_reduction":
         encoder = reduce_layers(teacher[0], cfg.num_layers)
@@ -89,7 +90,7 @@ def freeze_unused(student: SentenceTransformer) -> None:
 
 
 def param_groups(student: SentenceTransformer, lr: float, head_lr: float) -> list[dict]:
-    """The freshly initialised projection may learn faster than the pretrained encoder."""
+    """(encoder, projection): the projection has its own rate, and may train alone first."""
     head = {id(p) for m in student if isinstance(m, Dense) for p in m.parameters()}
     trainable = [p for p in student.parameters() if p.requires_grad]
     return [

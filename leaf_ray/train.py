@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -184,12 +185,13 @@ def train_loop(config: dict) -> None:
     # an object store): a worker on another node fetches its own copy.
     with (checkpoint or config["init"]).as_directory() as model_dir:
         student = SentenceTransformer(model_dir, device=str(device))
-        state = torch.load(Path(model_dir) / TRAIN_STATE) if checkpoint else None
+        state = torch.load(Path(model_dir) / TRAIN_STATE, weights_only=True) if checkpoint else None
     student.max_seq_length = cfg.student.max_seq_length
     freeze_unused(student)
     model = ray.train.torch.prepare_model(student)  # DDP when world > 1
     groups = param_groups(student, tcfg.lr, tcfg.projection_lr)
-    trainable = [p for group in groups for p in group["params"]]
+    encoder_params, head_params = (group["params"] for group in groups)
+    trainable = encoder_params + head_params
     optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
     accumulation = tcfg.grad_accumulation
     micro_batch = tcfg.batch_size // world // accumulation
@@ -197,6 +199,7 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = -(-micro_per_epoch // accumulation)
     total_steps = steps_per_epoch * tcfg.epochs
     scheduler = leaf_schedule(optimizer, total_steps, tcfg)
+    head_steps = head_only_steps(total_steps, tcfg)
     step, start_epoch, done, resumes, history, validations = 0, 0, 0, 0, [], []
     if state:  # continue the schedule and the data where the checkpoint left them
         optimizer.load_state_dict(state["optimizer"])
@@ -206,6 +209,10 @@ def train_loop(config: dict) -> None:
         resumes = state["resumes"] + 1
         if done == micro_per_epoch:
             start_epoch, done = start_epoch + 1, 0
+    elif rank == 0 and config["validation"]:  # where held-out alignment starts: step 0
+        validations.append(
+            {"step": 0, "epoch": 0} | _validate(student, config["validation"], tcfg, device)
+        )
 
     def save(epoch: int, done: int) -> None:
         position = {"step": step, "epoch": epoch, "micro_batches_done": done, "resumes": resumes}
@@ -250,11 +257,10 @@ def train_loop(config: dict) -> None:
             seen += len(targets)
             if not stepping:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]  # this step's rate, before the schedule moves on
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            frozen = encoder_params if step < head_steps else []
+            grad_norm, (lr, head_lr) = optimizer_step(
+                optimizer, scheduler, trainable, frozen, tcfg.max_grad_norm
+            )
             step += 1
             if step % tcfg.log_every == 0 or step in (1, total_steps):  # and the last
                 row = {
@@ -262,6 +268,7 @@ def train_loop(config: dict) -> None:
                     "epoch": epoch,
                     "loss": _mean_over_workers(step_loss, world),
                     "lr": lr,
+                    "head_lr": head_lr,
                     "grad_norm": float(grad_norm),
                     "seq_per_s": seen * world / (time.perf_counter() - tic),
                     "resumes": resumes,  # restarts from a checkpoint so far (failures, reruns)
@@ -283,6 +290,29 @@ def train_loop(config: dict) -> None:
         bar.close()
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainable: list[torch.nn.Parameter],
+    frozen: list[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> tuple[torch.Tensor, list[float]]:
+    """Clip, step, move the schedule on; the gradient norm (on the device: read at log time)
+    and each group's rate for this step.
+
+    `frozen` parameters (the encoder in the head-only phase) have their gradients dropped: DDP
+    needs every gradient computed, and AdamW skips a parameter without one, so it neither moves
+    nor decays, and its optimiser state starts when it first trains."""
+    for p in frozen:
+        p.grad = None
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    rates = [float(rate) for rate in scheduler.get_last_lr()]  # before the schedule moves on
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, rates
+
+
 def dropout_seed(seed: int, epoch: int, micro_batch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, micro_batch, rank]).generate_state(1)[0])
 
@@ -290,21 +320,45 @@ def dropout_seed(seed: int, epoch: int, micro_batch: int, rank: int) -> int:
 def leaf_schedule(
     optimizer: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LEAF's schedule: `cycles` equal cycles, each a linear warm-up then a linear decay to
-    `final_lr_ratio` of the peak. Hand-written: transformers restarts only cosine schedules."""
-    bounds = np.linspace(0, total_steps, cfg.cycles + 1).round().astype(int)
+    """LEAF's schedule for `param_groups`' (encoder, projection) groups: `cycles` equal cycles,
+    each a linear warm-up then a linear decay to `final_lr_ratio` of the peak. With a head-only
+    phase, its steps are one such cycle for the projection at head_lr, the encoder's rate 0; the
+    cycles then share the other steps, the projection at the encoder's rate. Hand-written:
+    transformers restarts only cosine schedules and has no per-group phases."""
+    head_steps = head_only_steps(total_steps, cfg)
+    head_phase = _cycles(head_steps, 1, cfg)
+    full_phase = _cycles(total_steps - head_steps, cfg.cycles, cfg)
+    head_after = cfg.lr / cfg.projection_lr if head_steps else 1.0
+
+    def encoder(step: int) -> float:
+        return 0.0 if step < head_steps else full_phase(step - head_steps)
+
+    def head(step: int) -> float:
+        return head_phase(step) if step < head_steps else head_after * full_phase(step - head_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [encoder, head])
+
+
+def head_only_steps(total_steps: int, cfg: TrainConfig) -> int:
+    return round(cfg.head_only_ratio * total_steps)
+
+
+def _cycles(steps: int, cycles: int, cfg: TrainConfig) -> Callable[[int], float]:
+    """step -> factor of the peak rate over `steps` steps in `cycles` cycles. Python numbers
+    only: the factors go into checkpoints, which torch's safe loader reads."""
+    bounds = np.linspace(0, steps, cycles + 1).round().astype(int).tolist()
 
     def factor(step: int) -> float:
-        cycle = min(int(np.searchsorted(bounds, step, side="right")) - 1, cfg.cycles - 1)
+        cycle = min(bisect.bisect_right(bounds, step) - 1, cycles - 1)
         length = max(1, bounds[cycle + 1] - bounds[cycle])
         into = step - bounds[cycle]
         warmup = int(cfg.warmup_ratio * length)
         if into < warmup:
             return (into + 1) / (warmup + 1)
         decayed = (into - warmup) / max(1, length - warmup - 1)  # 1 at the cycle's last step
-        return float(1 - (1 - cfg.final_lr_ratio) * min(1.0, decayed))
+        return 1 - (1 - cfg.final_lr_ratio) * min(1.0, decayed)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
 def batches_per_epoch(rows_per_worker: int, batch: int) -> int:

@@ -1,8 +1,15 @@
 """The whole distillation on two Ray nodes made by `ray.cluster_utils.Cluster` on this machine
 (in a subprocess: this process already runs the tests' local Ray)."""
 
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 from leaf_ray.pipeline import evaluate_run
-from tests.conftest import run_on_own_cluster, tiny_run_config
+from tests.conftest import REPO, run_on_own_cluster, tiny_run_config
 from tests.test_pipeline import small_eval_set
 
 
@@ -51,3 +58,81 @@ def test_distillation_spreads_over_two_nodes(tmp_path, tiny_teacher, demo_texts,
         one_scores,
         two_scores,
     )
+
+
+LISTEN = "0A"  # TCP state in /proc/net/tcp
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """host:port of every TCP socket in LISTEN state that one of `pids` holds."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == LISTEN and fields[9] in inodes:
+                found.add(decode_address(fields[1]))
+    return found
+
+
+def decode_address(hex_address: str) -> str:
+    host, port = hex_address.split(":")
+    raw = bytes.fromhex(host)
+    if len(raw) == 4:
+        ip = ipaddress.IPv4Address(raw[::-1])
+    else:  # /proc/net/tcp6: four little-endian 32-bit words
+        ip = ipaddress.IPv6Address(b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
+    return f"{ip}:{int(port, 16)}"
+
+
+def descendants(pid: int) -> set[int]:
+    children = {pid}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            children |= descendants(int(child))
+    return children
+
+
+def test_a_ray_of_our_own_listens_on_loopback_only(tmp_path):
+    """The local Ray that leaf-ray starts (as `make demo` does) runs without authentication:
+    none of its processes may accept connections from another machine."""
+    script = (
+        "import os, sys, time, ray\n"
+        "from leaf_ray.config import RayConfig\n"
+        "from leaf_ray.pipeline import connect_ray\n"
+        "connect_ray(RayConfig(num_cpus=1))\n"
+        "ray.get(ray.remote(lambda: 1).remote())\n"  # a worker process too
+        "print('READY', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        time.sleep(2)  # the dashboard agent and other late starters
+        addresses = listening_addresses(descendants(proc.pid))
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert len(addresses) >= 3, addresses  # GCS, raylet, object manager at least
+    hosts = {address.rsplit(":", 1)[0] for address in addresses}
+    assert hosts <= {"127.0.0.1", "::1"}, addresses

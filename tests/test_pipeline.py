@@ -91,14 +91,14 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     # Distillation put student queries into the teacher's space.
     rows = json.loads((run_dir / "eval.json").read_text())
     scores = main_scores(rows)
-    assert set(scores) == {"teacher", "student", "student_init", "asymmetric"}
+    assert set(scores) == {"teacher", "student", "student_init", "asymmetric", "asymmetric_init"}
     assert {r["metric"] for r in rows} == {"ndcg_at_10"}
     assert scores["asymmetric"] > 0.5 * scores["teacher"], scores
 
     # Every mode at every size and precision; the teacher is its own reference in each setting.
     settings = {(r["dimension"], r["quantization"]) for r in rows}
     assert settings == {(d, q) for d in (32, 16, 8) for q in ("float32", "int8", "binary")}
-    assert len(rows) == 4 * 9
+    assert len(rows) == 5 * 9
     assert all(r["retention"] == 1.0 for r in rows if r["mode"] == "teacher")
     score = {(r["mode"], r["dimension"], r["quantization"]): r["score"] for r in rows}
     assert abs(score["asymmetric", 32, "int8"] - score["asymmetric", 32, "float32"]) < 0.05
@@ -115,6 +115,11 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
 
     student = SentenceTransformer(str(run_dir / "student"), device="cpu")
     assert student.encode(["a query"]).shape == (1, 32)
+    # Each trained mode's change from where it started, in eval.json and the report.
+    full = {r["mode"]: r for r in rows if r["full"] and r["quantization"] == "float32"}
+    for mode, start in (("student", "student_init"), ("asymmetric", "asymmetric_init")):
+        assert full[mode]["change"] == pytest.approx(full[mode]["score"] - full[start]["score"])
+    assert f"| {full['student']['change']:+.4f} |" in (run_dir / "eval.md").read_text()
 
     # Streaming mode: the teacher embeds while the student trains (2 CPUs: 1 for the trainers,
     # 1 for the teacher's actors, no deadlock), nothing is cached, and the student is as good.
@@ -220,3 +225,47 @@ def test_a_rerun_refuses_checkpoints_written_under_another_config(
     moved = load_config(path, ["ray.num_cpus=1", "eval.batch_size=8"])
     moved_yaml = yaml.safe_dump(moved.model_dump(mode="json", exclude={"source_file"}))
     _refuse_another_config(Location.of(trained_with), moved_yaml)
+
+
+def test_a_pretrained_student_starts_as_good_as_it_was(
+    tmp_path, tiny_teacher, demo_texts, ray_local
+):
+    """A pretrained 16-d student of a 32-d teacher: the fitted (Procrustes) projection keeps its
+    cosines, so as training starts it scores what the model alone scored, and its queries
+    already land in the teacher's space."""
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    from tests.conftest import random_bert
+
+    torch.manual_seed(1)
+    bert = random_bert(tmp_path / "hf", hidden=16, layers=1)
+    with torch.no_grad():  # a bag of words, as the tiny teacher is
+        bert.embeddings.position_embeddings.weight.zero_()
+    bert.save_pretrained(tmp_path / "hf")
+    modules = [Transformer(str(tmp_path / "hf"), max_seq_length=64), Pooling(16, "mean")]
+    SentenceTransformer(modules=[*modules, Normalize()], device="cpu").save_pretrained(
+        str(tmp_path / "small")
+    )
+    cfg = tiny_run_config(
+        tmp_path,
+        demo_texts[:600],
+        tiny_teacher,
+        "pretrained",
+        student={"init": "pretrained", "model": str(tmp_path / "small"), "max_seq_length": 64},
+        train={"epochs": 1, "cycles": 1, "batch_size": 32, "lr": 1e-3, "head_only_ratio": 0.2},
+        eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
+    )
+    run_dir = Path(distill(load_config(cfg)).path)
+    scores = main_scores(json.loads((run_dir / "eval.json").read_text()))
+    assert set(scores) == {
+        "teacher",
+        "pretrained",
+        "student_init",
+        "student",
+        "asymmetric_init",
+        "asymmetric",
+    }
+    assert scores["student_init"] == pytest.approx(scores["pretrained"], abs=1e-3), scores
+    assert scores["asymmetric_init"] > 0.5 * scores["teacher"], scores
+    assert "| pretrained |" in (run_dir / "eval.md").read_text()
