@@ -8,7 +8,6 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 export RAY_USAGE_STATS_ENABLED ?= 0
-export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

@@ -8,6 +8,7 @@ is uploaded with config.yaml last. Either way a folder with a config.yaml is a c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -66,7 +67,7 @@ CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT, PRETRAINED = (
 )
 
 
-LOOPBACK = "127.0.0.1"
+logger = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
@@ -77,9 +78,9 @@ def connect_ray(cfg: RayConfig) -> None:
     """Join the cluster at `address` or RAY_ADDRESS (`ray job submit` sets it), else one started
     here by `ray start`, else start a Ray of our own. With `num_cpus`, always one of our own.
 
-    A Ray of our own listens on the loopback interface only: it runs with authentication off
-    (RAY_AUTH_MODE=disabled), so on any other interface anyone who can reach this machine could
-    run code on it."""
+    Ray's servers listen on every interface, so a Ray of our own relies on Ray's token
+    authentication, on by default (the token in ~/.ray/auth_token): with RAY_AUTH_MODE=disabled,
+    anyone who can reach this machine can run code on it, and a warning says so."""
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -90,7 +91,12 @@ def connect_ray(cfg: RayConfig) -> None:
         except ConnectionError:
             pass
     if address is None:
-        ray.init(address="local", num_cpus=cfg.num_cpus, _node_ip_address=LOOPBACK)
+        if os.environ.get("RAY_AUTH_MODE") == "disabled":
+            logger.warning(
+                "RAY_AUTH_MODE=disabled: the local Ray accepts unauthenticated connections on "
+                "every interface; unset it to start Ray with token authentication"
+            )
+        ray.init(address="local", num_cpus=cfg.num_cpus)
     else:
         ray.init(address=address)
 

@@ -5,7 +5,6 @@ import ipaddress
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from leaf_ray.pipeline import evaluate_run
@@ -105,20 +104,21 @@ def descendants(pid: int) -> set[int]:
     return children
 
 
-def test_a_ray_of_our_own_listens_on_loopback_only(tmp_path):
-    """The local Ray that leaf-ray starts (as `make demo` does) runs without authentication:
-    none of its processes may accept connections from another machine."""
+def test_a_ray_of_our_own_is_closed_to_unauthenticated_clients(tmp_path):
+    """The local Ray that leaf-ray starts (as `make demo` does): some of Ray's servers listen on
+    every interface, so it runs with Ray's token authentication (on unless RAY_AUTH_MODE
+    disables it), and a client without the token is refused while one with it joins."""
     script = (
         "import os, sys, time, ray\n"
         "from leaf_ray.config import RayConfig\n"
         "from leaf_ray.pipeline import connect_ray\n"
         "connect_ray(RayConfig(num_cpus=1))\n"
         "ray.get(ray.remote(lambda: 1).remote())\n"  # a worker process too
-        "print('READY', flush=True)\n"
+        "print('READY', ray.get_runtime_context().gcs_address, flush=True)\n"
         "sys.stdin.readline()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env |= {"RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
         stdin=subprocess.PIPE,
@@ -128,11 +128,24 @@ def test_a_ray_of_our_own_listens_on_loopback_only(tmp_path):
         cwd=REPO,
     )
     try:
-        assert proc.stdout.readline().strip() == "READY"
-        time.sleep(2)  # the dashboard agent and other late starters
-        addresses = listening_addresses(descendants(proc.pid))
+        ready, gcs = proc.stdout.readline().split()
+        assert ready == "READY"
+        listening = listening_addresses(descendants(proc.pid))
+        join = (
+            f"import ray; ray.init(address='{gcs}'); print(ray.get(ray.remote(lambda: 7).remote()))"
+        )
+        clients = {
+            mode: subprocess.run(
+                [sys.executable, "-c", join],
+                env=env | {"RAY_AUTH_MODE": mode},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            for mode in ("disabled", "token")
+        }
     finally:
         proc.communicate("\n", timeout=60)
-    assert len(addresses) >= 3, addresses  # GCS, raylet, object manager at least
-    hosts = {address.rsplit(":", 1)[0] for address in addresses}
-    assert hosts <= {"127.0.0.1", "::1"}, addresses
+    assert len(listening) >= 3, listening  # GCS, raylet, object manager at least
+    assert clients["disabled"].returncode != 0 and "7" not in clients["disabled"].stdout
+    assert clients["token"].returncode == 0 and clients["token"].stdout.split()[-1] == "7"
