@@ -19,6 +19,7 @@ from unittest import mock
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json
 import pyarrow.parquet as pq
 import ray
@@ -258,7 +259,7 @@ class VectorsTeacher:
             for k, t in zip(table["kind"].to_pylist(), table["text"].to_pylist(), strict=True)
         ]
         self.row = {h: i for i, h in enumerate(hashes)}
-        self.vectors = np.asarray(table["embedding"].to_pylist(), dtype=np.float32)
+        self.vectors = vector_rows(table, cfg.vectors)
 
     def embed(self, texts: list[str], kind: str) -> np.ndarray:
         rows = [self.row.get(text_hash(kind, t)) for t in texts]
@@ -289,6 +290,58 @@ def read_vectors_file(path: str) -> pa.Table:
     if absent:
         raise DataError(f"teacher.vectors: {path}: missing column(s) {sorted(absent)}")
     return table
+
+
+def vector_rows(table: pa.Table, path: str) -> np.ndarray:
+    """The `embedding` column as a float32 matrix, refused with the first bad row named: no
+    rows, a missing vector, a vector of another length than the first's, or a value that is
+    not finite (a NaN would train the student to NaN)."""
+    where = f"teacher.vectors: {path}"
+    if table.num_rows == 0:
+        raise DataError(f"{where}: no rows")
+    column = table["embedding"].combine_chunks()
+    if column.null_count:
+        row = column.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise DataError(f"{where}: row {row + 1}: embedding: missing")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    odd = np.flatnonzero(lengths != lengths[0])
+    if odd.size:
+        raise DataError(
+            f"{where}: row {odd[0] + 1}: embedding: {lengths[odd[0]]} values where row 1 has "
+            f"{lengths[0]}" + _more(odd.size)
+        )
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
+    vectors = values.reshape(len(lengths), int(lengths[0]))
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        raise DataError(
+            f"{where}: row {bad[0] + 1}: embedding: not finite (NaN or infinity)" + _more(bad.size)
+        )
+    return vectors
+
+
+def _more(rows: int) -> str:
+    return f" (and {rows - 1} more rows)" if rows > 1 else ""
+
+
+def vectors_normalized(vectors: np.ndarray, path: str, declared: bool | None) -> bool:
+    """Whether precomputed vectors are unit length: measured on every row, and refused when only
+    some are (one stray row would otherwise decide whether the student normalises) or when
+    `teacher.normalized: true` says they are and they are not."""
+    unit = np.isclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-2)
+    if unit.any() and not unit.all():
+        row = int(np.flatnonzero(~unit)[0])
+        raise DataError(
+            f"teacher.vectors: {path}: row {row + 1}: embedding: norm "
+            f"{np.linalg.norm(vectors[row]):.3f} where {unit.sum()} of {len(unit)} rows are unit "
+            "length; fix the row, or normalise them all"
+        )
+    if declared and not unit.all():
+        raise DataError(
+            f"teacher.vectors: {path}: teacher.normalized is true, but the vectors are not unit "
+            f"length (row 1: norm {np.linalg.norm(vectors[0]):.3f})"
+        )
+    return bool(unit.all()) if declared is None else declared
 
 
 class HttpTeacher:
@@ -527,14 +580,17 @@ def teacher_space(cfg: TeacherConfig, on_gpu: bool) -> TeacherSpace:
         }
         return TeacherSpace(key)
     if cfg.backend == "vectors":
-        table = read_vectors_file(cfg.vectors)
-        probe = np.asarray(table["embedding"].slice(0, 256).to_pylist(), dtype=np.float32)
+        vectors = vector_rows(read_vectors_file(cfg.vectors), cfg.vectors)
         key["teacher"] = {"vectors_sha256": _files_sha256(Path(cfg.vectors))}
-    else:
-        probe = HttpTeacher(cfg).embed(PROBE_TEXTS, "query")
-        http = cfg.http
-        key["teacher"] = {"model": cfg.model, "url": http.url, "dimensions": http.dimensions}
-        key["prompts"] = teacher_prompts(cfg)
+        key |= {
+            "dimension": int(vectors.shape[1]),
+            "normalized": vectors_normalized(vectors, cfg.vectors, cfg.normalized),
+        }
+        return TeacherSpace(key)
+    probe = HttpTeacher(cfg).embed(PROBE_TEXTS, "query")
+    http = cfg.http
+    key["teacher"] = {"model": cfg.model, "url": http.url, "dimensions": http.dimensions}
+    key["prompts"] = teacher_prompts(cfg)
     measured = bool(np.allclose(np.linalg.norm(probe, axis=1), 1.0, atol=1e-2))
     key |= {
         "dimension": int(probe.shape[1]),
