@@ -36,10 +36,17 @@ RECIPES = {
         "train.lr=2.0e-4",
         "train.head_lr=1.0e-2",
     ],
-    "least_squares_train": ["student.projection_init=least_squares"],
-    "head_first": ["train.head_only_ratio=0.1", "train.head_lr=2.0e-4"],
+    "least_squares_train": [
+        "student.projection_init=least_squares",
+        "train.freeze_projection=false",
+    ],
+    "procrustes_train": ["train.freeze_projection=false"],  # the projection trains too
+    "head_first": [
+        "train.freeze_projection=false",
+        "train.head_only_ratio=0.1",
+        "train.head_lr=2.0e-4",
+    ],
     "lr_2e-5": ["train.lr=2.0e-5"],
-    "lr_1e-4": ["train.lr=1.0e-4"],
 }
 
 

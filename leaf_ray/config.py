@@ -230,6 +230,12 @@ class TrainConfig(Strict):
     head_lr: float | None = Field(
         None, gt=0, description="The projection's rate (while the encoder trains too); default: lr."
     )
+    freeze_projection: bool = Field(
+        False,
+        description="Keep the fitted projection fixed: the encoder alone moves towards the "
+        "teacher, through a map that keeps its cosines (Procrustes), instead of the projection "
+        "drifting towards a least-squares map that bends them.",
+    )
     head_only_ratio: float = Field(
         0.0,
         ge=0,
@@ -277,6 +283,8 @@ class TrainConfig(Strict):
                 f"batch_size: {self.batch_size} is not a multiple of num_workers x "
                 f"grad_accumulation ({self.num_workers} x {self.grad_accumulation})"
             )
+        if self.freeze_projection and self.head_only_ratio:
+            raise ValueError("head_only_ratio: a frozen projection cannot train alone first")
         if self.epochs % self.cycles:
             raise ValueError(
                 f"epochs: {self.epochs} is not a multiple of cycles ({self.cycles}; LEAF: 3 cycles "

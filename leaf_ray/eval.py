@@ -598,10 +598,15 @@ def _add_retention(rows: list[dict]) -> None:
 
 
 def _add_change(rows: list[dict]) -> None:
-    """Against the mode it started from (`STARTS`) at the same size and precision."""
-    score = {(r["dataset"], r["mode"], r["dimension"], r["quantization"]): r["score"] for r in rows}
+    """Against the mode it started from (`STARTS`) at the same size and precision (full size
+    for full size: the pretrained model's may differ from the projection's)."""
+
+    def setting(r: dict) -> tuple:
+        return r["dataset"], "full" if r["full"] else r["dimension"], r["quantization"]
+
+    score = {(r["mode"], *setting(r)): r["score"] for r in rows}
     for r in rows:
-        start = (r["dataset"], STARTS.get(r["mode"]), r["dimension"], r["quantization"])
+        start = (STARTS.get(r["mode"]), *setting(r))
         r["change"] = r["score"] - score[start] if start in score else None
 
 

@@ -258,6 +258,8 @@ def train_loop(config: dict) -> None:
             if not stepping:
                 continue
             frozen = encoder_params if step < head_steps else []
+            if tcfg.freeze_projection:
+                frozen = head_params
             grad_norm, (lr, head_lr) = optimizer_step(
                 optimizer, scheduler, trainable, frozen, tcfg.max_grad_norm
             )

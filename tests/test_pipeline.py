@@ -272,3 +272,5 @@ def test_a_pretrained_student_starts_as_good_as_it_was(
     assert scores["student_init"] == pytest.approx(scores["pretrained"], abs=1e-3), scores
     assert scores["asymmetric_init"] > 0.5 * scores["teacher"], scores
     assert "| pretrained |" in (run_dir / "eval.md").read_text()
+    rows = {r["mode"]: r for r in json.loads((run_dir / "eval.json").read_text()) if r["full"]}
+    assert rows["student_init"]["change"] == pytest.approx(0, abs=1e-3)  # against pretrained
