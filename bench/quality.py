@@ -46,7 +46,7 @@ RECIPES = {
         "train.head_only_ratio=0.1",
         "train.head_lr=2.0e-4",
     ],
-    "lr_2e-5": ["train.lr=2.0e-5"],
+    "lr_1e-5": ["train.lr=1.0e-5"],
 }
 
 
