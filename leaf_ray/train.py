@@ -325,12 +325,15 @@ def leaf_schedule(
     """LEAF's schedule for `param_groups`' (encoder, projection) groups: `cycles` equal cycles,
     each a linear warm-up then a linear decay to `final_lr_ratio` of the peak. With a head-only
     phase, its steps are one such cycle for the projection at head_lr, the encoder's rate 0; the
-    cycles then share the other steps, the projection at the encoder's rate. Hand-written:
+    cycles then share the other steps, the projection at the encoder's rate (0 when it is
+    frozen). Hand-written:
     transformers restarts only cosine schedules and has no per-group phases."""
     head_steps = head_only_steps(total_steps, cfg)
     head_phase = _cycles(head_steps, 1, cfg)
     full_phase = _cycles(total_steps - head_steps, cfg.cycles, cfg)
     head_after = cfg.lr / cfg.projection_lr if head_steps else 1.0
+    if cfg.freeze_projection:
+        head_after = 0.0
 
     def encoder(step: int) -> float:
         return 0.0 if step < head_steps else full_phase(step - head_steps)

@@ -34,10 +34,10 @@ def test_distillation_spreads_over_two_nodes(tmp_path, tiny_teacher, demo_texts,
     assert len(nodes) == 2
     assert len(two["teacher_actors"]) == 2 and set(two["teacher_actors"]) == nodes
     assert len(two["train_workers"]) == 2 and set(two["train_workers"]) == nodes
-    # One scoring task per (task, mode, size, precision): 4 modes x 2 sizes x 3 precisions, and
+    # One scoring task per (task, mode, size, precision): 5 modes x 2 sizes x 3 precisions, and
     # some ran at the same time on different nodes.
     spans = two["scoring"]
-    assert len(two["rows"]) == len(spans) == 4 * 2 * 3
+    assert len(two["rows"]) == len(spans) == 5 * 2 * 3
     assert {s["node"] for s in spans} == nodes
     assert any(
         a["node"] != b["node"] and a["start"] < b["end"] and b["start"] < a["end"]

@@ -87,6 +87,20 @@ def test_schedule_trains_the_head_alone_first_then_everything_with_a_new_warmup(
     assert all(type(r) is float for r in schedule.state_dict()["_last_lr"])
 
 
+def test_a_frozen_projection_has_rate_zero_throughout():
+    cfg = TrainConfig(epochs=1, cycles=1, lr=1.0, freeze_projection=True)
+    encoder, head = (torch.nn.Parameter(torch.zeros(1)) for _ in range(2))
+    optimizer = torch.optim.SGD([{"params": [encoder]}, {"params": [head]}], lr=1.0)
+    schedule = leaf_schedule(optimizer, 10, cfg)
+    rates = []
+    for _ in range(10):
+        rates.append(schedule.get_last_lr())
+        optimizer.step()
+        schedule.step()
+    assert max(enc for enc, _ in rates) == pytest.approx(1.0)
+    assert {hd for _, hd in rates} == {0.0}
+
+
 def test_schedule_state_round_trips_through_torchs_safe_loader(tmp_path):
     """Cycles of 20 steps and more once made numpy rates that torch.load refused."""
     cfg = TrainConfig(epochs=3, cycles=3, head_only_ratio=0.1)
