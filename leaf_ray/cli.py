@@ -13,6 +13,7 @@ from leaf_ray.config import ConfigError, LeafConfig, load_config
 from leaf_ray.data import DataError
 from leaf_ray.eval import EvalError
 from leaf_ray.http_teacher import HttpTeacherError
+from leaf_ray.inputs import check_inputs
 from leaf_ray.models import ModelPinError
 from leaf_ray.pipeline import (
     RunError,
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "distill" and args.dry_run:
-            print_plan(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            print_plan(cfg, check_inputs(cfg))
             return 0
         if args.command == "plan":
             show_capacity(load_config(args.config, args.overrides), args.cluster, args.teacher_dim)

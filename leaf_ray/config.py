@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 from leaf_ray.storage import Location
 
 Kind = Literal["query", "document"]
+BadRows = Literal["error", "skip"]
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,12 @@ class SourceConfig(Strict):
 
 class DataConfig(Strict):
     sources: list[SourceConfig] = Field(min_length=1)
+    bad_rows: BadRows = Field(
+        "error",
+        description="A row with bad JSON or UTF-8, or a missing, null, empty or non-string text, "
+        "or an unknown kind: error stops the run naming the first few; skip drops them, "
+        "counted by reason in the run's summary.",
+    )
 
 
 class ModelRef(Strict):

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
-from dataclasses import dataclass
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 
 from leaf_ray.cache import first_of_each
-from leaf_ray.config import DataConfig, SourceConfig
+from leaf_ray.config import BadRows, DataConfig, SourceConfig
 
 KINDS = ("query", "document")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
+GZIP_MAGIC = b"\x1f\x8b"
+SHOWN = 5  # bad rows named in an error; the rest are counted
+MISSING = object()
+Problem = tuple[str, str] | None  # (reason, message naming the field), or None for a good row
 
 
 class DataError(ValueError):
@@ -22,10 +32,11 @@ class DataError(ValueError):
 
 
 def read_texts(cfg: DataConfig) -> ray.data.Dataset:
-    """All configured sources, normalised to columns id, text, kind."""
+    """All configured sources, normalised to columns id, text, kind, source (its index); rows
+    `row_problem` finds bad are dropped (`check_source` has refused them unless bad_rows: skip)."""
     # Bad rows surface as DataError (naming the file), not as Ray's generic UDF failure.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    datasets = [_read_source(src, index) for index, src in enumerate(cfg.sources)]
+    datasets = [_read_source(src, i, cfg.bad_rows) for i, src in enumerate(cfg.sources)]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
@@ -53,7 +64,7 @@ def _parquet_name(file: Path) -> bool:
     return ".parquet" in "".join(file.suffixes)
 
 
-def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:
+def _read_source(src: SourceConfig, index: int, bad_rows: BadRows) -> ray.data.Dataset:
     if src.path is not None:
         label = src.path
         path = Path(src.path)
@@ -64,10 +75,13 @@ def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:
             raise DataError(f"data.sources: {path}: no {', '.join(DATA_SUFFIXES)} files")
         if is_parquet(path):
             ds = ray.data.read_parquet(files)
-        else:
-            ds = ray.data.read_json(files, lines=True)
-        if src.limit:
-            ds = _first_rows(ds, src.limit)
+        else:  # parsed here, a line at a time: see `parse_lines`
+            ds = ray.data.read_binary_files(files, include_paths=True).map_batches(
+                _parse_files,
+                fn_kwargs={"src": src, "index": index, "bad_rows": bad_rows},
+                batch_format="numpy",
+            )
+            return _first_rows(ds, src.limit) if src.limit else ds
     else:
         import datasets  # only needed for hub datasets
 
@@ -77,14 +91,97 @@ def _read_source(src: SourceConfig, index: int) -> ray.data.Dataset:
             hf = hf.select(range(min(src.limit, len(hf))))
         ds = _from_hugging_face(hf, local=Path(src.hf_dataset).exists())
     columns = set(ds.columns() or [])
-    for field in (src.text_field,) + (() if src.kind else (src.kind_field,)):
-        if field not in columns:
-            raise DataError(f"{label}: no field {field!r} (fields: {sorted(columns)})")
-    return ds.map_batches(
+    for name in (src.text_field,) + (() if src.kind else (src.kind_field,)):
+        if name not in columns:
+            raise DataError(f"{label}: no field {name!r} (fields: {sorted(columns)})")
+    ds = ds.map_batches(
         _normalise,
-        fn_kwargs={"src": src, "index": index, "label": label, "has_id": src.id_field in columns},
-        batch_format="numpy",
+        fn_kwargs={"src": src, "index": index, "label": label, "bad_rows": bad_rows},
+        batch_format="pyarrow",
     )
+    return _first_rows(ds, src.limit) if src.limit and src.path else ds
+
+
+@dataclass
+class SourceCheck:
+    """What `check_source` found in one source: its bad rows, by reason, the first few named."""
+
+    label: str
+    rows: int = 0  # good rows read (up to the source's limit)
+    bad: Counter = field(default_factory=Counter)  # reason -> rows
+    examples: list[str] = field(default_factory=list)  # "file:line: field: reason"
+
+    def add(self, where: str, problem: tuple[str, str]) -> None:
+        self.bad[problem[0]] += 1
+        if len(self.examples) < SHOWN:
+            self.examples.append(f"{where}: {problem[1]}")
+
+    def error(self) -> str:
+        """The problems as the user reads them: the first few, the rest counted."""
+        total = sum(self.bad.values())
+        more = total - len(self.examples)
+        lines = [f"{self.label}: {total} bad row(s) (data.bad_rows=skip drops them):"]
+        lines += [f"  {line}" for line in self.examples]
+        return "\n".join(lines + ([f"  ... and {more} more"] if more > 0 else []))
+
+
+def check_source(
+    src: SourceConfig, index: int, each_row: Callable[[str, str, str], None] | None = None
+) -> SourceCheck:
+    """Read a local source's rows on the driver before any Ray job, as `read_texts` will, so a
+    bad row stops a run in seconds, named by file and line (Parquet: row), rather than from
+    inside a Ray task minutes in. Hub datasets are checked as they are read. `each_row(where,
+    kind, text)` sees every good row."""
+    check = SourceCheck(f"data.sources.{index} ({src.path or src.hf_dataset})")
+    if src.path is None:
+        return check
+    path = Path(src.path)
+    if not path.exists():
+        raise DataError(f"data.sources.{index}: {path}: no such file or folder")
+    files = data_files(path)
+    if not files:
+        raise DataError(f"data.sources.{index}: {path}: no {', '.join(DATA_SUFFIXES)} files")
+    rows = _parquet_rows(files, src) if is_parquet(path) else _jsonl_rows(files, src)
+    for where, row, problem in rows:
+        if problem is None:
+            if each_row is not None:
+                each_row(where, src.kind or row[src.kind_field], row[src.text_field])
+            check.rows += 1
+            if src.limit and check.rows >= src.limit:
+                break
+        else:
+            check.add(where, problem)
+    return check
+
+
+def _jsonl_rows(files: list[Path], src: SourceConfig) -> Iterator[tuple[str, dict, Problem]]:
+    for file in files:
+        try:
+            data = _decompressed(file.read_bytes())
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(
+                f"{file}: cannot be decompressed, truncated or not gzip ({e})"
+            ) from None
+        for lineno, row, problem in parse_lines(data, src):
+            yield f"{file}:{lineno}", row, problem
+
+
+def _parquet_rows(files: list[Path], src: SourceConfig) -> Iterator[tuple[str, dict, Problem]]:
+    for file in files:
+        try:
+            parquet = pq.ParquetFile(file)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{file}: not a readable Parquet file ({e})") from None
+        present = set(parquet.schema_arrow.names)
+        needed = [src.text_field] + ([] if src.kind else [src.kind_field])
+        absent = [c for c in needed if c not in present]
+        if absent:
+            raise DataError(f"{file}: no column(s) {absent} (columns: {sorted(present)})")
+        row = 0
+        for batch in parquet.iter_batches(columns=needed):
+            for values in batch.to_pylist():
+                row += 1
+                yield f"{file}: row {row}", values, row_problem(values, src)
 
 
 def _first_rows(ds: ray.data.Dataset, limit: int) -> ray.data.Dataset:
@@ -106,18 +203,95 @@ def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
 
 
 def _normalise(
-    batch: dict[str, np.ndarray], src: SourceConfig, index: int, label: str, has_id: bool
+    table: pa.Table, src: SourceConfig, index: int, label: str, bad_rows: BadRows
 ) -> dict:
-    texts = batch[src.text_field].astype(str)
-    kinds = np.full(len(texts), src.kind) if src.kind else batch[src.kind_field].astype(str)
-    bad = {str(k) for k in np.unique(kinds)} - set(KINDS)
-    if bad:
-        raise DataError(f"{label}: field {src.kind_field!r} has {sorted(bad)}; expected {KINDS}")
-    if has_id:
-        ids = batch[src.id_field].astype(str)
-    else:  # No ids in the source: a content hash is stable across runs and shards.
-        ids = np.array([hashlib.sha1(t.encode()).hexdigest()[:16] for t in texts])
-    return {"id": ids, "text": texts, "kind": kinds, "source": np.full(len(texts), index)}
+    """Columns id, text, kind, source from a Parquet or hub table; bad rows refused or dropped."""
+    rows = table.to_pylist()
+    kept = []
+    for row in rows:
+        problem = row_problem(row, src)
+        if problem is None:
+            kept.append(_normalised_row(row, src))
+        elif bad_rows == "error":
+            raise DataError(f"{label}: {problem[1]}")
+    return _columns(kept, index)
+
+
+def _parse_files(
+    batch: dict[str, np.ndarray], src: SourceConfig, index: int, bad_rows: BadRows
+) -> dict:
+    """JSON lines files' good rows, normalised; bad ones refused or dropped."""
+    rows = []
+    for data, path in zip(batch["bytes"], batch["path"], strict=True):
+        for lineno, row, problem in parse_lines(_decompressed(data), src):
+            if problem is None:
+                rows.append(_normalised_row(row, src))
+            elif bad_rows == "error":
+                raise DataError(f"{path}:{lineno}: {problem[1]}")
+    return _columns(rows, index)
+
+
+def _decompressed(data: bytes) -> bytes:
+    """Ray decompresses by file name; a .gz it left alone is opened here."""
+    return gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
+
+
+def parse_lines(data: bytes, src: SourceConfig) -> Iterator[tuple[int, dict | None, Problem]]:
+    """(line number, row, problem) for each non-blank line of a JSON lines file.
+
+    Hand-written rather than Ray's `read_json` (pyarrow's reader): that one stops a whole file
+    at its first bad line and cannot say which line it was, nor skip it."""
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield lineno, None, ("invalid UTF-8", f"invalid UTF-8 at byte {e.start}")
+            continue
+        except json.JSONDecodeError as e:
+            yield lineno, None, ("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        yield lineno, row, row_problem(row, src)
+
+
+def row_problem(row: object, src: SourceConfig) -> Problem:
+    """Why a row cannot be trained on, as (reason, message naming the field), or None."""
+    if not isinstance(row, dict):
+        return "not an object", f"a JSON {type(row).__name__}, not an object"
+    field = src.text_field
+    text = row.get(field, MISSING)
+    if text is MISSING or text is None:
+        reason = "missing" if text is MISSING else "null"
+        return f"{field} {reason}", f"{field}: {reason}"
+    if not isinstance(text, str):
+        return f"{field} not a string", f"{field}: a {type(text).__name__}, not a string"
+    if not text.strip():
+        return f"{field} empty", f"{field}: empty"
+    if src.kind is None:
+        kind = row.get(src.kind_field, MISSING)
+        if kind not in KINDS:
+            shown = "missing" if kind is MISSING else f"{kind!r} is not one of {', '.join(KINDS)}"
+            return f"{src.kind_field} unknown", f"{src.kind_field}: {shown}"
+    return None
+
+
+def _normalised_row(row: dict, src: SourceConfig) -> tuple[str, str, str]:
+    text = row[src.text_field]
+    given = row.get(src.id_field)
+    # No id in the source: a content hash is stable across runs and shards.
+    row_id = str(given) if given is not None else hashlib.sha1(text.encode()).hexdigest()[:16]
+    return row_id, text, src.kind or row[src.kind_field]
+
+
+def _columns(rows: list[tuple[str, str, str]], index: int) -> dict[str, np.ndarray]:
+    ids, texts, kinds = ([row[i] for row in rows] for i in range(3))
+    return {
+        "id": np.array(ids, dtype=object),
+        "text": np.array(texts, dtype=object),
+        "kind": np.array(kinds, dtype=object),
+        "source": np.full(len(rows), index),
+    }
 
 
 def mixture_counts(

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -26,10 +27,12 @@ from leaf_ray.cache import TeacherCache, VerifyReport, add_text_hash, first_of_e
 from leaf_ray.config import LeafConfig, ModelRef, RayConfig, load_config
 from leaf_ray.data import DataError, mixture_counts, read_texts
 from leaf_ray.eval import Encoder, EvalOutcome, evaluate
+from leaf_ray.inputs import check_inputs
 from leaf_ray.models import resolve_model
 from leaf_ray.projection import fit_student_projection
 from leaf_ray.report import (
     METRICS_JSONL,
+    TEACHER_CACHE_JSON,
     VALIDATION_JSONL,
     plot_loss,
     read_metrics,
@@ -58,9 +61,8 @@ from leaf_ray.train import (
 )
 
 RunFolder = TypeVar("RunFolder", Path, Location)  # a run on local disk, or wherever it is stored
-CONFIG_YAML, TEACHER_CACHE_JSON, STUDENT, STUDENT_INIT, PRETRAINED = (
+CONFIG_YAML, STUDENT, STUDENT_INIT, PRETRAINED = (
     "config.yaml",
-    "teacher_cache.json",
     "student",
     "student_init",
     "pretrained",
@@ -110,6 +112,7 @@ class TeacherVectors:
     hashes: np.ndarray  # one per input row (duplicates included)
     sources: np.ndarray  # each row's index in data.sources
     embedded: int  # texts this call embedded; 0 when the cache had them all
+    skipped: dict[str, int]  # bad rows dropped (data.bad_rows: skip), by reason
 
     @property
     def unique(self) -> int:
@@ -127,13 +130,14 @@ class TeacherVectors:
         return held_for_epochs(rows, num_rows, self.space.dimension), num_rows, validation
 
 
-def embed(cfg: LeafConfig) -> TeacherVectors:
+def embed(cfg: LeafConfig, skipped: Counter | None = None) -> TeacherVectors:
     """The teacher stage (`leaf-ray embed`): embed each distinct text the cache lacks, once.
+    `skipped`: the bad rows `check_inputs` found, when the caller has checked the inputs.
 
     Rerunning after a crash or kill embeds only what is still missing; with the same teacher
     settings and texts, a second run embeds nothing.
     """
-    space, cache, texts = _cache_and_texts(cfg)
+    space, cache, texts, skipped = _cache_and_texts(cfg, skipped)
     ids, hashes, sources = _row_keys(texts)
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
@@ -145,26 +149,36 @@ def embed(cfg: LeafConfig) -> TeacherVectors:
     missing = np.setdiff1d(np.unique(hashes.astype(str)), cache.hashes().astype(str))
     if missing.size:
         raise RunError(f"{cache.root}: {missing.size} texts still have no vector after the stage")
-    return TeacherVectors(cache, space, hashes, sources, embedded=len(todo))
+    return TeacherVectors(cache, space, hashes, sources, len(todo), dict(skipped))
 
 
 def verify_cache(cfg: LeafConfig) -> VerifyReport:
     """`leaf-ray cache verify`: the config's cache, and which of its texts have no vector."""
-    _, cache, texts = _cache_and_texts(cfg)
+    _, cache, texts, _ = _cache_and_texts(cfg)
     return verify(cache, _row_keys(texts)[1])
 
 
-def _cache_and_texts(cfg: LeafConfig) -> tuple[TeacherSpace, TeacherCache, ray.data.Dataset]:
-    """The teacher's space, its cache folder, and the config's texts with their row hashes."""
-    space, texts = _space_and_texts(cfg)
-    return space, TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model), texts
+def _cache_and_texts(
+    cfg: LeafConfig, skipped: Counter | None = None
+) -> tuple[TeacherSpace, TeacherCache, ray.data.Dataset, Counter]:
+    """The teacher's space, its cache folder, the config's texts with their row hashes, and the
+    bad rows left out."""
+    space, texts, skipped = _space_and_texts(cfg, skipped)
+    cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
+    return space, cache, texts, skipped
 
 
-def _space_and_texts(cfg: LeafConfig) -> tuple[TeacherSpace, ray.data.Dataset]:
-    """The teacher's space and the config's texts with their row hashes, on the config's Ray."""
+def _space_and_texts(
+    cfg: LeafConfig, skipped: Counter | None = None
+) -> tuple[TeacherSpace, ray.data.Dataset, Counter]:
+    """The teacher's space and the config's texts with their row hashes, on the config's Ray,
+    once the inputs pass their checks (unless `skipped` says they have); and the bad rows left
+    out (data.bad_rows: skip)."""
+    skipped = check_inputs(cfg) if skipped is None else skipped
     connect_ray(cfg.ray)
     space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
-    return space, read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    return space, texts, skipped
 
 
 def _row_keys(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -254,13 +268,13 @@ def _validation(rows: ray.data.Dataset) -> Validation:
 
 
 def streaming_training_set(
-    cfg: LeafConfig,
+    cfg: LeafConfig, skipped: Counter | None = None
 ) -> tuple[TeacherSpace, ray.data.Dataset, int, Validation | None]:
     """Streaming mode: teacher actors embed the texts while the trainers consume them, every
     epoch; nothing is cached. The texts (not vectors) are gathered first, so reading and hashing
     are done before the trainers hold their CPUs; the teacher's actors share what the trainers
     leave (on GPUs: the GPUs they leave, fractions when fewer than actors; none: the CPUs)."""
-    space, texts = _space_and_texts(cfg)
+    space, texts, _ = _space_and_texts(cfg, skipped)
     ids, hashes, sources = _row_keys(texts)
     held, wanted, counts = _training_plan(cfg, hashes, sources)
     id_of, shared = _first_ids(ids, hashes), _shared_rows(ids, hashes)
@@ -285,6 +299,7 @@ def distill(cfg: LeafConfig) -> Location:
     run = storage / name
     if run.exists() if storage.is_local else (run / CONFIG_YAML).exists():
         raise RunError(f"{run} already exists; choose another run.name")
+    skipped = check_inputs(cfg)  # before anything is written or started
     # A local or NFS run builds beside its final folder and is renamed into place. An object
     # store has no rename: the run builds in a local folder and is uploaded, config.yaml last (a
     # folder without one is no run), and Ray Train writes its checkpoints there directly.
@@ -306,15 +321,15 @@ def distill(cfg: LeafConfig) -> Location:
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     #    Streaming mode: the actors embed while the student trains, and nothing is cached.
     if cfg.train.data_mode == "cached":
-        vectors = embed(cfg)
+        vectors = embed(cfg, skipped)
         space = vectors.space
         training_set, training_rows, validation = vectors.training_set(cfg)
         note = {"cache": str(vectors.cache.root), "rows": len(vectors.hashes)}
         note |= {"distinct": vectors.unique, "embedded": vectors.embedded}
     else:
-        space, training_set, training_rows, validation = streaming_training_set(cfg)
+        space, training_set, training_rows, validation = streaming_training_set(cfg, skipped)
         note = {"cache": None, "streaming": True}
-    note |= {"training_rows": training_rows}
+    note |= {"training_rows": training_rows, "skipped_rows": dict(skipped)}
     note |= {"validation_texts": len(validation[0]) if validation else 0}
     Location.of(work / TEACHER_CACHE_JSON).write(json.dumps(note))
 

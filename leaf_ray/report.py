@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ EVAL_JSON, EVAL_MD, METRICS_JSONL, VALIDATION_JSONL, LOSS_PNG = (
     "validation.jsonl",
     "loss_curve.png",
 )
+TEACHER_CACHE_JSON = "teacher_cache.json"  # the teacher stage's note: cache, rows, rows skipped
 COMPRESSION_PNG, QUANTIZATION_PNG, MTEB_DIR = (
     "eval_compression.png",
     "eval_quantization.png",
@@ -213,8 +215,9 @@ def plot_loss(history: list[dict], validations: list[dict], run_dir: Path, title
     _save(fig, run_dir / LOSS_PNG)
 
 
-def print_plan(cfg: LeafConfig) -> None:
-    """What `distill` would do, from the config alone: nothing is loaded, downloaded or started."""
+def print_plan(cfg: LeafConfig, skipped: Counter) -> None:
+    """What `distill` would do, once its inputs are checked (`skipped`: bad rows it would drop,
+    by reason): no model is loaded or downloaded, and Ray is not started."""
     t, s, tr = cfg.teacher, cfg.student, cfg.train
     student = (
         f"{s.num_layers or 'half the'} teacher layers" if s.init == "layer_reduction" else s.model
@@ -261,6 +264,10 @@ def print_plan(cfg: LeafConfig) -> None:
     console.print(
         f"[bold]3. eval[/] {', '.join(tasks) or 'none'}; sizes {sizes}; "
         f"{', '.join(ev.quantizations)}; vectors cached in {cfg.eval_cache_dir()}"
+    )
+    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    console.print(
+        f"[bold]inputs[/] checked; {f'bad rows skipped: {dropped}' if dropped else 'no bad rows'}"
     )
 
 
@@ -352,6 +359,11 @@ def print_summary(run_dir: Location, eval_dir: Location | None = None) -> None:
         table.add_row(r["dataset"], r["mode"], f"{r['score']:.4f}", _retention(r), _change(r))
     console.print(table)
     console.print(f"report: {eval_dir / EVAL_MD}")
+    note = run_dir / TEACHER_CACHE_JSON
+    skipped = json.loads(note.read_text()).get("skipped_rows") if note.is_file() else None
+    if skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        console.print(f"skipped {sum(skipped.values())} bad rows (data.bad_rows=skip): {reasons}")
     if history:
         console.print(
             f"alignment loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
@@ -365,6 +377,9 @@ def print_embedded(vectors: TeacherVectors) -> None:
         f"[bold]teacher vectors[/] {rows} texts ({unique} distinct): {vectors.embedded} embedded "
         f"now, {unique - vectors.embedded} already cached\n[bold]cache[/] {vectors.cache.root}"
     )
+    if vectors.skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(vectors.skipped.items()))
+        Console(soft_wrap=True).print(f"[bold]skipped[/] bad rows: {reasons}")
 
 
 def print_verify(report: VerifyReport) -> None:

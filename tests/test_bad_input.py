@@ -1,10 +1,17 @@
-"""Bad precomputed teacher vectors are refused before any Ray job, naming file, row and field."""
+"""Bad input is refused before any Ray job, naming the file, line (or row) and field."""
+
+import gzip
+import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
+import yaml
 
+from leaf_ray.cli import main
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data import DataError
 from leaf_ray.teacher import teacher_space
@@ -66,3 +73,152 @@ def test_vectors_declared_unit_length_that_are_not_are_refused(tmp_path):
     path = vectors_file(tmp_path, (3 * np.array(unit_rows(50))).tolist())
     with pytest.raises(DataError, match="teacher.normalized is true, but the vectors are not"):
         space(path, normalized=True)
+
+
+# --- Bad sources, models and eval folders: `leaf-ray distill` exits 2 before Ray starts --------
+
+GOOD_ROWS = [
+    {"id": str(i), "text": f"text number {i}", "kind": "query" if i % 2 else "document"}
+    for i in range(8)
+]
+
+
+def bad_input_run(tmp_path, tiny_teacher, edit) -> tuple[Path, str]:
+    """A tiny run's files (texts, an eval folder, the config), one of them spoiled by `edit`;
+    returns the config and the run's name."""
+    texts = tmp_path / "texts.jsonl"
+    texts.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD_ROWS))
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "text": "a document"}\n')
+    (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "a query"}\n')
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    config = {
+        "run": {"name": "bad", "storage": "out"},
+        "data": {"sources": [{"path": "texts.jsonl"}]},
+        "teacher": {"model": str(tiny_teacher)},
+        "eval": {"datasets": ["beir"]},
+    }
+    edit(tmp_path, config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, "bad"
+
+
+def lines(*rows: bytes) -> bytes:
+    return b"".join(row + b"\n" for row in rows)
+
+
+def spoil_texts(data: bytes, name: str = "texts.jsonl"):
+    def edit(root, config):
+        (root / name).write_bytes(data)
+        config["data"]["sources"][0]["path"] = name
+
+    return edit
+
+
+good = [json.dumps(r).encode() for r in GOOD_ROWS]
+
+BAD_INPUTS = {
+    "malformed JSON": (
+        spoil_texts(lines(*good[:2], b'{"id": "x", "text": ', *good[2:])),
+        "texts.jsonl:3: invalid JSON: Expecting value",
+    ),
+    "invalid UTF-8": (
+        spoil_texts(lines(good[0], b'{"id": "x", "text": "caf\xe9", "kind": "query"}')),
+        "texts.jsonl:2: invalid UTF-8 at byte",
+    ),
+    "null text": (
+        spoil_texts(lines(*good[:3], b'{"id": "x", "text": null, "kind": "query"}')),
+        "texts.jsonl:4: text: null",
+    ),
+    "no text field": (
+        spoil_texts(lines(b'{"id": "x", "body": "t", "kind": "query"}', *good)),
+        "texts.jsonl:1: text: missing",
+    ),
+    "a number as text": (
+        spoil_texts(lines(*good, b'{"id": "x", "text": 42, "kind": "query"}')),
+        "texts.jsonl:9: text: a int, not a string",
+    ),
+    "empty text": (
+        spoil_texts(lines(good[0], b'{"id": "x", "text": "  ", "kind": "query"}')),
+        "texts.jsonl:2: text: empty",
+    ),
+    "unknown kind": (
+        spoil_texts(lines(good[0], b'{"id": "x", "text": "t", "kind": "passage"}')),
+        "texts.jsonl:2: kind: 'passage' is not one of query, document",
+    ),
+    "truncated gzip": (
+        spoil_texts(gzip.compress(lines(*good) * 50)[:-40], "texts.jsonl.gz"),
+        "texts.jsonl.gz: cannot be decompressed, truncated or not gzip",
+    ),
+    "no such source": (
+        lambda root, config: config["data"]["sources"][0].update(path="nope.jsonl"),
+        "nope.jsonl: no such file or folder",
+    ),
+    "no such teacher folder": (
+        lambda root, config: config["teacher"].update(model="./models/nope"),
+        "models/nope: no such folder",
+    ),
+    "eval folder without qrels": (
+        lambda root, config: (root / "beir" / "qrels" / "test.tsv").unlink(),
+        "beir/qrels/test.tsv: no such file",
+    ),
+    "eval folder without queries": (
+        lambda root, config: (root / "beir" / "queries.jsonl").write_text(""),
+        "beir/qrels/test.tsv:2: unknown query or corpus id 'q1'/'d1'",
+    ),
+    "eval qrels naming no query": (
+        lambda root, config: (root / "beir" / "qrels" / "test.tsv").write_text("query-id\n"),
+        "/beir: no query has a qrels line",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_distill_before_ray_with_one_line(case, tmp_path, tiny_teacher, capsys):
+    edit, message = BAD_INPUTS[case]
+    config, name = bad_input_run(tmp_path, tiny_teacher, edit)
+    assert main(["distill", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    out = tmp_path / "out"
+    assert not (out / name).exists() and not (out / f".{name}.partial").exists()
+    assert not ray.is_initialized()  # found before any Ray job
+    assert main(["distill", "--config", str(config), "--dry-run"]) == 2  # and by a dry run
+
+
+def test_many_bad_rows_are_listed_first_few_then_counted(tmp_path, tiny_teacher, capsys):
+    rows = [b'{"id": "%d", "text": null, "kind": "query"}' % i for i in range(9)]
+    edit = spoil_texts(lines(*good, *rows))
+    config, _ = bad_input_run(tmp_path, tiny_teacher, edit)
+    assert main(["distill", "--config", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "9 bad row(s) (data.bad_rows=skip drops them)" in err
+    assert err.count(": text: null") == 5 and "... and 4 more" in err
+
+
+def test_skipped_bad_rows_are_counted_by_reason(tmp_path, tiny_teacher, capsys):
+    rows = [b"{oops", b'{"id": "y", "text": null, "kind": "query"}', b'{"text": ""}']
+    config, _ = bad_input_run(tmp_path, tiny_teacher, spoil_texts(lines(*good, *rows)))
+    argv = ["distill", "--config", str(config), "--dry-run", "data.bad_rows=skip"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bad rows skipped: 1 invalid JSON, 1 text empty, 1 text null" in out
+
+
+def test_vectors_for_none_of_the_texts_are_refused(tmp_path, capsys):
+    path = vectors_file(tmp_path, unit_rows(20))  # texts "text 0".. "text 19", all queries
+
+    def edit(root, config):
+        config["teacher"] = {"model": "black-box", "vectors": path}
+        config["student"] = {
+            "init": "pretrained",
+            "model": "sentence-transformers/all-MiniLM-L6-v2",
+        }
+
+    config, _ = bad_input_run(tmp_path, "unused", edit)
+    assert main(["distill", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher.vectors: {path}: no vector for 8 text(s) of the sources" in err
