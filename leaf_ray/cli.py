@@ -32,6 +32,7 @@ from leaf_ray.report import (
     print_verify,
 )
 from leaf_ray.storage import Location
+from leaf_ray.train import TrainingDiverged
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 USER_ERRORS = (
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"leaf-ray: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        ray.shutdown()
+        print(f"leaf-ray: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         ray.shutdown()
         print("leaf-ray: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -11,6 +11,7 @@ import itertools
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -60,6 +61,14 @@ Validation = tuple[list[str], np.ndarray]  # held-out texts and their teacher ve
 CPU_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30)}
 
 
+class NonFiniteGradient(ArithmeticError):
+    """A step's loss or gradient is NaN or infinite."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped on a non-finite step; the message says which."""
+
+
 def cpu_worker_env() -> dict[str, str]:
     """CPU_WORKER_ENV under the job's own values: a user who sets these (say, to give the heap's
     memory back at the cost of speed) keeps them."""
@@ -83,6 +92,9 @@ def train_student(
     largest = max(node_amounts("CPU"), default=0)
     per_worker = min(round(resources["CPU"] / cfg.train.num_workers), int(largest))  # one node's
     threads = cfg.train.torch_threads or max(1, per_worker)
+    # Where a worker that stops on a non-finite step says so: Ray Train's result keeps only
+    # metrics reported with a checkpoint, and an exception would be retried into the same step.
+    diverged = storage / RAY_TRAIN / f"diverged-{uuid.uuid4().hex}.txt"
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -91,6 +103,7 @@ def train_student(
             "num_rows": num_rows,
             "torch_threads": threads,
             "validation": validation,
+            "diverged": diverged,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -117,6 +130,12 @@ def train_student(
         dataset_config=DataConfig(execution_options=ordered_ingest()),
     )
     result = trainer.fit()
+    if diverged.exists():
+        raise TrainingDiverged(
+            f"training stopped: the loss or its gradient is not finite at "
+            f"{diverged.read_text()}; no student was published. Try a lower train.lr (or "
+            "train.max_grad_norm) under another run.name."
+        )
     if not validation:
         return result.checkpoint, result.checkpoint
     best = min(result.best_checkpoints, key=lambda kept: kept[1]["val_loss"])[0]
@@ -260,9 +279,14 @@ def train_loop(config: dict) -> None:
             frozen = encoder_params if step < head_steps else []
             if tcfg.freeze_projection:
                 frozen = head_params
-            grad_norm, (lr, head_lr) = optimizer_step(
-                optimizer, scheduler, trainable, frozen, tcfg.max_grad_norm
-            )
+            try:
+                grad_norm, (lr, head_lr) = optimizer_step(
+                    optimizer, scheduler, trainable, frozen, tcfg.max_grad_norm
+                )
+            except NonFiniteGradient:  # every worker sees the same all-reduced gradient
+                if rank == 0:
+                    config["diverged"].write(f"step {step + 1} (epoch {epoch})")
+                return
             step += 1
             if step % tcfg.log_every == 0 or step in (1, total_steps):  # and the last
                 row = {
@@ -308,6 +332,11 @@ def optimizer_step(
     for p in frozen:
         p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    # Read on the host every step: one NaN step would spoil the weights and every checkpoint
+    # after it. Raised before the optimiser moves, so the weights stay finite.
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteGradient
     rates = [float(rate) for rate in scheduler.get_last_lr()]  # before the schedule moves on
     optimizer.step()
     scheduler.step()

@@ -15,7 +15,7 @@ import torch
 
 from leaf_ray.config import LeafConfig, load_config
 from leaf_ray.pipeline import distill
-from leaf_ray.train import cpu_worker_env, gpus_per_trainer
+from leaf_ray.train import TrainingDiverged, cpu_worker_env, gpus_per_trainer
 from tests.conftest import tiny_run_config
 
 
@@ -246,3 +246,22 @@ def test_cached_vectors_are_read_once_when_they_fit_in_the_object_store(ray_loca
     assert sorted(int(r["text"]) for r in small.take_all()) == list(range(1000))
     store = ray.cluster_resources()["object_store_memory"]
     assert held_for_epochs(rows, int(store), 8) is rows  # too large: read again every epoch
+
+
+def test_training_stops_on_a_non_finite_step_and_publishes_nothing(
+    tmp_path, tiny_teacher, demo_texts, ray_local
+):
+    """A rate this large overflows the weights to infinity within a step or two: the workers
+    stop at the first non-finite gradient, before the optimiser applies it."""
+    config = tiny_run_config(
+        tmp_path,
+        demo_texts[:200],
+        tiny_teacher,
+        "diverges",
+        train={"epochs": 2, "cycles": 1, "batch_size": 16, "lr": 1e30, "warmup_ratio": 0},
+    )
+    with pytest.raises(TrainingDiverged, match=r"not finite at step \d+ \(epoch 0\)"):
+        distill(load_config(config))
+    out = tmp_path / "out"
+    assert not (out / "diverges").exists()
+    assert not list((out / ".diverges.partial").glob("student"))  # none copied out either
