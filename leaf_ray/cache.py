@@ -3,6 +3,7 @@
     <cache_dir>/<teacher>-<key>/key.json                      everything that changes a vector
                                 /shards/<uuid>.parquet             text_hash, kind, text, embedding
                                 /manifest/<uuid>.parquet.json      rows and sha256 of one shard
+                                /set_aside/                        shards that failed their check
 
 The cache may sit on a local or NFS path or in an object store (`leaf_ray.storage`). A shard is
 written whole (a temporary name then a rename, or one object PUT), then its manifest entry the
@@ -33,7 +34,7 @@ from ray.data.datasource import Datasink
 from leaf_ray.storage import Location
 
 FORMAT_VERSION = 1
-KEY_JSON, SHARDS, MANIFEST = "key.json", "shards", "manifest"
+KEY_JSON, SHARDS, MANIFEST, SET_ASIDE = "key.json", "shards", "manifest", "set_aside"
 TEXT_COLUMNS = ("text_hash", "kind", "text")
 
 
@@ -77,6 +78,24 @@ class TeacherCache:
 
     def entries(self) -> list[dict]:
         return [json.loads(f.read_text()) for f in (self.root / MANIFEST).files(".json")]
+
+    def set_aside_bad_shards(self) -> list[str]:
+        """Check every committed shard against its manifest entry (there, same sha256, a
+        readable Parquet file) before its rows are trusted. A shard that fails is moved to
+        set_aside/ with its entry, entry first (from then on it is not committed), so its texts
+        count as missing and the next `embed` embeds them again. Returns each one, with why."""
+        moved = []
+        for entry in self.entries():
+            shard = self.root / SHARDS / entry["shard"]
+            problem = shard_problem(shard.read_bytes() if shard.is_file() else None, entry)
+            if problem is None:
+                continue
+            name = f"{entry['shard']}.json"
+            (self.root / MANIFEST / name).move_to(self.root / SET_ASIDE / name)
+            if shard.is_file():
+                shard.move_to(self.root / SET_ASIDE / entry["shard"])
+            moved.append(f"{entry['shard']}: {problem}")
+        return moved
 
     def shard_paths(self) -> list[str]:
         return [(self.root / SHARDS / e["shard"]).path for e in self.entries()]
@@ -215,12 +234,10 @@ def verify(cache: TeacherCache, wanted: np.ndarray | None = None) -> VerifyRepor
         shard = cache.root / SHARDS / entry["shard"]
         committed.add(entry["shard"])
         report.shards += 1
-        if not shard.is_file():
-            report.corrupt.append(f"{entry['shard']}: in the manifest but missing")
-            continue
-        data = shard.read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            report.corrupt.append(f"{entry['shard']}: sha256 differs from the manifest")
+        data = shard.read_bytes() if shard.is_file() else None
+        problem = shard_problem(data, entry)
+        if problem:
+            report.corrupt.append(f"{entry['shard']}: {problem}")
             continue
         table = pq.read_table(pa.BufferReader(data))
         if table.num_rows != entry["rows"]:
@@ -237,6 +254,20 @@ def verify(cache: TeacherCache, wanted: np.ndarray | None = None) -> VerifyRepor
     if wanted is not None:
         report.missing = int(np.setdiff1d(np.unique(wanted.astype(str)), list(seen)).size)
     return report
+
+
+def shard_problem(data: bytes | None, entry: dict) -> str | None:
+    """Why a committed shard (its bytes; None when absent) cannot be read as its manifest
+    entry says, or None."""
+    if data is None:
+        return "in the manifest but missing"
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return "sha256 differs from the manifest"
+    try:
+        pq.ParquetFile(pa.BufferReader(data)).metadata  # noqa: B018 - the footer parses
+    except (pa.ArrowException, OSError) as e:
+        return f"not a readable Parquet file ({e})"
+    return None
 
 
 def _check_rows(shard: str, table: pa.Table, dim: int | None, normalized: bool | None) -> list:

@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     check = cache.add_subparsers(dest="action", required=True).add_parser(
         "verify", help="re-read the config's cache: missing, duplicated or corrupt rows"
     )
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="set aside shards that fail their checksum or cannot be read; the next embed or "
+        "distill embeds their texts again",
+    )
     ev = commands.add_parser("eval", help="evaluate a finished run folder again")
     ev.add_argument(
         "--run", required=True, help="run folder written by distill: a path or s3://, gs:// URI"
@@ -99,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             print_embedded(vectors)
             return 0
         if args.command == "cache":
-            report = verify_cache(load_config(args.config, args.overrides))
+            report, set_aside = verify_cache(load_config(args.config, args.overrides), args.repair)
             ray.shutdown()
-            print_verify(report)
+            print_verify(report, set_aside)
             return 0 if report.ok else 1
         eval_dir = None
         if args.command == "distill":

@@ -138,6 +138,8 @@ def embed(cfg: LeafConfig, skipped: Counter | None = None) -> TeacherVectors:
     settings and texts, a second run embeds nothing.
     """
     space, cache, texts, skipped = _cache_and_texts(cfg, skipped)
+    for shard in cache.set_aside_bad_shards():  # their texts are embedded again below
+        logger.warning("teacher cache: set aside %s", shard)
     ids, hashes, sources = _row_keys(texts)
     todo = _first_rows_missing(ids, hashes, cache.hashes())
     if todo:
@@ -152,10 +154,13 @@ def embed(cfg: LeafConfig, skipped: Counter | None = None) -> TeacherVectors:
     return TeacherVectors(cache, space, hashes, sources, len(todo), dict(skipped))
 
 
-def verify_cache(cfg: LeafConfig) -> VerifyReport:
-    """`leaf-ray cache verify`: the config's cache, and which of its texts have no vector."""
+def verify_cache(cfg: LeafConfig, repair: bool = False) -> tuple[VerifyReport, list[str]]:
+    """`leaf-ray cache verify [--repair]`: the config's cache, and which of its texts have no
+    vector; with `repair`, shards that fail their check are set aside first (and listed), for
+    the next `embed` to embed their texts again."""
     _, cache, texts, _ = _cache_and_texts(cfg)
-    return verify(cache, _row_keys(texts)[1])
+    moved = cache.set_aside_bad_shards() if repair else []
+    return verify(cache, _row_keys(texts)[1]), moved
 
 
 def _cache_and_texts(

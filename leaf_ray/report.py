@@ -382,8 +382,10 @@ def print_embedded(vectors: TeacherVectors) -> None:
         Console(soft_wrap=True).print(f"[bold]skipped[/] bad rows: {reasons}")
 
 
-def print_verify(report: VerifyReport) -> None:
+def print_verify(report: VerifyReport, set_aside: list[str]) -> None:
     console = Console(soft_wrap=True)
+    for shard in set_aside:
+        console.print(f"  set aside: {shard} (its texts are embedded again by the next run)")
     status = "[green]ok[/]" if report.ok else "[red]FAILED[/]"
     console.print(
         f"[bold]cache verify[/] {status}: {report.rows} rows in {report.shards} shards; "

@@ -76,6 +76,11 @@ class Location:
         with self._whole() as target, self.fs.open_output_stream(target) as f:
             f.write(data)
 
+    def move_to(self, target: Location) -> None:
+        """Rename (local, NFS) or copy then delete (object stores) a file to `target`."""
+        target.fs.create_dir(posixpath.dirname(target.path), recursive=True)
+        self.fs.move(self.path, target.path)
+
     def put(self, local: Path) -> None:
         """Copy a local file here, whole (for files built piece by piece, too big for `write`)."""
         with self._whole() as target:

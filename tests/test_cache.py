@@ -23,7 +23,7 @@ from sentence_transformers import SentenceTransformer
 from leaf_ray.cache import MANIFEST, SHARDS, TeacherCache, text_hash, verify
 from leaf_ray.config import ConfigError, TeacherConfig, load_config
 from leaf_ray.data import DataError
-from leaf_ray.pipeline import embed, streaming_training_set
+from leaf_ray.pipeline import embed, streaming_training_set, verify_cache
 from leaf_ray.storage import Location
 from leaf_ray.teacher import (
     TOKENS,
@@ -185,6 +185,45 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(
     )
     corrupt = verify(cache).corrupt
     assert any(f"{entries[2]['shard']}: row 3" in p for p in corrupt), corrupt
+
+
+def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
+    tiny_teacher, demo_texts, tmp_path, ray_local
+):
+    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 1}
+    cfg = load_config(write_config(tmp_path, demo_texts[:500], teacher))
+    vectors = embed(cfg)
+    cache = vectors.cache
+    entries = cache.entries()
+    root = Path(cache.root.path)
+    flipped, footer = (root / SHARDS / entries[i]["shard"] for i in (0, 1))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte in the body
+    flipped.write_bytes(bytes(data))
+    footer.write_bytes(footer.read_bytes()[:-10])  # a broken footer
+    report, moved = verify_cache(cfg)
+    assert len(report.corrupt) == 2 and moved == []  # verify alone only reports
+
+    report, moved = verify_cache(cfg, repair=True)
+    assert sorted(moved) == sorted(
+        [f"{entries[0]['shard']}: sha256 differs from the manifest"]
+        + [f"{entries[1]['shard']}: sha256 differs from the manifest"]
+    )
+    assert report.corrupt == [] and report.missing == entries[0]["rows"] + entries[1]["rows"]
+    assert sorted(p.name for p in (root / "set_aside").iterdir()) == sorted(
+        [entries[0]["shard"], f"{entries[0]['shard']}.json"]
+        + [entries[1]["shard"], f"{entries[1]['shard']}.json"]
+    )
+    again = embed(cfg)
+    assert again.embedded == entries[0]["rows"] + entries[1]["rows"]
+    assert verify(cache, vectors.hashes).ok
+
+    # Found where it is read, too: the next embed sets a bad shard aside itself.
+    shard = root / SHARDS / cache.entries()[0]["shard"]
+    rows = cache.entries()[0]["rows"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert embed(cfg).embedded == rows
+    assert verify(cache, vectors.hashes).ok
 
 
 def test_a_killed_embed_resumes_and_embeds_each_text_exactly_once(demo_texts, tmp_path, ray_local):
