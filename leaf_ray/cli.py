@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayTaskError
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from leaf_ray.config import ConfigError, LeafConfig, load_config
 from leaf_ray.data import DataError
@@ -48,6 +51,12 @@ USER_ERRORS = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="leaf-ray", description=__doc__)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("LEAF_RAY_DEBUG") == "1",
+        help="on an error, the full traceback rather than one line (or LEAF_RAY_DEBUG=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("distill", help="distill a teacher into a leaf student")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML (default: demo)")
@@ -117,20 +126,41 @@ def main(argv: list[str] | None = None) -> int:
             student = args.student.resolve() if args.student else None
             evaluate_run(run_dir, args.overrides, student)
             eval_dir = report_folder(run_dir, student)
-    except USER_ERRORS as e:
-        print(f"leaf-ray: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        ray.shutdown()
-        print(f"leaf-ray: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         ray.shutdown()
         print("leaf-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        cause = root_cause(e)
+        if isinstance(cause, USER_ERRORS + (TrainingDiverged,)):
+            print(f"leaf-ray: error: {cause}", file=sys.stderr)
+            return 2 if isinstance(cause, USER_ERRORS) else 1
+        first = str(cause).strip().splitlines()[:1] or [""]
+        print(f"leaf-ray: error: {type(cause).__name__}: {first[0]}", file=sys.stderr)
+        print("leaf-ray: the full traceback: leaf-ray --debug ...", file=sys.stderr)
+        return 1
     ray.shutdown()  # first, so Ray's log stream cannot interleave with the summary
     print_summary(run_dir, eval_dir)
     return 0
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The error a user should read, out of Ray's wrappers: a task's error, a Ray Train worker
+    group's first failure, the controller's, and exceptions raised `from` another."""
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, WorkerGroupError) and error.worker_failures:
+            error = next(iter(error.worker_failures.values()))
+        elif isinstance(error, ControllerError):
+            error = error.controller_failure
+        elif isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+            error = error.cause
+        elif error.__cause__ is not None:
+            error = error.__cause__
+    return error
 
 
 def show_capacity(cfg: LeafConfig, cluster_spec: str, teacher_dim: int | None) -> None:

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
 
-from leaf_ray.cli import main
+from leaf_ray import pipeline
+from leaf_ray.cli import main, root_cause
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data import DataError
 from leaf_ray.teacher import teacher_space
@@ -176,7 +176,13 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_stops_distill_before_ray_with_one_line(case, tmp_path, tiny_teacher, capsys):
+def test_bad_input_stops_distill_before_ray_with_one_line(
+    case, tmp_path, tiny_teacher, capsys, monkeypatch
+):
+    def no_ray(*args):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(pipeline, "connect_ray", no_ray)  # found before any Ray job
     edit, message = BAD_INPUTS[case]
     config, name = bad_input_run(tmp_path, tiny_teacher, edit)
     assert main(["distill", "--config", str(config)]) == 2
@@ -185,7 +191,6 @@ def test_bad_input_stops_distill_before_ray_with_one_line(case, tmp_path, tiny_t
     assert "Traceback" not in err
     out = tmp_path / "out"
     assert not (out / name).exists() and not (out / f".{name}.partial").exists()
-    assert not ray.is_initialized()  # found before any Ray job
     assert main(["distill", "--config", str(config), "--dry-run"]) == 2  # and by a dry run
 
 
@@ -222,3 +227,36 @@ def test_vectors_for_none_of_the_texts_are_refused(tmp_path, capsys):
     assert main(["distill", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"teacher.vectors: {path}: no vector for 8 text(s) of the sources" in err
+
+
+def test_errors_from_inside_ray_reach_the_user_as_their_root_cause(
+    tmp_path, tiny_teacher, capsys, monkeypatch
+):
+    """A worker's error comes back wrapped (Ray Train's worker group, Ray's task error): the
+    user reads our one line, or the whole trace with --debug."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    cause = DataError("texts.jsonl:3: text: null")
+    task = RayTaskError("train_loop", "Traceback ...\n(many lines)", cause)
+    wrapped = WorkerGroupError("Training failed due to worker errors", {0: task})
+    assert root_cause(wrapped) is cause
+
+    def fails(cfg):
+        raise wrapped
+
+    monkeypatch.setattr("leaf_ray.cli.distill", fails)
+    config, _ = bad_input_run(tmp_path, tiny_teacher, lambda root, config: None)
+    assert main(["distill", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == "leaf-ray: error: texts.jsonl:3: text: null\n"
+    with pytest.raises(WorkerGroupError):
+        main(["--debug", "distill", "--config", str(config)])
+
+    def crashes(cfg):
+        raise WorkerGroupError("Training failed", {1: MemoryError("out of memory\nmore")})
+
+    monkeypatch.setattr("leaf_ray.cli.distill", crashes)
+    assert main(["distill", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("leaf-ray: error: MemoryError: out of memory\n")
+    assert "leaf-ray --debug" in err
