@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import ray
@@ -100,6 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (run, emb, check, ev, plan):
         sub.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     args = parser.parse_args(argv)
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        ray.shutdown()  # the watchdog bounds it
+        _stop_watchdog()
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "distill" and args.dry_run:
             cfg = load_config(args.config, args.overrides)
@@ -126,10 +144,6 @@ def main(argv: list[str] | None = None) -> int:
             student = args.student.resolve() if args.student else None
             evaluate_run(run_dir, args.overrides, student)
             eval_dir = report_folder(run_dir, student)
-    except KeyboardInterrupt:
-        ray.shutdown()
-        print("leaf-ray: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
     except Exception as e:
         if args.debug:
             raise
@@ -144,6 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()  # first, so Ray's log stream cannot interleave with the summary
     print_summary(run_dir, eval_dir)
     return 0
+
+
+INTERRUPTED = "leaf-ray: interrupted; rerun the same command to resume"
+INTERRUPT_GRACE_S = 10.0  # for Ray to shut down after Ctrl-C, before the process just exits
+_watchdog: list[threading.Timer] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C: a KeyboardInterrupt, which `main` turns into Ray's shutdown and exit 130. Python
+    drops one raised inside a finaliser (Ray runs many), so a timer ends the process anyway."""
+    timer = threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted)
+    timer.daemon = True
+    timer.start()
+    _watchdog.append(timer)
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> None:
+    print(INTERRUPTED, file=sys.stderr, flush=True)
+    os._exit(130)  # the checkpoints and cache are on disk; a local Ray dies with its driver
+
+
+def _stop_watchdog() -> None:
+    while _watchdog:
+        _watchdog.pop().cancel()
 
 
 def root_cause(error: BaseException) -> BaseException:

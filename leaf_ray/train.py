@@ -10,6 +10,7 @@ import bisect
 import itertools
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -129,7 +130,7 @@ def train_student(
         datasets={"train": embedded},
         dataset_config=DataConfig(execution_options=ordered_ingest()),
     )
-    result = trainer.fit()
+    result = fit_off_the_main_thread(trainer)
     if diverged.exists():
         raise TrainingDiverged(
             f"training stopped: the loss or its gradient is not finite at "
@@ -140,6 +141,28 @@ def train_student(
         return result.checkpoint, result.checkpoint
     best = min(result.best_checkpoints, key=lambda kept: kept[1]["val_loss"])[0]
     return result.checkpoint, best
+
+
+def fit_off_the_main_thread(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, called from another thread. In the main thread Ray Train installs a
+    SIGINT handler that turns Ctrl-C into an abort of its own (the driver then fails on a dead
+    actor) and leaves it installed after fit returns, swallowing a Ctrl-C in the evaluation.
+    Elsewhere it installs none: Ctrl-C reaches the CLI as KeyboardInterrupt in every stage, and
+    the checkpoints already written resume the run."""
+    outcome: dict[str, object] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()  # a lock wait: Ctrl-C interrupts it
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def ordered_ingest() -> ray.data.ExecutionOptions:
