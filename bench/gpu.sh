@@ -1,8 +1,8 @@
 #!/bin/bash
-# The GPU benchmarks as one prepared script for a lent GPU machine (see README "Benchmarks"):
+# The GPU benchmarks as one prepared script for a lent GPU machine (see docs/benchmarks.md):
 # a random-weight bert-base teacher and MiniLM-L6-H384 student, built from carried tokenizer
 # files, on carried real texts. Prepare here, from the repo root:
-#   ../shared/device/prepare-wheels.sh sentence-transformers==6.2.0   # Ray etc. into .whl/
+#   .whl/: wheels of Ray and what the machine lacks (pip download --only-binary=:all: -d .whl ...)
 #   .gpu/tokenizer/ (a BERT-uncased tokenizer) and .gpu/debian-documents.jsonl.gz (texts)
 # then run `bash bench/gpu.sh` there with carry [".whl", ".gpu"]. Results and logs land in $OUT
 # (unset: results in bench/results/, logs in /tmp). Sizes: TEACHER_TEXTS, TEACHER_ROUNDS, TRAIN_TEXTS.

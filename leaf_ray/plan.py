@@ -50,7 +50,7 @@ FIGURES: dict[str, Figure] = {
     "teacher_bare_news": Figure(
         13023,
         "teacher bare, 133-token news",
-        "../shared/device/README.md",
+        "bench/results/reference-h100.json",
     ),
     "train_ray_b32": Figure(
         796,
@@ -60,12 +60,12 @@ FIGURES: dict[str, Figure] = {
     "train_bare_b32": Figure(
         1435,
         "bare train step, batch 32",
-        "../shared/device/README.md",
+        "bench/results/reference-h100.json",
     ),
     "train_bare_b256": Figure(
         6816,
         "bare train step, batch 256",
-        "../shared/device/README.md",
+        "bench/results/reference-h100.json",
     ),
 }
 BARE_BATCHES = (32, 256)  # the batches of train_bare_b32 and train_bare_b256
@@ -106,7 +106,9 @@ KNOWN_TEACHERS: dict[str, Teacher] = {
         384, 1.0, "smaller than bert-base, not scaled up: the stage runs at 0.33x its forward"
     ),
     "sentence-transformers/all-mpnet-base-v2": Teacher(
-        768, 7452 / 13023, "mpnet-base forward 7,452 vs bert-base 13,023 seq/s (device README)"
+        768,
+        7452 / 13023,
+        "mpnet-base forward 7,452 vs bert-base 13,023 seq/s (bench/results/reference-h100.json)",
     ),
 }
 UNKNOWN_TEACHER_SPEED = 1.0  # a teacher not in the table is taken to be bert-base size
