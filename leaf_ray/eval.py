@@ -33,12 +33,12 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from sentence_transformers.util.quantization import quantize_embeddings
-from tqdm import tqdm
 
 from leaf_ray.cache import embedding_column
 from leaf_ray.config import EvalConfig, TeacherConfig
 from leaf_ray.data import load_beir
 from leaf_ray.models import file_sha256
+from leaf_ray.progress import progress
 from leaf_ray.storage import Location
 from leaf_ray.teacher import HttpTeacher, node_amounts
 
@@ -562,7 +562,7 @@ def embed_task_cpus(jobs: int, cpus: float, largest_node: float) -> int:
 def _as_completed(jobs: dict[ray.ObjectRef, Any], what: str) -> Iterator[tuple[ray.ObjectRef, Any]]:
     """(ref, result) as each task finishes, with a progress bar; a failed task names itself."""
     pending = list(jobs)
-    with tqdm(total=len(jobs), desc=f"eval: {what}", unit="task") as bar:
+    with progress(total=len(jobs), desc=f"eval: {what}", unit="task") as bar:
         while pending:
             (ready,), pending = ray.wait(pending, num_returns=1)
             try:

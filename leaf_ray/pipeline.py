@@ -29,6 +29,7 @@ from leaf_ray.data import DataError, mixture_counts, read_texts
 from leaf_ray.eval import Encoder, EvalOutcome, evaluate
 from leaf_ray.inputs import check_inputs
 from leaf_ray.models import resolve_model
+from leaf_ray.progress import on_terminal
 from leaf_ray.projection import fit_student_projection
 from leaf_ray.report import (
     METRICS_JSONL,
@@ -83,6 +84,8 @@ def connect_ray(cfg: RayConfig) -> None:
     Ray's servers listen on every interface, so a Ray of our own relies on Ray's token
     authentication, on by default (the token in ~/.ray/auth_token): with RAY_AUTH_MODE=disabled,
     anyone who can reach this machine can run code on it, and a warning says so."""
+    if not on_terminal():  # Ray Data's bars, redrawn into a log, are one line per redraw
+        ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")

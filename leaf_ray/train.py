@@ -39,6 +39,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
 from leaf_ray.config import LeafConfig, TrainConfig
+from leaf_ray.progress import LogLines, on_terminal
 from leaf_ray.report import VALIDATION_JSONL, write_metrics
 from leaf_ray.storage import Location
 from leaf_ray.student import embed, freeze_unused, leaf_loss, param_groups
@@ -105,6 +106,7 @@ def train_student(
             "torch_threads": threads,
             "validation": validation,
             "diverged": diverged,
+            "terminal": on_terminal(),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -264,8 +266,11 @@ def train_loop(config: dict) -> None:
         _report_checkpoint(student, optimizer, scheduler, position, history, validations, rank)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm_ray.tqdm(desc="train student", total=total_steps) if rank == 0 else None
-    if bar:
+    bar = None
+    if rank == 0:  # the driver draws a worker's tqdm_ray bar; off a terminal, lines instead
+        bars = config["terminal"]
+        bar = tqdm_ray.tqdm(desc="train student", total=total_steps) if bars else None
+        bar = bar or LogLines(total_steps, "train student")
         bar.update(step)
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, tcfg.epochs):

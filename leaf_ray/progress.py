@@ -1,0 +1,55 @@
+"""Progress for a person at a terminal, and for a log: a bar on a terminal; elsewhere (CI,
+`ray job logs`, `make demo > log`) a line every LOG_EVERY_S seconds, since a bar redrawn into a
+file is one line per redraw.
+
+    with progress(total=120, desc="eval: embedding") as bar:
+        bar.update(1)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+LOG_EVERY_S = 30.0
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class LogLines:
+    """A bar's stand-in off a terminal: `<desc> <done>/<total>` at most every LOG_EVERY_S
+    seconds, and at the end."""
+
+    def __init__(self, total: int, desc: str, done: int = 0):
+        self.total, self.desc, self.done = total, desc, done
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if time.monotonic() - self.last >= LOG_EVERY_S or self.done >= self.total:
+            self.last = time.monotonic()
+            print(f"{self.desc} {self.done}/{self.total}", file=sys.stderr, flush=True)
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LogLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str, terminal: bool | None = None, **bar) -> tqdm | LogLines:
+    """A tqdm bar on a terminal, else LogLines. `terminal`: decided elsewhere (a Ray worker's
+    stderr is never a terminal; its driver's may be)."""
+    if terminal if terminal is not None else on_terminal():
+        return tqdm(total=total, desc=desc, **bar)
+    return LogLines(total, desc)
