@@ -39,7 +39,7 @@ from sentence_transformers.util import batch_to_device
 
 from leaf_ray.cache import TeacherCache, first_of_each, text_hash
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
-from leaf_ray.report import METRICS_JSONL, read_metrics
+from leaf_ray.run_files import METRICS_JSONL, read_metrics
 from leaf_ray.storage import Location
 from leaf_ray.student import build_student, embed, freeze_unused, leaf_loss, param_groups
 from leaf_ray.teacher import (

@@ -127,9 +127,9 @@ def _run(args: argparse.Namespace) -> int:
             show_capacity(load_config(args.config, args.overrides), args.cluster, args.teacher_dim)
             return 0
         if args.command == "embed":
-            vectors = embed(load_config(args.config, args.overrides))
+            v = embed(load_config(args.config, args.overrides))
             ray.shutdown()
-            print_embedded(vectors)
+            print_embedded(len(v.hashes), v.unique, v.embedded, v.cache.root, v.skipped)
             return 0
         if args.command == "cache":
             report, set_aside = verify_cache(load_config(args.config, args.overrides), args.repair)

@@ -35,12 +35,13 @@ import torch
 from sentence_transformers.util.quantization import quantize_embeddings
 
 from leaf_ray.cache import embedding_column
+from leaf_ray.cluster import node_amounts
 from leaf_ray.config import EvalConfig, TeacherConfig
 from leaf_ray.data import load_beir
 from leaf_ray.models import file_sha256
 from leaf_ray.progress import progress
 from leaf_ray.storage import Location
-from leaf_ray.teacher import HttpTeacher, node_amounts
+from leaf_ray.teacher import HttpTeacher
 
 if TYPE_CHECKING:
     from mteb.abstasks.retrieval import AbsTaskRetrieval

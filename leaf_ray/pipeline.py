@@ -24,20 +24,24 @@ import yaml
 from ray.train import Checkpoint
 
 from leaf_ray.cache import TeacherCache, VerifyReport, add_text_hash, first_of_each, verify
-from leaf_ray.config import LeafConfig, ModelRef, RayConfig, load_config
+from leaf_ray.cluster import connect_ray
+from leaf_ray.config import LeafConfig, ModelRef, load_config
 from leaf_ray.data import DataError, mixture_counts, read_texts
 from leaf_ray.eval import Encoder, EvalOutcome, evaluate
 from leaf_ray.inputs import check_inputs
 from leaf_ray.models import resolve_model
-from leaf_ray.progress import on_terminal
 from leaf_ray.projection import fit_student_projection
-from leaf_ray.report import (
+from leaf_ray.report import plot_loss, write_eval
+from leaf_ray.run_files import (
+    CONFIG_YAML,
     METRICS_JSONL,
+    RAY_TRAIN,
+    STUDENT,
+    STUDENT_INIT,
     TEACHER_CACHE_JSON,
+    TRAIN_STATE,
     VALIDATION_JSONL,
-    plot_loss,
     read_metrics,
-    write_eval,
     write_metrics,
 )
 from leaf_ray.storage import Location
@@ -53,8 +57,6 @@ from leaf_ray.teacher import (
     teacher_space,
 )
 from leaf_ray.train import (
-    RAY_TRAIN,
-    TRAIN_STATE,
     Validation,
     held_for_epochs,
     train_student,
@@ -62,12 +64,7 @@ from leaf_ray.train import (
 )
 
 RunFolder = TypeVar("RunFolder", Path, Location)  # a run on local disk, or wherever it is stored
-CONFIG_YAML, STUDENT, STUDENT_INIT, PRETRAINED = (
-    "config.yaml",
-    "student",
-    "student_init",
-    "pretrained",
-)
+PRETRAINED = "pretrained"  # the evaluation's name for the student model as it was given
 
 
 logger = logging.getLogger(__name__)
@@ -75,35 +72,6 @@ logger = logging.getLogger(__name__)
 
 class RunError(RuntimeError):
     """A run that cannot start or be evaluated as asked."""
-
-
-def connect_ray(cfg: RayConfig) -> None:
-    """Join the cluster at `address` or RAY_ADDRESS (`ray job submit` sets it), else one started
-    here by `ray start`, else start a Ray of our own. With `num_cpus`, always one of our own.
-
-    Ray's servers listen on every interface, so a Ray of our own relies on Ray's token
-    authentication, on by default (the token in ~/.ray/auth_token): with RAY_AUTH_MODE=disabled,
-    anyone who can reach this machine can run code on it, and a warning says so."""
-    if not on_terminal():  # Ray Data's bars, redrawn into a log, are one line per redraw
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address is None and cfg.num_cpus is None:
-        try:
-            ray.init(address="auto")  # Ray's convention: a cluster `ray start` began here
-            return
-        except ConnectionError:
-            pass
-    if address is None:
-        if os.environ.get("RAY_AUTH_MODE") == "disabled":
-            logger.warning(
-                "RAY_AUTH_MODE=disabled: the local Ray accepts unauthenticated connections on "
-                "every interface; unset it to start Ray with token authentication"
-            )
-        ray.init(address="local", num_cpus=cfg.num_cpus)
-    else:
-        ray.init(address=address)
 
 
 @dataclass(frozen=True)

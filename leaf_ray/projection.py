@@ -28,7 +28,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense
 
-from leaf_ray.teacher import node_amounts
+from leaf_ray.cluster import node_amounts
 
 Fit = Literal["procrustes", "least_squares"]
 # Ridge strength, relative to the mean variance of the student's dimensions: enough to keep the

@@ -27,33 +27,21 @@ from leaf_ray.plan import (  # noqa: E402
     notes,
     overrides,
 )
+from leaf_ray.run_files import (  # noqa: E402
+    COMPRESSION_PNG,
+    EVAL_JSON,
+    EVAL_MD,
+    LOSS_PNG,
+    METRICS_JSONL,
+    MTEB_DIR,
+    QUANTIZATION_PNG,
+    TEACHER_CACHE_JSON,
+    read_metrics,
+)
 from leaf_ray.storage import Location  # noqa: E402
 
 if TYPE_CHECKING:
     from leaf_ray.eval import EvalOutcome
-    from leaf_ray.pipeline import TeacherVectors
-
-EVAL_JSON, EVAL_MD, METRICS_JSONL, VALIDATION_JSONL, LOSS_PNG = (
-    "eval.json",
-    "eval.md",
-    "metrics.jsonl",
-    "validation.jsonl",
-    "loss_curve.png",
-)
-TEACHER_CACHE_JSON = "teacher_cache.json"  # the teacher stage's note: cache, rows, rows skipped
-COMPRESSION_PNG, QUANTIZATION_PNG, MTEB_DIR = (
-    "eval_compression.png",
-    "eval_quantization.png",
-    "mteb",
-)
-
-
-def write_metrics(rows: list[dict], run_dir: Path, name: str = METRICS_JSONL) -> None:
-    Location.of(run_dir / name).write("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_metrics(path: Path | Location) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write_eval(outcome: EvalOutcome, out: Path) -> None:
@@ -371,14 +359,16 @@ def print_summary(run_dir: Location, eval_dir: Location | None = None) -> None:
         )
 
 
-def print_embedded(vectors: TeacherVectors) -> None:
-    rows, unique = len(vectors.hashes), vectors.unique
+def print_embedded(
+    rows: int, unique: int, embedded: int, cache: Location, skipped: dict[str, int]
+) -> None:
+    """`leaf-ray embed`'s summary: texts, how many were embedded now, where the cache is."""
     Console(soft_wrap=True).print(
-        f"[bold]teacher vectors[/] {rows} texts ({unique} distinct): {vectors.embedded} embedded "
-        f"now, {unique - vectors.embedded} already cached\n[bold]cache[/] {vectors.cache.root}"
+        f"[bold]teacher vectors[/] {rows} texts ({unique} distinct): {embedded} embedded "
+        f"now, {unique - embedded} already cached\n[bold]cache[/] {cache}"
     )
-    if vectors.skipped:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(vectors.skipped.items()))
+    if skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
         Console(soft_wrap=True).print(f"[bold]skipped[/] bad rows: {reasons}")
 
 

@@ -31,6 +31,7 @@ from sentence_transformers.sentence_transformer.modules import Normalize
 from transformers import AutoModel
 
 from leaf_ray.cache import FORMAT_VERSION, text_hash
+from leaf_ray.cluster import node_amounts
 from leaf_ray.config import ConfigError, TeacherConfig
 from leaf_ray.data import KINDS, DataError, data_files, is_parquet
 from leaf_ray.http_teacher import HttpEmbedder, HttpSettings
@@ -521,14 +522,6 @@ def embed_texts(
         num_gpus=layout.gpus,
         num_cpus=layout.cpus,  # Ray Data spreads its actors over the nodes by default
     )
-
-
-def node_amounts(resource: str) -> list[float]:
-    """How much of `resource` each alive node has (nodes without any left out): a task or actor
-    lives on one node, so the largest bounds what it can ask for."""
-    return [
-        n["Resources"][resource] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource)
-    ]
 
 
 def cpu_actor_share(free_cpus: float, node_cpus: list[float], num_actors: int) -> tuple[float, int]:

@@ -38,15 +38,13 @@ from ray.train.torch import TorchTrainer
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
+from leaf_ray.cluster import node_amounts
 from leaf_ray.config import LeafConfig, TrainConfig
 from leaf_ray.progress import LogLines, on_terminal
-from leaf_ray.report import VALIDATION_JSONL, write_metrics
+from leaf_ray.run_files import RAY_TRAIN, TRAIN_STATE, VALIDATION_JSONL, write_metrics
 from leaf_ray.storage import Location
 from leaf_ray.student import embed, freeze_unused, leaf_loss, param_groups
-from leaf_ray.teacher import node_amounts
 
-TRAIN_STATE = "train_state.pt"
-RAY_TRAIN = "ray_train"  # Ray Train's run name: its folder in the run's storage
 # Texts per length-sorting window, in batches: batches then carry little padding.
 BUCKET_BATCHES = 16
 # A generous size of one text in Ray's object store, for deciding whether a training set fits.

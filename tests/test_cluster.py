@@ -111,7 +111,7 @@ def test_a_ray_of_our_own_is_closed_to_unauthenticated_clients(tmp_path):
     script = (
         "import os, sys, time, ray\n"
         "from leaf_ray.config import RayConfig\n"
-        "from leaf_ray.pipeline import connect_ray\n"
+        "from leaf_ray.cluster import connect_ray\n"
         "connect_ray(RayConfig(num_cpus=1))\n"
         "ray.get(ray.remote(lambda: 1).remote())\n"  # a worker process too
         "print('READY', ray.get_runtime_context().gcs_address, flush=True)\n"
