@@ -138,6 +138,11 @@ class HttpTeacherConfig(Strict):
         "than stall its actors; rerunning embeds only what is missing.",
     )
     timeout_s: float = Field(60.0, gt=0)
+    backoff_s: float = Field(
+        0.5,
+        gt=0,
+        description="The first retry's delay; doubled per retry (with jitter), at most 30 s.",
+    )
     texts_per_request: int = Field(64, gt=0)
     dimensions: int | None = Field(None, gt=0, description="Sent as `dimensions` (MRL APIs).")
 

@@ -12,28 +12,14 @@ import concurrent.futures
 import json
 import random
 import time
-from dataclasses import dataclass
 
 import aiohttp
 import numpy as np
 
+from leaf_ray.config import HttpTeacherConfig
+
 RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx: worth another try
 MAX_BACKOFF_S = 30.0
-
-
-@dataclass(frozen=True)
-class HttpSettings:
-    url: str  # base URL, e.g. "http://127.0.0.1:8000/v1"; requests go to {url}/embeddings
-    model: str  # the "model" field sent in each request
-    api_key: str | None = None  # sent as "Authorization: Bearer <key>" when set
-    max_concurrency: int = 8  # requests in flight at once
-    requests_per_second: float | None = None  # client-side rate limit (None: unlimited)
-    max_retries: int = 6  # per request, after the first try
-    timeout_s: float = 60.0  # per request
-    texts_per_request: int = 64  # texts per request body ("input": [...])
-    dimensions: int | None = None  # sent as "dimensions" when set (MRL APIs)
-    backoff_s: float = 0.5  # first retry's delay; doubles per retry (with jitter), capped at 30 s
-    max_retry_after_s: float = 120.0  # a longer Retry-After (a spent quota) fails at once
 
 
 class HttpTeacherError(RuntimeError):
@@ -76,11 +62,8 @@ def _retry_after(value: str | None) -> float | None:
 class HttpEmbedder:
     """Embeds texts through the endpoint; row i of the result is texts[i]'s vector."""
 
-    def __init__(self, settings: HttpSettings):
-        s = settings
-        if min(s.texts_per_request, s.max_concurrency) < 1 or s.max_retries < 0:
-            raise ValueError("need texts_per_request, max_concurrency >= 1 and max_retries >= 0")
-        self.settings = settings
+    def __init__(self, settings: HttpTeacherConfig, model: str, api_key: str | None = None):
+        self.settings, self.model, self.api_key = settings, model, api_key
         self.endpoint = f"{settings.url.rstrip('/')}/embeddings"
         rps = settings.requests_per_second
         self._interval = 1.0 / rps if rps else 0.0
@@ -102,7 +85,7 @@ class HttpEmbedder:
         step = s.texts_per_request
         chunks = [texts[i : i + step] for i in range(0, len(texts), step)]
         gate = asyncio.Semaphore(s.max_concurrency)
-        headers = {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         async with aiohttp.ClientSession(
             headers=headers,
             connector=aiohttp.TCPConnector(limit=s.max_concurrency),
@@ -132,7 +115,7 @@ class HttpEmbedder:
         self, session: aiohttp.ClientSession, gate: asyncio.Semaphore, texts: list[str]
     ) -> np.ndarray:
         s = self.settings
-        body: dict = {"model": s.model, "input": texts, "encoding_format": "float"}
+        body: dict = {"model": self.model, "input": texts, "encoding_format": "float"}
         if s.dimensions is not None:
             body["dimensions"] = s.dimensions
         async with gate:

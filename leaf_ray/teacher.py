@@ -34,7 +34,7 @@ from leaf_ray.cache import FORMAT_VERSION, text_hash
 from leaf_ray.cluster import node_amounts
 from leaf_ray.config import ConfigError, TeacherConfig
 from leaf_ray.data import KINDS, DataError, data_files, is_parquet
-from leaf_ray.http_teacher import HttpEmbedder, HttpSettings
+from leaf_ray.http_teacher import HttpEmbedder
 from leaf_ray.models import resolve_model
 
 PROBE_TEXTS = ["leaf-ray probe: what space do your vectors live in?", "a second probe text"]
@@ -353,20 +353,8 @@ class HttpTeacher:
         http = cfg.http
         self.prompts = teacher_prompts(cfg)
         self.one_call = threading.Lock()
-        self.client = HttpEmbedder(
-            HttpSettings(
-                url=http.url,
-                model=cfg.model,
-                api_key=os.environ.get(http.api_key_env) if http.api_key_env else None,
-                max_concurrency=http.max_concurrency,
-                requests_per_second=http.requests_per_second,
-                max_retries=http.max_retries,
-                timeout_s=http.timeout_s,
-                texts_per_request=http.texts_per_request,
-                dimensions=http.dimensions,
-                max_retry_after_s=http.max_retry_after_s,
-            )
-        )
+        key = os.environ.get(http.api_key_env) if http.api_key_env else None
+        self.client = HttpEmbedder(http, cfg.model, key)
 
     def embed(self, texts: list[str], kind: str) -> np.ndarray:
         prompt = self.prompts[kind] or ""

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from leaf_ray.http_teacher import HttpEmbedder, HttpSettings, HttpTeacherError
+from leaf_ray.config import HttpTeacherConfig
+from leaf_ray.http_teacher import HttpEmbedder, HttpTeacherError
 
 DIM = 16
 # A policy sees a request's texts and how many times this batch was tried (1, 2, ...), and may
@@ -95,8 +96,9 @@ def server():
     loop.close()
 
 
-def settings(server: FakeServer, **overrides) -> HttpSettings:
-    return HttpSettings(url=server.url, model="teacher", **{"backoff_s": 0.01, **overrides})
+def embedder(server: FakeServer, api_key: str | None = None, **overrides) -> HttpEmbedder:
+    config = HttpTeacherConfig(url=server.url, **{"backoff_s": 0.01, **overrides})
+    return HttpEmbedder(config, "teacher", api_key)
 
 
 def texts(n: int) -> list[str]:
@@ -110,7 +112,7 @@ def error(status: int, message: str, **headers: str) -> web.Response:
 def test_rows_in_input_order_across_requests_even_when_shuffled(server):
     server.shuffle = True
     inputs = texts(150)
-    out = HttpEmbedder(settings(server, texts_per_request=16)).embed(inputs)
+    out = embedder(server, texts_per_request=16).embed(inputs)
     assert out.dtype == np.float32 and out.shape == (150, DIM)
     np.testing.assert_array_equal(out, expected(inputs))
     assert server.requests == 10  # ceil(150 / 16)
@@ -120,16 +122,16 @@ def test_rows_in_input_order_across_requests_even_when_shuffled(server):
 
 
 def test_dimensions_sent_and_respected(server):
-    out = HttpEmbedder(settings(server, dimensions=8)).embed(texts(5))
+    out = embedder(server, dimensions=8).embed(texts(5))
     assert [b["dimensions"] for b in server.bodies] == [8]
     np.testing.assert_array_equal(out, expected(texts(5), dim=8))
 
 
 def test_repeated_calls_from_one_thread_leak_no_session(server):
-    embedder = HttpEmbedder(settings(server, texts_per_request=4))
+    client = embedder(server, texts_per_request=4)
     for n in (3, 9, 1):
-        np.testing.assert_array_equal(embedder.embed(texts(n)), expected(texts(n)))
-    assert embedder.embed([]).shape == (0, 0)
+        np.testing.assert_array_equal(client.embed(texts(n)), expected(texts(n)))
+    assert client.embed([]).shape == (0, 0)
     gc.collect()
     open_sessions = [
         o for o in gc.get_objects() if isinstance(o, aiohttp.ClientSession) and not o.closed
@@ -148,7 +150,7 @@ def test_transient_500_and_429_are_retried_to_a_complete_result(server):
 
     server.policy, server.shuffle = flaky, True
     inputs = texts(150)
-    out = HttpEmbedder(settings(server, texts_per_request=16)).embed(inputs)
+    out = embedder(server, texts_per_request=16).embed(inputs)
     np.testing.assert_array_equal(out, expected(inputs))
     # Batches 0, 3, 6, 9 got a 500 and 1, 4, 7 a 429 once; every batch succeeded once.
     assert server.statuses == Counter({200: 10, 500: 4, 429: 3})
@@ -161,7 +163,7 @@ def test_retry_after_overrides_a_long_backoff(server):
 
     server.policy = once_429
     start = time.monotonic()
-    out = HttpEmbedder(settings(server, backoff_s=10.0)).embed(texts(3))
+    out = embedder(server, backoff_s=10.0).embed(texts(3))
     elapsed = time.monotonic() - start
     np.testing.assert_array_equal(out, expected(texts(3)))
     assert server.requests == 2
@@ -179,7 +181,7 @@ def test_a_retry_after_beyond_the_limit_fails_at_once(server):
         match=r"HTTP 429: daily quota exceeded \(the server "
         r"asks to wait 3600 s, more than max_retry_after_s=120\)",
     ):
-        HttpEmbedder(settings(server)).embed(texts(3))
+        embedder(server).embed(texts(3))
     assert server.requests == 1 and time.monotonic() - start < 5
 
 
@@ -190,7 +192,7 @@ def test_timeouts_are_retried(server):
         return None
 
     server.policy = slow_first
-    out = HttpEmbedder(settings(server, timeout_s=0.2)).embed(texts(4))
+    out = embedder(server, timeout_s=0.2).embed(texts(4))
     np.testing.assert_array_equal(out, expected(texts(4)))
     assert server.requests == 2
 
@@ -202,15 +204,15 @@ def test_concurrency_is_bounded(server):
 
     server.policy = slow
     inputs = texts(20)
-    out = HttpEmbedder(settings(server, texts_per_request=1, max_concurrency=4)).embed(inputs)
+    out = embedder(server, texts_per_request=1, max_concurrency=4).embed(inputs)
     np.testing.assert_array_equal(out, expected(inputs))
     assert 1 < server.max_in_flight <= 4
 
 
 def test_rate_limit_spaces_requests(server):
-    embedder = HttpEmbedder(settings(server, texts_per_request=1, requests_per_second=20))
+    client = embedder(server, texts_per_request=1, requests_per_second=20)
     start = time.monotonic()
-    embedder.embed(texts(10))
+    client.embed(texts(10))
     assert server.requests == 10
     assert time.monotonic() - start >= 0.4  # 10 requests at 20/s: the last starts at 0.45 s
 
@@ -221,7 +223,7 @@ def test_401_fails_at_once_naming_status_and_message(server):
 
     server.policy = deny
     with pytest.raises(HttpTeacherError) as info:
-        HttpEmbedder(settings(server)).embed(texts(3))
+        embedder(server).embed(texts(3))
     assert server.requests == 1
     assert info.value.status == 401
     message = str(info.value)
@@ -235,7 +237,7 @@ def test_persistent_500_gives_up_after_max_retries(server):
 
     server.policy = broken
     with pytest.raises(HttpTeacherError) as info:
-        HttpEmbedder(settings(server, max_retries=3)).embed(texts(3))
+        embedder(server, max_retries=3).embed(texts(3))
     assert server.requests == 4
     assert info.value.status == 500
     assert "500" in str(info.value) and "internal meltdown" in str(info.value)
@@ -262,7 +264,7 @@ def test_malformed_responses_raise(server, data, complaint):
 
     server.policy = bad
     with pytest.raises(HttpTeacherError, match=f"/v1/embeddings.*{complaint}"):
-        HttpEmbedder(settings(server)).embed(texts(2))
+        embedder(server).embed(texts(2))
     assert server.requests == 1
 
 
@@ -274,14 +276,14 @@ def test_inconsistent_dimension_across_requests_raises(server):
 
     server.policy = shrinking
     with pytest.raises(HttpTeacherError, match="inconsistent embedding dimensions"):
-        HttpEmbedder(settings(server, texts_per_request=2)).embed(texts(4))
+        embedder(server, texts_per_request=2).embed(texts(4))
 
 
 def test_api_key_sent_as_bearer(server):
-    HttpEmbedder(settings(server, api_key="sk-test")).embed(texts(2))
+    embedder(server, api_key="sk-test").embed(texts(2))
     assert server.auth == ["Bearer sk-test"]
     server.auth.clear()
-    HttpEmbedder(settings(server)).embed(texts(2))
+    embedder(server).embed(texts(2))
     assert server.auth == [None]
 
 
