@@ -38,7 +38,7 @@ from leaf_ray.cache import embedding_column
 from leaf_ray.cluster import node_amounts
 from leaf_ray.config import EvalConfig, TeacherConfig
 from leaf_ray.data import load_beir
-from leaf_ray.models import file_sha256
+from leaf_ray.models import files_sha256
 from leaf_ray.progress import progress
 from leaf_ray.storage import Location
 from leaf_ray.teacher import HttpTeacher
@@ -93,7 +93,7 @@ class Encoder:
             files = (p for p in folder.rglob("*") if p.is_file() and p.suffix not in NOT_MODEL)
             for path in sorted(files):
                 digest.update(str(path.relative_to(folder)).encode())
-                digest.update(file_sha256(path).encode())
+                digest.update(files_sha256(path).encode())
         else:
             digest.update(f"{self.model}@{self.revision or 'main'}".encode())
         digest.update(json.dumps([self.prompts, max_seq_length], sort_keys=True).encode())
@@ -157,7 +157,7 @@ def _mteb_tasks(mteb: Any, name: str) -> list:
 def _folder_revision(folder: Path, split: str) -> str:
     load_beir(folder, split)  # bad files fail here, naming file and line, before any Ray task
     files = [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"]
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(files_sha256(f) for f in files).encode()).hexdigest()[:16]
 
 
 def _local_task(spec: EvalTask) -> AbsTaskRetrieval:

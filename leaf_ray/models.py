@@ -53,14 +53,19 @@ def resolve_model(ref: ModelRef, check_pin: bool = True) -> str:
 def verify_sha256(weights: Path, expected: str) -> None:
     if not weights.is_file():
         raise ModelPinError(f"{weights}: missing, cannot check sha256 pin {expected}")
-    actual = file_sha256(weights)
+    actual = files_sha256(weights)
     if actual != expected:
         raise ModelPinError(f"{weights}: sha256 {actual} does not match pin {expected}")
 
 
-def file_sha256(path: Path) -> str:
+def files_sha256(*paths: Path) -> str:
+    """One sha256 over the files' bytes in order (a folder: its files, recursively, by path).
+    Of a single file, its own sha256, as `sha256sum` prints it."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for path in paths:
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                with file.open("rb") as f:
+                    for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                        digest.update(chunk)
     return digest.hexdigest()

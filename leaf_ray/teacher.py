@@ -8,7 +8,6 @@ behind `embed(texts, kind)`, inside the same actor, and are keyed the same way i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from leaf_ray.cluster import node_amounts
 from leaf_ray.config import ConfigError, TeacherConfig
 from leaf_ray.data import KINDS, DataError, data_files, is_parquet
 from leaf_ray.http_teacher import HttpEmbedder
-from leaf_ray.models import resolve_model
+from leaf_ray.models import files_sha256, resolve_model
 
 PROBE_TEXTS = ["leaf-ray probe: what space do your vectors live in?", "a second probe text"]
 
@@ -562,7 +561,7 @@ def teacher_space(cfg: TeacherConfig, on_gpu: bool) -> TeacherSpace:
         return TeacherSpace(key)
     if cfg.backend == "vectors":
         vectors = vector_rows(read_vectors_file(cfg.vectors), cfg.vectors)
-        key["teacher"] = {"vectors_sha256": _files_sha256(Path(cfg.vectors))}
+        key["teacher"] = {"vectors_sha256": files_sha256(Path(cfg.vectors))}
         key |= {
             "dimension": int(vectors.shape[1]),
             "normalized": vectors_normalized(vectors, cfg.vectors, cfg.normalized),
@@ -587,15 +586,4 @@ def _module_config(module: torch.nn.Module) -> dict:
 
 def _weights_sha256(folder: Path) -> str | None:
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    return _files_sha256(*files) if files else None
-
-
-def _files_sha256(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if file.is_file():
-                with file.open("rb") as f:
-                    for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                        digest.update(chunk)
-    return digest.hexdigest()
+    return files_sha256(*files) if files else None
