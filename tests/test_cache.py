@@ -282,7 +282,10 @@ def test_precomputed_vectors_are_a_teacher(tiny_teacher, demo_texts, tmp_path, r
         np.testing.assert_array_equal(rows[text_hash(t["kind"], t["text"])], v.astype(np.float32))
 
     extra = texts + [{"id": "new", "text": "a text the file lacks", "kind": "query"}]
-    with pytest.raises(DataError, match="vectors.parquet: no vector for 1 query text"):
+    missing = (
+        r"vectors.parquet: no vector for 1 text\(s\) of the sources \(first: .*texts.jsonl:201\)"
+    )
+    with pytest.raises(DataError, match=missing):
         embed(load_config(write_config(tmp_path, extra, teacher, student=student)))
 
 
