@@ -24,12 +24,14 @@ class LogLines:
     """A bar's stand-in off a terminal: `<desc> <done>/<total>` at most every LOG_EVERY_S
     seconds, and at the end."""
 
-    def __init__(self, total: int, desc: str, done: int = 0):
-        self.total, self.desc, self.done = total, desc, done
+    def __init__(self, total: int, desc: str, done: int = 0, quiet: bool = False):
+        self.total, self.desc, self.done, self.quiet = total, desc, done, quiet
         self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
         self.done += n
+        if self.quiet:  # counts without printing: a worker that is not rank 0
+            return
         if time.monotonic() - self.last >= LOG_EVERY_S or self.done >= self.total:
             self.last = time.monotonic()
             print(f"{self.desc} {self.done}/{self.total}", file=sys.stderr, flush=True)

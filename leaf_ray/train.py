@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -214,132 +215,219 @@ def gpus_per_trainer(cfg: LeafConfig, cluster_gpus: float) -> float:
     return 0.5 if sharing else 1.0
 
 
+@dataclass
+class TrainState:
+    """Where training stands, saved in every checkpoint beside the optimiser and the schedule.
+    Plain Python values only, so a checkpoint loads with torch's safe loader."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batches_done: int = 0  # in `epoch`: a mid-epoch checkpoint resumes inside it
+    resumes: int = 0  # restarts from a checkpoint so far (failures, reruns)
+    history: list[dict] = field(default_factory=list)  # a row per logged step
+    validations: list[dict] = field(default_factory=list)  # a row per checkpoint (and step 0)
+
+    @classmethod
+    def restore(
+        cls,
+        saved: dict,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        micro_per_epoch: int,
+    ) -> TrainState:
+        """Continue the schedule and the data where the checkpoint left them."""
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = cls(**{f.name: saved[f.name] for f in fields(cls)})
+        state.resumes += 1
+        if state.micro_batches_done == micro_per_epoch:  # saved at the epoch's end
+            state.epoch, state.micro_batches_done = state.epoch + 1, 0
+        return state
+
+    def to_checkpoint(
+        self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    ) -> dict:
+        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        return saved | asdict(self)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a worker cuts the global batch: micro-batches per step (gradient accumulation) and
+    per epoch, from the rows its shard holds."""
+
+    micro_batch: int
+    accumulation: int
+    micro_per_epoch: int
+
+    @classmethod
+    def of(cls, tcfg: TrainConfig, num_rows: int, world: int) -> Batching:
+        micro = tcfg.batch_size // world // tcfg.grad_accumulation
+        return cls(micro, tcfg.grad_accumulation, batches_per_epoch(num_rows // world, micro))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.micro_per_epoch // self.accumulation)
+
+    def step_size(self, i: int) -> int:
+        """Micro-batches in the step micro-batch `i` belongs to: an epoch's last may be short."""
+        first = i // self.accumulation * self.accumulation
+        return min(self.accumulation, self.micro_per_epoch - first)
+
+    def ends_step(self, i: int) -> bool:
+        return (i + 1) % self.accumulation == 0 or i + 1 == self.micro_per_epoch
+
+
 def train_loop(config: dict) -> None:
+    """One Ray Train worker: DDP over its shard of the training set, from the untrained student
+    or the latest checkpoint; rank 0 validates and writes every checkpoint."""
     cfg: LeafConfig = config["cfg"]
     tcfg = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["torch_threads"])  # Ray sets OMP_NUM_THREADS=1
     device = ray.train.torch.get_device()
-
-    checkpoint = ray.train.get_checkpoint()  # set when resuming after a failure or a rerun
-    # Checkpoints, the untrained student too, are read through their filesystem (local, NFS or
-    # an object store): a worker on another node fetches its own copy.
-    with (checkpoint or config["init"]).as_directory() as model_dir:
-        student = SentenceTransformer(model_dir, device=str(device))
-        state = torch.load(Path(model_dir) / TRAIN_STATE, weights_only=True) if checkpoint else None
-    student.max_seq_length = cfg.student.max_seq_length
-    freeze_unused(student)
+    student, saved = _load_student(config["init"], cfg.student.max_seq_length, device)
     model = ray.train.torch.prepare_model(student)  # DDP when world > 1
     groups = param_groups(student, tcfg.lr, tcfg.projection_lr)
     encoder_params, head_params = (group["params"] for group in groups)
-    trainable = encoder_params + head_params
     optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
-    accumulation = tcfg.grad_accumulation
-    micro_batch = tcfg.batch_size // world // accumulation
-    micro_per_epoch = batches_per_epoch(config["num_rows"] // world, micro_batch)
-    steps_per_epoch = -(-micro_per_epoch // accumulation)
-    total_steps = steps_per_epoch * tcfg.epochs
+    batching = Batching.of(tcfg, config["num_rows"], world)
+    total_steps = batching.steps_per_epoch * tcfg.epochs
     scheduler = leaf_schedule(optimizer, total_steps, tcfg)
     head_steps = head_only_steps(total_steps, tcfg)
-    step, start_epoch, done, resumes, history, validations = 0, 0, 0, 0, [], []
-    if state:  # continue the schedule and the data where the checkpoint left them
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, start_epoch, done = state["step"], state["epoch"], state["micro_batches_done"]
-        history, validations = state["history"], state["validations"]
-        resumes = state["resumes"] + 1
-        if done == micro_per_epoch:
-            start_epoch, done = start_epoch + 1, 0
-    elif rank == 0 and config["validation"]:  # where held-out alignment starts: step 0
-        validations.append(
-            {"step": 0, "epoch": 0} | _validate(student, config["validation"], tcfg, device)
-        )
+    validation = config["validation"] if rank == 0 else None
+    if saved:
+        state = TrainState.restore(saved, optimizer, scheduler, batching.micro_per_epoch)
+    else:
+        state = TrainState()
+        if validation:  # where held-out alignment starts: step 0
+            state.validations.append(
+                {"step": 0, "epoch": 0} | _validate(student, validation, tcfg, device)
+            )
 
-    def save(epoch: int, done: int) -> None:
-        position = {"step": step, "epoch": epoch, "micro_batches_done": done, "resumes": resumes}
-        metrics = _validate(student, config["validation"], tcfg, device) if rank == 0 else {}
-        if metrics:
-            validations.append({"step": step, "epoch": epoch} | metrics)
-        _report_checkpoint(student, optimizer, scheduler, position, history, validations, rank)
+    def save(done: int) -> None:
+        state.micro_batches_done = done
+        if validation:
+            metrics = _validate(student, validation, tcfg, device)
+            state.validations.append({"step": state.step, "epoch": state.epoch} | metrics)
+        _report_checkpoint(student, state.to_checkpoint(optimizer, scheduler), rank)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = None
-    if rank == 0:  # the driver draws a worker's tqdm_ray bar; off a terminal, lines instead
-        bars = config["terminal"]
-        bar = tqdm_ray.tqdm(desc="train student", total=total_steps) if bars else None
-        bar = bar or LogLines(total_steps, "train student")
-        bar.update(step)
+    bar = _progress(rank, config["terminal"], total_steps, state.step)
     shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, tcfg.epochs):
+    for epoch in range(state.epoch, tcfg.epochs):
+        state.epoch = epoch
         model.train()
-        tic, seen = time.perf_counter(), 0  # throughput over each logging window
-        micro_batches = _length_bucketed(shard, student, micro_batch, cfg.run.seed + epoch)
+        window = Window(device)  # the step's loss, and throughput between logged steps
+        batches = _length_bucketed(shard, student, batching.micro_batch, cfg.run.seed + epoch)
         # Resuming mid-epoch: skip the micro-batches already trained on. They are the same texts:
         # blocks come in order (`ordered_ingest`) and the shuffles are seeded by epoch.
-        micro_batches = itertools.islice(micro_batches, done, None)
-        step_loss = torch.zeros((), device=device)
-        for i, (features, targets) in enumerate(micro_batches, start=done):
-            if i >= micro_per_epoch:  # the schedule and the loss scaling count on the plan
+        start = state.micro_batches_done
+        for i, (features, targets) in enumerate(itertools.islice(batches, start, None), start):
+            if i >= batching.micro_per_epoch:  # the schedule and the loss scaling count on it
                 raise RuntimeError(
-                    f"epoch {epoch}: the data shard holds more than the {micro_per_epoch} "
-                    f"micro-batches planned for {config['num_rows']} rows"
+                    f"epoch {epoch}: the data shard holds more than the {batching.micro_per_epoch}"
+                    f" micro-batches planned for {config['num_rows']} rows"
                 )
-            # A step takes `accumulation` micro-batches; the epoch's last step may take fewer.
-            group = min(accumulation, micro_per_epoch - i // accumulation * accumulation)
-            stepping = (i + 1) % accumulation == 0 or i + 1 == micro_per_epoch
-            features = batch_to_device(features, device)
+            stepping = batching.ends_step(i)
             # Dropout draws from a seed fixed by the micro-batch's place: a resumed run draws the
             # masks the uninterrupted run drew, without carrying each worker's RNG state.
             torch.manual_seed(dropout_seed(cfg.run.seed, epoch, i, rank))
             # DDP all-reduces gradients on the micro-batch that ends a step, not before.
             with nullcontext() if stepping or world == 1 else model.no_sync():
                 with autocast:
-                    predicted = embed(model, features)
-                loss = leaf_loss(predicted.float(), targets.to(device), tcfg.loss) / group
+                    predicted = embed(model, batch_to_device(features, device))
+                loss = leaf_loss(predicted.float(), targets.to(device), tcfg.loss)
+                loss = loss / batching.step_size(i)
                 loss.backward()
-            step_loss += loss.detach()
-            seen += len(targets)
+            window.add(loss.detach(), len(targets))
             if not stepping:
                 continue
-            frozen = encoder_params if step < head_steps else []
+            frozen = encoder_params if state.step < head_steps else []
             if tcfg.freeze_projection:
                 frozen = head_params
             try:
-                grad_norm, (lr, head_lr) = optimizer_step(
-                    optimizer, scheduler, trainable, frozen, tcfg.max_grad_norm
+                grad_norm, rates = optimizer_step(
+                    optimizer, scheduler, encoder_params + head_params, frozen, tcfg.max_grad_norm
                 )
             except NonFiniteGradient:  # every worker sees the same all-reduced gradient
                 if rank == 0:
-                    config["diverged"].write(f"step {step + 1} (epoch {epoch})")
+                    config["diverged"].write(f"step {state.step + 1} (epoch {epoch})")
                 return
-            step += 1
-            if step % tcfg.log_every == 0 or step in (1, total_steps):  # and the last
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": _mean_over_workers(step_loss, world),
-                    "lr": lr,
-                    "head_lr": head_lr,
-                    "grad_norm": float(grad_norm),
-                    "seq_per_s": seen * world / (time.perf_counter() - tic),
-                    "resumes": resumes,  # restarts from a checkpoint so far (failures, reruns)
-                }
-                tic, seen = time.perf_counter(), 0
-                history.append(row)
-                if bar:
-                    bar.set_description(f"train student  loss {row['loss']:.4f}")
-            step_loss = torch.zeros((), device=device)
-            if bar:
-                bar.update(1)
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
-                if i + 1 < micro_per_epoch:  # the epoch's end checkpoints below
-                    save(epoch, i + 1)
-                    tic, seen = time.perf_counter(), 0  # throughput excludes checkpointing
-        save(epoch, micro_per_epoch)
-        done = 0
-    if bar:
-        bar.close()
+            state.step += 1
+            if state.step % tcfg.log_every == 0 or state.step in (1, total_steps):  # and the last
+                state.history.append(window.row(state, grad_norm, rates, world))
+                bar.set_description(f"train student  loss {state.history[-1]['loss']:.4f}")
+            window.next_step()
+            bar.update(1)
+            if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
+                if i + 1 < batching.micro_per_epoch:  # the epoch's end checkpoints below
+                    save(i + 1)
+                    window.restart()  # throughput excludes checkpointing
+        save(batching.micro_per_epoch)
+        state.micro_batches_done = 0
+    bar.close()
+
+
+class Window:
+    """The current step's loss (on the device: read only when logged) and the throughput since
+    the last logged step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.restart()
+
+    def restart(self) -> None:
+        self.tic, self.seen = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, rows: int) -> None:
+        self.loss += loss
+        self.seen += rows
+
+    def next_step(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+
+    def row(self, state: TrainState, grad_norm: torch.Tensor, rates: list[float], world: int):
+        """The history row of a logged step; the throughput window starts again."""
+        row = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": _mean_over_workers(self.loss, world),
+            "lr": rates[0],
+            "head_lr": rates[1],
+            "grad_norm": float(grad_norm),
+            "seq_per_s": self.seen * world / (time.perf_counter() - self.tic),
+            "resumes": state.resumes,
+        }
+        self.restart()
+        return row
+
+
+def _load_student(
+    init: Checkpoint, max_seq_length: int, device: torch.device
+) -> tuple[SentenceTransformer, dict | None]:
+    """The latest checkpoint's student and saved state (when resuming after a failure or a
+    rerun), else the untrained student. Read through its filesystem (local, NFS or an object
+    store): a worker on another node fetches its own copy."""
+    checkpoint = ray.train.get_checkpoint()
+    with (checkpoint or init).as_directory() as model_dir:
+        student = SentenceTransformer(model_dir, device=str(device))
+        saved = torch.load(Path(model_dir) / TRAIN_STATE, weights_only=True) if checkpoint else None
+    student.max_seq_length = max_seq_length
+    freeze_unused(student)
+    return student, saved
+
+
+def _progress(rank: int, terminal: bool, total: int, done: int) -> tqdm_ray.tqdm | LogLines:
+    """Rank 0's progress: a tqdm_ray bar the driver draws on its terminal, else log lines."""
+    if rank != 0:
+        return LogLines(total, "", done, quiet=True)
+    bar = tqdm_ray.tqdm(desc="train student", total=total) if terminal else None
+    bar = bar or LogLines(total, "train student")
+    bar.update(done)
+    return bar
 
 
 def optimizer_step(
@@ -503,28 +591,20 @@ def _validate(
     return {"val_loss": float(leaf_loss(vectors, target, cfg.loss)), "val_cosine": float(cosine)}
 
 
-def _report_checkpoint(
-    student, optimizer, scheduler, position: dict, history, validations, rank: int
-) -> None:
-    """Rank 0 writes a loadable sentence-transformers folder plus the state needed to resume:
-    optimiser, schedule, and the data position (epoch and micro-batches done in it)."""
+def _report_checkpoint(student: SentenceTransformer, saved: dict, rank: int) -> None:
+    """Rank 0 writes a loadable sentence-transformers folder plus `saved` (TrainState's
+    checkpoint: optimiser, schedule, data position, history); every rank reports."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             student.save_pretrained(tmp)
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-                "validations": validations,
-                **position,
-            }
-            torch.save(state, Path(tmp) / TRAIN_STATE)
-            write_metrics(history, Path(tmp))
-            write_metrics(validations, Path(tmp), VALIDATION_JSONL)
+            torch.save(saved, Path(tmp) / TRAIN_STATE)
+            write_metrics(saved["history"], Path(tmp))
+            write_metrics(saved["validations"], Path(tmp), VALIDATION_JSONL)
             checkpoint = Checkpoint.from_directory(tmp)
+        history, validations = saved["history"], saved["validations"]
         last = history[-1] if history else {}
-        metrics = {"epoch": position["epoch"], "step": position["step"], "loss": last.get("loss")}
+        metrics = {"epoch": saved["epoch"], "step": saved["step"], "loss": last.get("loss")}
         ray.train.report(
             metrics | (validations[-1] if validations and rank == 0 else {}), checkpoint
         )
