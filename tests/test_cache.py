@@ -138,13 +138,18 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
     assert embed(more).embedded == 50
 
 
+def embedded_in_several_shards(tmp_path, texts, tiny_teacher):
+    """The config and its teacher vectors, batch 1: shards of 128 or more rows (an actor
+    call), so several of them."""
+    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 1}
+    cfg = load_config(write_config(tmp_path, texts, teacher))
+    return cfg, embed(cfg)
+
+
 def test_verify_finds_missing_duplicated_and_corrupt_rows(
     tiny_teacher, demo_texts, tmp_path, ray_local
 ):
-    # batch 1: shards of 128 or more rows (an actor call), so several of them
-    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 1}
-    cfg = load_config(write_config(tmp_path, demo_texts[:800], teacher))
-    vectors = embed(cfg)
+    cfg, vectors = embedded_in_several_shards(tmp_path, demo_texts[:800], tiny_teacher)
     cache = vectors.cache
     assert verify(cache, vectors.hashes).ok
     assert not verify(cache, np.append(vectors.hashes, "0" * 32)).ok  # a text with no vector
@@ -190,9 +195,7 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(
 def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
     tiny_teacher, demo_texts, tmp_path, ray_local
 ):
-    teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 1}
-    cfg = load_config(write_config(tmp_path, demo_texts[:500], teacher))
-    vectors = embed(cfg)
+    cfg, vectors = embedded_in_several_shards(tmp_path, demo_texts[:500], tiny_teacher)
     cache = vectors.cache
     entries = cache.entries()
     root = Path(cache.root.path)
