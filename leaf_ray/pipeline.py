@@ -336,16 +336,21 @@ def distill(cfg: LeafConfig) -> Location:
         checkpoints,
         validation,
     )
-    with best.as_directory() as ckpt:  # the student: the best checkpoint by validation loss
-        logs = (TRAIN_STATE, METRICS_JSONL, VALIDATION_JSONL)
-        shutil.rmtree(work / STUDENT, ignore_errors=True)  # a rerun after a failed evaluation
-        shutil.copytree(ckpt, work / STUDENT, ignore=shutil.ignore_patterns(*logs))
     with latest.as_directory() as ckpt:  # the whole run's logs
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
         validations = read_metrics(Path(ckpt) / VALIDATION_JSONL)
     write_metrics(history, work)
     write_metrics(validations, work, VALIDATION_JSONL)
     plot_loss(history, validations, work, cfg.run.name)
+    with best.as_directory() as ckpt:  # the student: the best checkpoint by validation loss
+        # Copied under a temporary name, so a student folder in the run is always whole (and
+        # the logs above are already beside it).
+        logs = (TRAIN_STATE, METRICS_JSONL, VALIDATION_JSONL)
+        copying = work / f".{STUDENT}.copying"
+        shutil.rmtree(copying, ignore_errors=True)
+        shutil.copytree(ckpt, copying, ignore=shutil.ignore_patterns(*logs))
+        shutil.rmtree(work / STUDENT, ignore_errors=True)  # a rerun after a failed evaluation
+        copying.rename(work / STUDENT)
 
     # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
     #    tasks on nodes that cannot see the driver's disk fetch it (and student_init) from it.
