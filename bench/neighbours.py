@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from sentence_transformers import SentenceTransformer
 
-from leaf_ray.cache import text_hash
+from leaf_ray.hashing import text_hash
 
 K = 10
 

@@ -54,19 +54,10 @@ import ray.data
 import torch
 
 from leaf_ray.config import TeacherConfig
-from leaf_ray.data import KINDS
-from leaf_ray.teacher import (
-    UNPADDED,
-    LocalTeacher,
-    TeacherEmbedder,
-    TeacherTokenizer,
-    cluster_stage_layout,
-    compute_dtype,
-    embed_texts,
-    load_teacher,
-    teacher_calls,
-    tokenize,
-)
+from leaf_ray.data.sources import KINDS
+from leaf_ray.teacher.actors import TeacherEmbedder, TeacherTokenizer, embed_texts, teacher_calls
+from leaf_ray.teacher.backends import UNPADDED, LocalTeacher, compute_dtype, load_teacher, tokenize
+from leaf_ray.teacher.layout import cluster_stage_layout
 
 T = TypeVar("T")
 

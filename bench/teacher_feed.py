@@ -35,16 +35,10 @@ import pyarrow as pa
 import ray
 import ray.data
 
-import leaf_ray.teacher
+import leaf_ray.teacher.actors
 from leaf_ray.config import TeacherConfig
-from leaf_ray.teacher import (
-    StageLayout,
-    TeacherEmbedder,
-    TeacherTokenizer,
-    cluster_stage_layout,
-    embed_texts,
-    teacher_calls,
-)
+from leaf_ray.teacher.actors import TeacherEmbedder, TeacherTokenizer, embed_texts, teacher_calls
+from leaf_ray.teacher.layout import StageLayout, cluster_stage_layout
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = 2048
@@ -71,7 +65,7 @@ def run_stage(table: pa.Table, cfg: TeacherConfig, layout: StageLayout, rate: fl
     """Seconds for the stage over `table` (one block, as a file read gives), actors started
     within."""
     texts = ray.data.from_arrow(table).materialize()
-    with mock.patch.object(leaf_ray.teacher, "TeacherEmbedder", stand_in(rate)):
+    with mock.patch.object(leaf_ray.teacher.actors, "TeacherEmbedder", stand_in(rate)):
         stage = embed_texts(teacher_calls(texts, layout), cfg, layout)
     tic = time.perf_counter()
     rows = stage.materialize().count()

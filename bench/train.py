@@ -37,27 +37,26 @@ from ray.train import Checkpoint
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
-from leaf_ray.cache import TeacherCache, first_of_each, text_hash
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
-from leaf_ray.run_files import METRICS_JSONL, read_metrics
+from leaf_ray.hashing import first_of_each, text_hash
+from leaf_ray.run import METRICS_JSONL, read_metrics
 from leaf_ray.storage import Location
-from leaf_ray.student import build_student, embed, freeze_unused, leaf_loss, param_groups
-from leaf_ray.teacher import (
-    cluster_stage_layout,
-    embed_texts,
-    load_teacher,
-    teacher_calls,
-    teacher_space,
+from leaf_ray.student import (
+    build_student,
+    freeze_unused,
+    leaf_loss,
+    param_groups,
+    sentence_embedding,
 )
-from leaf_ray.train import (
-    BUCKET_BATCHES,
-    batches_per_epoch,
-    cpu_worker_env,
-    held_for_epochs,
-    length_sorted_batches,
-    train_student,
-    trainer_resources,
-)
+from leaf_ray.teacher.actors import embed_texts, teacher_calls
+from leaf_ray.teacher.backends import load_teacher
+from leaf_ray.teacher.cache import TeacherCache
+from leaf_ray.teacher.layout import cluster_stage_layout
+from leaf_ray.teacher.space import teacher_space
+from leaf_ray.train.batching import BUCKET_BATCHES, batches_per_epoch, length_sorted_batches
+from leaf_ray.train.dataset import held_for_epochs
+from leaf_ray.train.resources import trainer_resources
+from leaf_ray.train.trainer import cpu_worker_env, train_student
 
 REPO = Path(__file__).resolve().parent.parent
 # Ray Train's worker is a fresh process each run and the bare loop's is not: on CPU the worker's
@@ -97,7 +96,7 @@ def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> 
         for rows in batches:
             features = batch_to_device(student.preprocess(texts[rows].tolist()), device)
             with autocast:
-                predicted = embed(student, features)
+                predicted = sentence_embedding(student, features)
             loss = leaf_loss(predicted.float(), torch.from_numpy(targets[rows]).to(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

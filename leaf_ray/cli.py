@@ -14,30 +14,25 @@ import ray
 from ray.exceptions import RayTaskError
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
+from leaf_ray.capacity import Cluster, PlanError, parse_cluster, plan_mode, plan_run
 from leaf_ray.config import ConfigError, LeafConfig, load_config
-from leaf_ray.data import DataError
-from leaf_ray.eval import EvalError
-from leaf_ray.http_teacher import HttpTeacherError
+from leaf_ray.data.sources import DataError
+from leaf_ray.eval.tasks import EvalError
 from leaf_ray.inputs import check_inputs
 from leaf_ray.models import ModelPinError
-from leaf_ray.pipeline import (
-    RunError,
-    distill,
-    embed,
-    evaluate_run,
-    report_folder,
-    verify_cache,
-)
-from leaf_ray.plan import Cluster, PlanError, parse_cluster, plan_mode, plan_run
-from leaf_ray.report import (
+from leaf_ray.recipe import distill, evaluate_run
+from leaf_ray.report.console import (
     print_capacity,
+    print_dry_run,
     print_embedded,
-    print_plan,
     print_summary,
     print_verify,
 )
+from leaf_ray.run import RunError, report_folder
 from leaf_ray.storage import Location
-from leaf_ray.train import TrainingDiverged
+from leaf_ray.teacher.http import HttpTeacherError
+from leaf_ray.teacher.stage import embed, verify_cache
+from leaf_ray.train.trainer import TrainingDiverged
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 USER_ERRORS = (
@@ -121,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "distill" and args.dry_run:
             cfg = load_config(args.config, args.overrides)
-            print_plan(cfg, check_inputs(cfg))
+            print_dry_run(cfg, check_inputs(cfg))
             return 0
         if args.command == "plan":
             show_capacity(load_config(args.config, args.overrides), args.cluster, args.teacher_dim)

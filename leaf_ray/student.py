@@ -7,6 +7,7 @@ Everything is a sentence-transformers module, so the projection is part of the s
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,7 +22,9 @@ from torch import nn
 
 from leaf_ray.config import ConfigError, ModelRef, StudentConfig
 from leaf_ray.models import resolve_model
-from leaf_ray.teacher import TeacherSpace
+
+if TYPE_CHECKING:
+    from leaf_ray.teacher.space import TeacherSpace
 
 
 def build_student(
@@ -99,7 +102,7 @@ def param_groups(student: SentenceTransformer, lr: float, head_lr: float) -> lis
     ]
 
 
-def embed(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
+def sentence_embedding(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward a (possibly DDP-wrapped) SentenceTransformer to its sentence embedding."""
     return model(features)["sentence_embedding"]
 

@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from leaf_ray.config import load_config
-from leaf_ray.pipeline import embed
+from leaf_ray.teacher.stage import embed
 from tests.two_nodes import free_port, node_args
 
 

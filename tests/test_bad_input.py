@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from leaf_ray import pipeline
+from leaf_ray import recipe
 from leaf_ray.cli import main, root_cause
 from leaf_ray.config import TeacherConfig
-from leaf_ray.data import DataError
-from leaf_ray.teacher import teacher_space
+from leaf_ray.data.sources import DataError
+from leaf_ray.teacher import stage
+from leaf_ray.teacher.space import teacher_space
 
 
 def vectors_file(tmp_path, vectors: list) -> str:
@@ -182,7 +183,8 @@ def test_bad_input_stops_distill_before_ray_with_one_line(
     def no_ray(*args):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(pipeline, "connect_ray", no_ray)  # found before any Ray job
+    for module in (recipe, stage):  # found before any Ray job
+        monkeypatch.setattr(module, "connect_ray", no_ray)
     edit, message = BAD_INPUTS[case]
     config, name = bad_input_run(tmp_path, tiny_teacher, edit)
     assert main(["distill", "--config", str(config)]) == 2

@@ -20,23 +20,23 @@ import yaml
 from aiohttp import web
 from sentence_transformers import SentenceTransformer
 
-from leaf_ray.cache import MANIFEST, SHARDS, TeacherCache, text_hash, verify
 from leaf_ray.config import ConfigError, TeacherConfig, load_config
-from leaf_ray.data import DataError
-from leaf_ray.pipeline import embed, streaming_training_set, verify_cache
+from leaf_ray.data.sources import DataError
+from leaf_ray.hashing import text_hash
 from leaf_ray.storage import Location
-from leaf_ray.teacher import (
+from leaf_ray.teacher.actors import (
     TOKENS,
-    LocalTeacher,
-    StageLayout,
     TeacherEmbedder,
     TeacherTokenizer,
-    cpu_actor_share,
     embed_texts,
-    stage_layout,
     teacher_calls,
-    teacher_space,
 )
+from leaf_ray.teacher.backends import LocalTeacher
+from leaf_ray.teacher.cache import MANIFEST, SHARDS, TeacherCache, verify
+from leaf_ray.teacher.layout import StageLayout, cpu_actor_share, stage_layout
+from leaf_ray.teacher.space import teacher_space
+from leaf_ray.teacher.stage import embed, verify_cache
+from leaf_ray.train.dataset import cached_training_set, streaming_training_set
 from tests.conftest import REPO, run_on_own_cluster
 from tests.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
 
@@ -117,7 +117,7 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
 
     # One epoch's training rows: each distinct text once, or as often as its source's weight,
     # less a tenth held out for validation (with the teacher's vectors).
-    data, count, validation = first.training_set(cfg)
+    data, count, validation = cached_training_set(first, cfg)
     trained = data.take_all()
     hashes = [r["text_hash"] for r in trained]
     assert count == len(hashes) == len(set(hashes)) == 320 - 32 and set(hashes) <= set(rows)
@@ -127,7 +127,7 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
     held = np.sort(vectors_held[:, 0])
     np.testing.assert_allclose(held, np.sort([rows[h][0] for h in untrained]), atol=1e-6)
     weighted = load_config(cfg.source_file, ["data.sources.0.weight=2.5"])
-    data, count, _ = first.training_set(weighted)
+    data, count, _ = cached_training_set(first, weighted)
     times = Counter(r["text_hash"] for r in data.take_all())
     assert count == sum(times.values()) == 2 * 288 + 144
     assert set(times) == set(hashes) and Counter(times.values()) == {2: 144, 3: 144}
@@ -166,7 +166,7 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(
     report = verify(cache)
     assert report.duplicated == entries[0]["rows"] and not report.ok
     # Training reads skip the later copy: each text comes once an epoch, as planned.
-    data, count, _ = vectors.training_set(cfg)
+    data, count, _ = cached_training_set(vectors, cfg)
     trained = Counter(r["text_hash"] for r in data.take_all())
     assert count == trained.total() and set(trained.values()) == {1}
 
@@ -348,7 +348,7 @@ def test_a_text_repeated_in_a_source_without_ids_is_one_text(
     vectors = embed(cfg)
     assert (len(vectors.hashes), vectors.unique, vectors.embedded) == (120, 100, 100)
     assert len(cache_rows(vectors)) == 100 and verify(vectors.cache, vectors.hashes).ok
-    data, count, _ = vectors.training_set(cfg)
+    data, count, _ = cached_training_set(vectors, cfg)
     assert count == data.count() == 95
 
     _, stream, num_rows, validation = streaming_training_set(cfg)

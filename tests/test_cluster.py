@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from leaf_ray.pipeline import evaluate_run
+from leaf_ray.recipe import evaluate_run
 from tests.conftest import REPO, run_on_own_cluster, tiny_run_config
 from tests.test_pipeline import small_eval_set
 

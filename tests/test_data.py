@@ -6,10 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from leaf_ray.capacity import count_rows
 from leaf_ray.config import DataConfig
-from leaf_ray.data import DataError, mixture_counts, read_texts
-from leaf_ray.plan import count_rows
-from leaf_ray.teacher import read_vectors_file
+from leaf_ray.data.selection import mixture_counts
+from leaf_ray.data.sources import DataError, read_texts
+from leaf_ray.teacher.vectors import read_vectors_file
 
 
 def write_jsonl(path, rows):

@@ -5,21 +5,14 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from leaf_ray.data import DataError, load_beir
-from leaf_ray.eval import (
-    EvalCache,
-    EvalTask,
-    Vectors,
-    VectorsFile,
-    _CachedVectors,
-    _model_meta,
-    embed_task_cpus,
-    int8_ranges,
-    quantize,
-    resolve_tasks,
-    similarity,
-    truncate,
-)
+from leaf_ray.data.beir import load_beir
+from leaf_ray.data.sources import DataError
+from leaf_ray.eval.cache import EvalCache, Vectors, VectorsFile
+from leaf_ray.eval.compression import int8_ranges, quantize, similarity, truncate
+from leaf_ray.eval.models import _model_meta
+from leaf_ray.eval.runner import embed_task_cpus
+from leaf_ray.eval.scoring import _CachedVectors
+from leaf_ray.eval.tasks import EvalTask, resolve_tasks
 from leaf_ray.storage import Location
 
 
@@ -108,7 +101,7 @@ def test_mteb_ndcg_equals_pytrec_eval_on_the_same_rankings(tmp_path, quantizatio
 
 def test_eval_tasks_are_keyed_by_their_data_and_bad_names_are_named(tmp_path):
     from leaf_ray.config import EvalConfig
-    from leaf_ray.eval import EvalError
+    from leaf_ray.eval.tasks import EvalError
 
     folder = graded_set(tmp_path / "graded")
     (before,) = resolve_tasks(EvalConfig(datasets=[str(folder)]))
@@ -226,11 +219,11 @@ def test_a_node_that_cannot_see_a_run_model_fetches_it_from_the_run(tiny_teacher
     from sentence_transformers import SentenceTransformer
 
     from leaf_ray.config import EvalConfig
-    from leaf_ray.eval import Encoder, _local_embedder
+    from leaf_ray.eval.models import EvalModel, _local_embedder
 
     stored = Location.of(tmp_path / "store" / "run" / "student")
     stored.upload(tiny_teacher)
-    unseen = Encoder("leaf-ray/run-student", str(tmp_path / "driver" / "student"), stored=stored)
+    unseen = EvalModel("leaf-ray/run-student", str(tmp_path / "driver" / "student"), stored=stored)
     task_dir = tmp_path / "task"
     task_dir.mkdir()
     embed, dim = _local_embedder(unseen, EvalConfig(max_seq_length=64), task_dir)

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from leaf_ray.config import HttpTeacherConfig
-from leaf_ray.http_teacher import HttpEmbedder, HttpTeacherError
+from leaf_ray.teacher.http import HttpEmbedder, HttpTeacherError
 
 DIM = 16
 # A policy sees a request's texts and how many times this batch was tried (1, 2, ...), and may
@@ -293,7 +293,8 @@ def test_http_teacher_is_evaluated_through_its_endpoint(server, tiny_teacher, tm
     from sentence_transformers import SentenceTransformer
 
     from leaf_ray.config import EvalConfig, TeacherConfig
-    from leaf_ray.eval import Encoder, evaluate
+    from leaf_ray.eval.models import EvalModel
+    from leaf_ray.eval.runner import evaluate
     from leaf_ray.storage import Location
     from tests.test_pipeline import small_eval_set
 
@@ -301,8 +302,8 @@ def test_http_teacher_is_evaluated_through_its_endpoint(server, tiny_teacher, tm
     server.embed = lambda texts: served.encode(texts)
     cfg = EvalConfig(datasets=[str(small_eval_set(tmp_path / "beir"))], max_seq_length=64)
     endpoint = TeacherConfig(model="tiny", http={"url": server.url, "texts_per_request": 50})
-    over_http = {"teacher": Encoder("api/tiny", "tiny", None, {}, endpoint)}
-    on_disk = {"teacher": Encoder("local/tiny", str(tiny_teacher))}
+    over_http = {"teacher": EvalModel("api/tiny", "tiny", None, {}, endpoint)}
+    on_disk = {"teacher": EvalModel("local/tiny", str(tiny_teacher))}
     cache = Location.of(tmp_path / "eval_cache")
 
     first = evaluate(over_http, cfg, cache, "http")

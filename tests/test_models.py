@@ -40,7 +40,8 @@ def test_a_pinned_hub_model_is_checked_in_the_hub_cache(tmp_path, monkeypatch):
 def test_tokenizer_actors_neither_fetch_nor_hash_pinned_weights(tiny_teacher, tmp_path):
     """Only the actors that embed use the weights; the rest read the tokenizer and config."""
     from leaf_ray.config import TeacherConfig
-    from leaf_ray.teacher import load_teacher, load_without_weights
+    from leaf_ray.teacher.actors import load_without_weights
+    from leaf_ray.teacher.backends import load_teacher
 
     absent = ModelRef(model="acme/not-in-any-cache", sha256="1" * 64)
     assert resolve_model(absent, check_pin=False) == "acme/not-in-any-cache"

@@ -13,7 +13,8 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import LeafConfig, load_config
-from leaf_ray.pipeline import RunError, distill, eval_models, evaluate_run
+from leaf_ray.recipe import distill, eval_models, evaluate_run
+from leaf_ray.run import RunError
 from tests.conftest import DEMO_DATA, tiny_run_config
 
 
@@ -214,7 +215,7 @@ def test_a_rerun_refuses_checkpoints_written_under_another_config(
     """Rerunning a run name resumes its checkpoints; they count steps by their own config."""
     import yaml
 
-    from leaf_ray.pipeline import _refuse_another_config
+    from leaf_ray.run import refuse_another_config
     from leaf_ray.storage import Location
 
     path = tiny_run_config(tmp_path, demo_texts[:100], tiny_teacher, "again")
@@ -229,7 +230,7 @@ def test_a_rerun_refuses_checkpoints_written_under_another_config(
     # Where Ray runs and how the student is evaluated may change between attempts.
     moved = load_config(path, ["ray.num_cpus=1", "eval.batch_size=8"])
     moved_yaml = yaml.safe_dump(moved.model_dump(mode="json", exclude={"source_file"}))
-    _refuse_another_config(Location.of(trained_with), moved_yaml)
+    refuse_another_config(Location.of(trained_with), moved_yaml)
 
 
 def test_a_pretrained_student_starts_as_good_as_it_was(
@@ -282,8 +283,8 @@ def test_a_failed_evaluation_reruns_without_retraining(
     """The evaluation fails after training (here: a fault injected into it; a node lost, say);
     the same command resumes from the trained student: no step is trained again, and the run is
     published."""
-    from leaf_ray import pipeline
-    from leaf_ray.eval import EvalError
+    from leaf_ray import recipe
+    from leaf_ray.eval.tasks import EvalError
 
     def broken(*args, **kwargs):
         raise EvalError("the evaluation failed")
@@ -298,7 +299,7 @@ def test_a_failed_evaluation_reruns_without_retraining(
         eval={"datasets": [str(eval_dir)], "max_seq_length": 64},
     )
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "evaluate", broken)
+        patch.setattr(recipe, "evaluate", broken)
         with pytest.raises(EvalError):
             distill(load_config(cfg))
     partial = tmp_path / "out" / ".eval-fails.partial"

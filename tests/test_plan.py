@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from leaf_ray.capacity import PlanError, corpus_size, notes, parse_cluster, plan_mode, plan_run
 from leaf_ray.cli import DEFAULT_CONFIG, main
 from leaf_ray.config import load_config
-from leaf_ray.plan import PlanError, corpus_size, notes, parse_cluster, plan_mode, plan_run
 
 ARCTIC = "Snowflake/snowflake-arctic-embed-m-v1.5"
 MXBAI = "mixedbread-ai/mxbai-embed-large-v1"

@@ -9,7 +9,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from leaf_ray.config import load_config
-from leaf_ray.pipeline import distill, evaluate_run
+from leaf_ray.recipe import distill, evaluate_run
 from leaf_ray.storage import Location
 from tests.conftest import tiny_run_config
 from tests.test_pipeline import small_eval_set

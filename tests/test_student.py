@@ -5,7 +5,8 @@ from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import ConfigError, StudentConfig, TeacherConfig
 from leaf_ray.student import build_student, leaf_loss, reduce_layers
-from leaf_ray.teacher import load_teacher, teacher_space
+from leaf_ray.teacher.backends import load_teacher
+from leaf_ray.teacher.space import teacher_space
 from tests.conftest import random_bert
 
 TEXTS = [

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from leaf_ray.config import LeafConfig, load_config
-from leaf_ray.pipeline import distill
-from leaf_ray.train import TrainingDiverged, cpu_worker_env, gpus_per_trainer
+from leaf_ray.recipe import distill
+from leaf_ray.train.resources import gpus_per_trainer
+from leaf_ray.train.trainer import TrainingDiverged, cpu_worker_env
 from tests.conftest import tiny_run_config
 
 
@@ -146,7 +147,7 @@ def assert_best_checkpoint_is_the_student(run_dir: Path) -> None:
 
 def test_schedule_restarts_each_cycle_and_decays_to_the_final_ratio(tmp_path):
     from leaf_ray.config import TrainConfig
-    from leaf_ray.train import leaf_schedule
+    from leaf_ray.train.schedule import leaf_schedule
 
     cfg = TrainConfig(epochs=3, cycles=3, lr=1.0, warmup_ratio=0.2, final_lr_ratio=0.1)
     encoder, head = (torch.nn.Parameter(torch.zeros(1)) for _ in range(2))
@@ -199,7 +200,8 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     import ray.data
     from sentence_transformers import SentenceTransformer
 
-    from leaf_ray.train import TokenizedBuckets, _length_bucketed, batches_per_epoch, ordered_ingest
+    from leaf_ray.train.batching import TokenizedBuckets, _length_bucketed, batches_per_epoch
+    from leaf_ray.train.dataset import ordered_ingest
 
     student = SentenceTransformer(str(tiny_teacher), device="cpu")
     texts = [row["text"] for row in demo_texts[:300]]
@@ -238,7 +240,7 @@ def test_cached_vectors_are_read_once_when_they_fit_in_the_object_store(ray_loca
     import ray.data
     from ray.data.dataset import MaterializedDataset
 
-    from leaf_ray.train import held_for_epochs
+    from leaf_ray.train.dataset import held_for_epochs
 
     rows = ray.data.range(1000).map(lambda row: {"text": str(row["id"]), "embedding": [0.0] * 8})
     small = held_for_epochs(rows, 1000, 8)

@@ -19,7 +19,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
 from leaf_ray.config import load_config
-from leaf_ray.pipeline import distill
+from leaf_ray.recipe import distill
 
 
 def free_port() -> int:

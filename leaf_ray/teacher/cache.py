@@ -9,8 +9,7 @@ The cache may sit on a local or NFS path or in an object store (`leaf_ray.storag
 written whole (a temporary name then a rename, or one object PUT), then its manifest entry the
 same way: a shard counts only once its entry exists, so a run killed at any point leaves a cache
 that the next run extends (it embeds only the texts whose hash is missing). Rows are keyed by a
-hash of (kind, text), so a text is embedded once however many runs, sources or students use it.
-"""
+hash of (kind, text), so a text is embedded once however many runs, sources or students use it."""
 
 from __future__ import annotations
 
@@ -31,21 +30,16 @@ import ray.data
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
+from leaf_ray.hashing import first_of_each, text_hash
 from leaf_ray.storage import Location
 
 FORMAT_VERSION = 1
+
+
 KEY_JSON, SHARDS, MANIFEST, SET_ASIDE = "key.json", "shards", "manifest", "set_aside"
+
+
 TEXT_COLUMNS = ("text_hash", "kind", "text")
-
-
-def text_hash(kind: str, text: str) -> str:
-    """The cache's row key: the prompt (hence the vector) depends on the kind as well."""
-    return hashlib.blake2b(f"{kind}\x1f{text}".encode(), digest_size=16).hexdigest()
-
-
-def first_of_each(hashes: np.ndarray) -> np.ndarray:
-    """Row indices of each hash's first occurrence, in row order."""
-    return np.sort(np.unique(hashes, return_index=True)[1])
 
 
 def embedding_column(vectors: np.ndarray) -> pa.FixedSizeListArray:

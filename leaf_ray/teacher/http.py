@@ -2,8 +2,7 @@
 
 For teachers reachable only as a service (vLLM, TEI, hosted APIs). `HttpEmbedder.embed` is
 synchronous because Ray Data actors call it from `__call__`; inside, one aiohttp session per call
-sends batched requests concurrently, rate-limited and retried, and puts rows back in input order.
-"""
+sends batched requests concurrently, rate-limited and retried, and puts rows back in input order."""
 
 from __future__ import annotations
 
@@ -19,6 +18,8 @@ import numpy as np
 from leaf_ray.config import HttpTeacherConfig
 
 RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx: worth another try
+
+
 MAX_BACKOFF_S = 30.0
 
 

@@ -1,24 +1,15 @@
-"""Report stage: metrics (JSON lines), the eval table (markdown, JSON), a loss plot, a summary."""
+"""What leaf-ray prints: the dry run, the capacity plan, a run's summary, the cache's check."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+from rich.console import Console
+from rich.table import Table
 
-matplotlib.use("Agg")  # headless: runs on cluster nodes and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from leaf_ray.cache import VerifyReport  # noqa: E402
-from leaf_ray.config import LeafConfig  # noqa: E402
-from leaf_ray.plan import (  # noqa: E402
+from leaf_ray.capacity import (
     CACHE_ROW_OVERHEAD_BYTES,
     FIGURES,
     VECTOR_BYTES,
@@ -27,183 +18,16 @@ from leaf_ray.plan import (  # noqa: E402
     notes,
     overrides,
 )
-from leaf_ray.run_files import (  # noqa: E402
-    COMPRESSION_PNG,
-    EVAL_JSON,
-    EVAL_MD,
-    LOSS_PNG,
-    METRICS_JSONL,
-    MTEB_DIR,
-    QUANTIZATION_PNG,
-    TEACHER_CACHE_JSON,
-    read_metrics,
-)
-from leaf_ray.storage import Location  # noqa: E402
+from leaf_ray.config import LeafConfig
+from leaf_ray.report.eval_report import _change, _retention, main_rows
+from leaf_ray.run import EVAL_JSON, EVAL_MD, METRICS_JSONL, TEACHER_CACHE_JSON, read_metrics
+from leaf_ray.storage import Location
 
 if TYPE_CHECKING:
-    from leaf_ray.eval import EvalOutcome
+    from leaf_ray.teacher.cache import VerifyReport
 
 
-def write_eval(outcome: EvalOutcome, out: Path) -> None:
-    """mteb's JSON per (model, setting, task) under mteb/, eval.json (every row), eval.md (the
-    headline table, then every size and precision, with the plots), and the plots."""
-    rows = outcome.rows
-    _write_mteb_results(outcome, out / MTEB_DIR)
-    Location.of(out / EVAL_JSON).write(json.dumps(rows, indent=2) + "\n")
-    metric = rows[0]["metric"] if rows else "score"
-    lines = ["# leaf-ray evaluation", "", f"{metric} per task and mode (full size, float32):", ""]
-    lines += [f"| task | mode | {metric} | vs teacher | vs start |", "|---|---|---:|---:|---:|"]
-    for r in main_rows(rows):
-        lines.append(
-            f"| {r['dataset']} | {r['mode']} | {r['score']:.4f} | {_retention(r)} | {_change(r)} |"
-        )
-    lines += ["", START_NOTE]
-    embedded = ", ".join(f"{role} {n}" for role, n in outcome.embedded.items())
-    lines += ["", f"Texts embedded now (0: all from the eval cache): {embedded}."]
-    if len(rows) > len(main_rows(rows)):  # sizes or precisions beyond the headline were asked
-        plot_compression(rows, out)
-        plot_quantization(rows, out)
-        lines += ["", f"![score against size]({COMPRESSION_PNG})"]
-        lines += ["", f"![score against precision]({QUANTIZATION_PNG})", ""]
-        lines.append("Every size and precision (vs the teacher at the same size and precision):")
-        lines += ["", f"| task | mode | dims | precision | {metric} | vs teacher |"]
-        lines.append("|---|---|---:|---|---:|---:|")
-        for r in rows:
-            lines.append(
-                f"| {r['dataset']} | {r['mode']} | {r['dimension']} | {r['quantization']} | "
-                f"{r['score']:.4f} | {_retention(r)} |"
-            )
-    lines += ["", f"mteb's results, one folder per model and setting: `{MTEB_DIR}/results/`."]
-    Location.of(out / EVAL_MD).write("\n".join(lines) + "\n")
-
-
-def _write_mteb_results(outcome: EvalOutcome, folder: Path) -> None:
-    """mteb's own layout (ResultCache), built aside and swapped in whole."""
-    from mteb.cache import ResultCache
-
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cache = ResultCache(tmp)
-    for meta, result in outcome.results:
-        cache.save_to_cache(result, meta)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-def main_rows(rows: list[dict]) -> list[dict]:
-    """Full-size float32 vectors: the headline comparison."""
-    return [r for r in rows if r["full"] and r["quantization"] == "float32"]
-
-
-MODE_COLORS = {
-    "teacher": "tab:blue",
-    "pretrained": "tab:purple",
-    "student_init": "tab:gray",
-    "student": "tab:red",
-    "asymmetric_init": "tab:olive",
-    "asymmetric": "tab:green",
-}
-
-
-def plot_compression(rows: list[dict], out: Path) -> None:
-    """Score against Matryoshka size, one panel per task, a line per (mode, precision)."""
-    sets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
-    styles = {"float32": "-", "int8": "--", "binary": ":"}
-    for ax, name in zip(axes[0], sets, strict=True):
-        for mode, color in MODE_COLORS.items():
-            for precision, style in styles.items():
-                points = sorted(
-                    (r["dimension"], r["score"])
-                    for r in rows
-                    if (r["dataset"], r["mode"], r["quantization"]) == (name, mode, precision)
-                )
-                if len(points) > 1:
-                    dims, scores = zip(*points, strict=True)
-                    label = f"{mode} {precision}"
-                    ax.plot(dims, scores, style, color=color, marker="o", label=label)
-        ax.set(title=name, xlabel="dimensions", ylabel=rows[0]["metric"], xscale="log")
-        sizes = sorted({r["dimension"] for r in rows if r["dataset"] == name})
-        ax.set_xticks(sizes, [str(d) for d in sizes])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    _save(fig, out / COMPRESSION_PNG)
-
-
-def plot_quantization(rows: list[dict], out: Path) -> None:
-    """Score against precision at full size: grouped bars, one panel per task."""
-    sets = sorted({r["dataset"] for r in rows})
-    asked = {r["quantization"] for r in rows}
-    precisions = [p for p in ("float32", "int8", "binary") if p in asked]
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
-    width = 0.8 / len(MODE_COLORS)
-    for ax, name in zip(axes[0], sets, strict=True):
-        for i, (mode, color) in enumerate(MODE_COLORS.items()):
-            score = {
-                r["quantization"]: r["score"]
-                for r in rows
-                if (r["dataset"], r["mode"]) == (name, mode) and r["full"]
-            }
-            if score:
-                xs = [j + i * width for j, p in enumerate(precisions) if p in score]
-                ys = [score[p] for p in precisions if p in score]
-                ax.bar(xs, ys, width, color=color, label=mode)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(precisions))], precisions)
-        ax.set(title=f"{name} (full size)", ylabel=rows[0]["metric"])
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
-    _save(fig, out / QUANTIZATION_PNG)
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _retention(row: dict) -> str:
-    return f"{row['retention']:.1%}" if row["retention"] is not None else "-"
-
-
-START_NOTE = (
-    "vs start: student against student_init (the student as training started, its projection "
-    "fitted), asymmetric against asymmetric_init, student_init against pretrained (the student "
-    "model alone, as it was before leaf-ray)."
-)
-
-
-def _change(row: dict) -> str:
-    return f"{row['change']:+.4f}" if row.get("change") is not None else "-"
-
-
-def plot_loss(history: list[dict], validations: list[dict], run_dir: Path, title: str) -> None:
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
-    steps = [r["step"] for r in history]
-    ax_loss.plot(steps, [r["loss"] for r in history], color="tab:blue", label="training")
-    if validations:
-        ax_loss.plot(
-            [v["step"] for v in validations],
-            [v["val_loss"] for v in validations],
-            "o-",
-            color="tab:green",
-            label="held out (checkpoints)",
-        )
-        ax_loss.legend()
-    ax_loss.set_ylabel("alignment loss")
-    ax_loss.set_yscale("log")
-    ax_loss.grid(alpha=0.3)
-    ax_lr.plot(steps, [r["lr"] for r in history], color="tab:orange")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("optimiser step")
-    ax_lr.grid(alpha=0.3)
-    fig.suptitle(f"leaf-ray: {title}")
-    _save(fig, run_dir / LOSS_PNG)
-
-
-def print_plan(cfg: LeafConfig, skipped: Counter) -> None:
+def print_dry_run(cfg: LeafConfig, skipped: Counter) -> None:
     """What `distill` would do, once its inputs are checked (`skipped`: bad rows it would drop,
     by reason): no model is loaded or downloaded, and Ray is not started."""
     t, s, tr = cfg.teacher, cfg.student, cfg.train

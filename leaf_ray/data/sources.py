@@ -1,4 +1,5 @@
-"""Training texts as a Ray Dataset of (id, text, kind), and BEIR-layout retrieval sets."""
+"""Training texts as a Ray Dataset of (id, text, kind, source), every row checked: JSON lines,
+Parquet, Hugging Face datasets."""
 
 from __future__ import annotations
 
@@ -16,14 +17,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
-from leaf_ray.cache import first_of_each
 from leaf_ray.config import BadRows, DataConfig, SourceConfig
 
 KINDS = ("query", "document")
+
+
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
 GZIP_MAGIC = b"\x1f\x8b"
+
+
 SHOWN = 5  # bad rows named in an error; the rest are counted
+
+
 MISSING = object()
+
+
 Problem = tuple[str, str] | None  # (reason, message naming the field), or None for a good row
 
 
@@ -292,76 +302,3 @@ def _columns(rows: list[tuple[str, str, str]], index: int) -> dict[str, np.ndarr
         "kind": np.array(kinds, dtype=object),
         "source": np.full(len(rows), index),
     }
-
-
-def mixture_counts(
-    hashes: np.ndarray, sources: np.ndarray, weights: list[float], seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Times each distinct text is trained on per epoch, from its source's weight (a text in
-    several sources takes the first listed one's). A fractional part picks exactly that fraction
-    of the source's texts for one more pass, seeded, from the texts in hash order: the rows'
-    order (which Ray Data does not fix) leaves the choice alone, so every worker and rerun sees
-    the same set. Returns the distinct hashes, sorted, and their counts."""
-    by_hash = np.lexsort((sources, hashes.astype(str)))  # each text's lowest source first
-    hashes, sources = hashes[by_hash], sources[by_hash]
-    first = first_of_each(hashes)
-    distinct, source = hashes[first], sources[first]
-    counts = np.floor(np.asarray(weights)[source]).astype(np.int64)
-    rng = np.random.default_rng(seed)
-    for index, weight in enumerate(weights):
-        members = np.flatnonzero(source == index)
-        extra = round((weight % 1) * members.size)
-        counts[rng.choice(members, size=extra, replace=False)] += 1
-    return distinct, counts
-
-
-@dataclass(frozen=True)
-class RetrievalSet:
-    name: str
-    corpus: dict[str, str]
-    queries: dict[str, str]
-    qrels: dict[str, dict[str, int]]
-
-
-def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
-    """corpus.jsonl (`_id`, `title`, `text`), queries.jsonl, qrels/<split>.tsv with a header."""
-    folder = Path(folder)
-    corpus = {
-        row["_id"]: (f"{row['title']}. {row['text']}" if row.get("title") else row["text"])
-        for row in _jsonl(folder / "corpus.jsonl", ("_id", "text"))
-    }
-    queries = {row["_id"]: row["text"] for row in _jsonl(folder / "queries.jsonl", ("_id", "text"))}
-    qrels: dict[str, dict[str, int]] = {}
-    qrels_file = folder / "qrels" / f"{split}.tsv"
-    for lineno, line in _lines(qrels_file, skip_header=True):
-        parts = line.split("\t")
-        if len(parts) != 3 or not parts[2].strip().lstrip("-").isdigit():
-            raise DataError(f"{qrels_file}:{lineno}: expected query-id<TAB>corpus-id<TAB>score")
-        qid, did, score = parts[0], parts[1], int(parts[2])
-        if qid not in queries or did not in corpus:
-            raise DataError(f"{qrels_file}:{lineno}: unknown query or corpus id {qid!r}/{did!r}")
-        qrels.setdefault(qid, {})[did] = score
-    queries = {qid: text for qid, text in queries.items() if qid in qrels}
-    return RetrievalSet(folder.name, corpus, queries, qrels)
-
-
-def _lines(path: Path, skip_header: bool = False):
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if (skip_header and lineno == 1) or not line.strip():
-                continue
-            yield lineno, line.rstrip("\n")
-
-
-def _jsonl(path: Path, required: tuple[str, ...]):
-    for lineno, line in _lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise DataError(f"{path}:{lineno}: missing {missing}")
-        yield row

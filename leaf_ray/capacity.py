@@ -3,8 +3,7 @@ how large its teacher cache grows, from measured per-GPU throughputs and the con
 
 Pure arithmetic: nothing is loaded, downloaded or started. Every figure it rests on is in
 `FIGURES` (with where it was measured) and every assumption is a named constant, so a new
-benchmark changes one number here.
-"""
+benchmark changes one number here."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from leaf_ray.config import LeafConfig
-from leaf_ray.data import data_files, is_parquet
+from leaf_ray.data.sources import data_files, is_parquet
 
 
 class PlanError(ValueError):
@@ -68,6 +67,8 @@ FIGURES: dict[str, Figure] = {
         "bench/results/reference-h100.json",
     ),
 }
+
+
 BARE_BATCHES = (32, 256)  # the batches of train_bare_b32 and train_bare_b256
 
 
@@ -91,37 +92,50 @@ GPU_TYPES: dict[str, GpuType] = {
 
 
 @dataclass(frozen=True)
-class Teacher:
+class TeacherSpeed:
     dim: int
     speed: float  # throughput relative to the benchmarked bert-base teacher
     basis: str
 
 
-KNOWN_TEACHERS: dict[str, Teacher] = {
-    "Snowflake/snowflake-arctic-embed-m-v1.5": Teacher(768, 1.0, "bert-base size: as measured"),
-    "mixedbread-ai/mxbai-embed-large-v1": Teacher(
+KNOWN_TEACHERS: dict[str, TeacherSpeed] = {
+    "Snowflake/snowflake-arctic-embed-m-v1.5": TeacherSpeed(
+        768, 1.0, "bert-base size: as measured"
+    ),
+    "mixedbread-ai/mxbai-embed-large-v1": TeacherSpeed(
         1024, 1 / 3, "bert-large size (335M vs 110M parameters): 1/3 of bert-base"
     ),
-    "sentence-transformers/all-MiniLM-L6-v2": Teacher(
+    "sentence-transformers/all-MiniLM-L6-v2": TeacherSpeed(
         384, 1.0, "smaller than bert-base, not scaled up: the stage runs at 0.33x its forward"
     ),
-    "sentence-transformers/all-mpnet-base-v2": Teacher(
+    "sentence-transformers/all-mpnet-base-v2": TeacherSpeed(
         768,
         7452 / 13023,
         "mpnet-base forward 7,452 vs bert-base 13,023 seq/s (bench/results/reference-h100.json)",
     ),
 }
+
+
 UNKNOWN_TEACHER_SPEED = 1.0  # a teacher not in the table is taken to be bert-base size
+
 
 # No multi-GPU training was measured: DDP's all-reduce is taken to cost 10% whenever there is
 # more than one trainer (within a node or across nodes); teacher actors share nothing, so they
 # scale linearly, each given the CPUs the benchmark had (16 cores per GPU).
 DDP_EFFICIENCY = 0.9
+
+
 # A cache row besides its vector: the 32-character text_hash, the kind, and the text itself
 # (~100 tokens x ~4 bytes, uncompressed; Parquet compresses the text).
 CACHE_ROW_OVERHEAD_BYTES = 32 + 8 + 400
+
+
 VECTOR_BYTES = {"float32": 4, "float16": 2}
+
+
 UNDERUSED_BATCH = 8  # a per-GPU batch below this leaves a GPU mostly idle
+
+
 CLUSTER_FORMS = "<nodes>x(<gpus> GPU <type>), e.g. '8x(8 GPU H100)' or '1x(1 GPU A100)'"
 
 
@@ -199,7 +213,7 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def teacher_rate(gpu: GpuType, teacher: Teacher) -> float:
+def teacher_rate(gpu: GpuType, teacher: TeacherSpeed) -> float:
     """seq/s of one teacher actor on one GPU: the measured stage rate, scaled by GPU and size."""
     return FIGURES["teacher_stage"].seq_per_s * gpu.vs_h100 * teacher.speed
 
@@ -249,7 +263,7 @@ class Plan:
     mode: str  # train.data_mode
     cluster: Cluster
     teacher_name: str
-    teacher: Teacher
+    teacher: TeacherSpeed
     dim_basis: str
     corpus: Corpus
     epochs: int
@@ -288,7 +302,7 @@ class Plan:
         return "teacher" if self.teacher_hours > self.train_hours else "train"
 
 
-def teacher_for(cfg: LeafConfig, teacher_dim: int | None) -> tuple[Teacher, str]:
+def teacher_for(cfg: LeafConfig, teacher_dim: int | None) -> tuple[TeacherSpeed, str]:
     """The teacher's output dim and speed: the known table, or --teacher-dim (bert-base speed)."""
     if cfg.teacher.backend != "sentence_transformers":
         raise PlanError(
@@ -298,7 +312,7 @@ def teacher_for(cfg: LeafConfig, teacher_dim: int | None) -> tuple[Teacher, str]
     known = KNOWN_TEACHERS.get(cfg.teacher.model)
     if teacher_dim:
         speed, basis = (known.speed, known.basis) if known else (UNKNOWN_TEACHER_SPEED, "")
-        return Teacher(teacher_dim, speed, basis or "assumed bert-base size"), "--teacher-dim"
+        return TeacherSpeed(teacher_dim, speed, basis or "assumed bert-base size"), "--teacher-dim"
     if known is None:
         names = ", ".join(KNOWN_TEACHERS)
         raise PlanError(
@@ -352,7 +366,7 @@ def cached_split(cfg: LeafConfig, cluster: Cluster) -> tuple[int, int]:
     return cluster.gpus, trainers
 
 
-def streaming_split(cfg: LeafConfig, cluster: Cluster, teacher: Teacher) -> tuple[int, int]:
+def streaming_split(cfg: LeafConfig, cluster: Cluster, teacher: TeacherSpeed) -> tuple[int, int]:
     """streaming: teacher actors and trainers run at once on disjoint GPUs, so the pipeline runs
     at the slower side's rate; the split (g_t + g_s = all GPUs, each at least 1) maximises it.
     One GPU: both stages share it."""

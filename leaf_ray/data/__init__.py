@@ -1,0 +1,1 @@
+"""Training texts: sources read and checked, rows selected, retrieval sets."""

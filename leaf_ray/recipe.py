@@ -1,0 +1,227 @@
+"""The LEAF recipe, stage by stage: teacher vectors -> student training -> evaluation -> report.
+
+A run lives at `<run.storage>/<name>`: a local or NFS path, where it builds in `.<name>.partial`
+and is renamed only when every stage has finished, or an object store (s3://, gs://), where it
+is uploaded with config.yaml last. Either way a folder with a config.yaml is a complete run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+from ray.train import Checkpoint
+
+from leaf_ray.cluster import connect_ray
+from leaf_ray.config import LeafConfig, ModelRef, load_config
+from leaf_ray.eval.models import EvalModel
+from leaf_ray.eval.runner import EvalOutcome, evaluate
+from leaf_ray.inputs import check_inputs
+from leaf_ray.models import resolve_model
+from leaf_ray.projection import fit_student_projection
+from leaf_ray.report.eval_report import write_eval
+from leaf_ray.report.plots import plot_loss
+from leaf_ray.run import (
+    CONFIG_YAML,
+    METRICS_JSONL,
+    RAY_TRAIN,
+    STUDENT,
+    STUDENT_INIT,
+    TEACHER_CACHE_JSON,
+    TRAIN_STATE,
+    VALIDATION_JSONL,
+    RunError,
+    fetch_run,
+    publish,
+    push_reports,
+    read_metrics,
+    refuse_another_config,
+    report_folder,
+    write_metrics,
+)
+from leaf_ray.storage import Location
+from leaf_ray.student import build_student
+from leaf_ray.teacher.actors import load_without_weights
+from leaf_ray.teacher.backends import load_teacher, teacher_prompts
+from leaf_ray.teacher.stage import embed
+from leaf_ray.train.dataset import cached_training_set, streaming_training_set
+from leaf_ray.train.trainer import train_student
+
+PRETRAINED = "pretrained"  # the evaluation's name for the student model as it was given
+
+
+logger = logging.getLogger(__name__)
+
+
+def distill(cfg: LeafConfig) -> Location:
+    """Run every stage; return the finished run folder."""
+    storage, name = cfg.storage(), cfg.run_name()
+    run = storage / name
+    if run.exists() if storage.is_local else (run / CONFIG_YAML).exists():
+        raise RunError(f"{run} already exists; choose another run.name")
+    skipped = check_inputs(cfg)  # before anything is written or started
+    # A local or NFS run builds beside its final folder and is renamed into place. An object
+    # store has no rename: the run builds in a local folder and is uploaded, config.yaml last (a
+    # folder without one is no run), and Ray Train writes its checkpoints there directly.
+    if storage.is_local:
+        work = Path(storage.path) / f".{name}.partial"
+        checkpoints = Location.of(work)
+    else:
+        work = Path(tempfile.gettempdir()) / "leaf-ray" / f"{name}.partial"
+        checkpoints = run
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
+    config_yaml = yaml.safe_dump(
+        cfg.model_dump(mode="json", exclude={"source_file"}), sort_keys=False
+    )
+    trained_with = checkpoints / RAY_TRAIN / CONFIG_YAML
+    refuse_another_config(trained_with, config_yaml)
+    Location.of(work / CONFIG_YAML).write(config_yaml)
+
+    # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
+    #    Streaming mode: the actors embed while the student trains, and nothing is cached.
+    if cfg.train.data_mode == "cached":
+        vectors = embed(cfg, skipped)
+        space = vectors.space
+        training_set, training_rows, validation = cached_training_set(vectors, cfg)
+        note = {"cache": str(vectors.cache.root), "rows": len(vectors.hashes)}
+        note |= {"distinct": vectors.unique, "embedded": vectors.embedded}
+    else:
+        space, training_set, training_rows, validation = streaming_training_set(cfg, skipped)
+        note = {"cache": None, "streaming": True}
+    note |= {"training_rows": training_rows, "skipped_rows": dict(skipped)}
+    note |= {"validation_texts": len(validation[0]) if validation else 0}
+    Location.of(work / TEACHER_CACHE_JSON).write(json.dumps(note))
+
+    # 2. Student: layer-reduced (or pretrained) encoder + projection (fitted in closed form on a
+    #    sample of the training set), trained on Ray Train. The workers read the untrained
+    #    student where every node can: the run's storage.
+    #    Only layer reduction needs the teacher here: on the CPU, and not kept, so the driver
+    #    holds no GPU memory Ray does not know of while the workers train.
+    reduces = cfg.student.init == "layer_reduction"
+    teacher = load_teacher(cfg.teacher, "cpu") if reduces else None
+    student = build_student(cfg.student, space, cfg.run.seed, teacher)
+    del teacher
+    if cfg.student.projection_init != "random":
+        s = cfg.student
+        fit_student_projection(
+            student, training_set, s.projection_init, s.projection_fit_texts, cfg.eval.batch_size
+        )
+    student.save_pretrained(str(work / STUDENT_INIT))
+    init = checkpoints / STUDENT_INIT
+    if not storage.is_local:
+        init.upload(work / STUDENT_INIT)
+    trained_with.write(config_yaml)
+    latest, best = train_student(
+        cfg,
+        training_set,
+        training_rows,
+        Checkpoint(init.path, init.fs),
+        checkpoints,
+        validation,
+    )
+    with latest.as_directory() as ckpt:  # the whole run's logs
+        history = read_metrics(Path(ckpt) / METRICS_JSONL)
+        validations = read_metrics(Path(ckpt) / VALIDATION_JSONL)
+    write_metrics(history, work)
+    write_metrics(validations, work, VALIDATION_JSONL)
+    plot_loss(history, validations, work, cfg.run.name)
+    with best.as_directory() as ckpt:  # the student: the best checkpoint by validation loss
+        # Copied under a temporary name, so a student folder in the run is always whole (and
+        # the logs above are already beside it).
+        logs = (TRAIN_STATE, METRICS_JSONL, VALIDATION_JSONL)
+        copying = work / f".{STUDENT}.copying"
+        shutil.rmtree(copying, ignore_errors=True)
+        shutil.copytree(ckpt, copying, ignore=shutil.ignore_patterns(*logs))
+        shutil.rmtree(work / STUDENT, ignore_errors=True)  # a rerun after a failed evaluation
+        copying.rename(work / STUDENT)
+
+    # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
+    #    tasks on nodes that cannot see the driver's disk fetch it (and student_init) from it.
+    stored = None if storage.is_local else run
+    if stored:
+        (run / STUDENT).upload(work / STUDENT)
+    _evaluate_into(work, work, cfg, work / STUDENT, name, stored)
+    publish(work, run, uploaded=(STUDENT_INIT, STUDENT))
+    return run
+
+
+def evaluate_run(
+    run: Location | Path | str, overrides: list[str] = (), student: Path | None = None
+) -> EvalOutcome:
+    """Re-evaluate a finished run (the separate evaluation job), optionally with other eval
+    settings, or another checkpoint as the student (reported in <run>/evals/<checkpoint>).
+    A run in an object store is fetched to a local folder and its reports uploaded back."""
+    run = run if isinstance(run, Location) else Location.of(run)
+    if not (run / CONFIG_YAML).is_file():
+        raise RunError(f"{run}: not a leaf-ray run folder (no {CONFIG_YAML})")
+    if student is not None and not (student / "modules.json").is_file():
+        raise RunError(f"{student}: not a sentence-transformers folder (no modules.json)")
+    with tempfile.TemporaryDirectory(prefix="leaf-ray-eval-") as tmp:
+        local = Path(run.path) if run.is_local else fetch_run(run, Path(tmp) / run.name)
+        cfg = load_config(local / CONFIG_YAML, overrides)
+        connect_ray(cfg.ray)
+        out = report_folder(local, student)
+        label = f"{run.name}-{student.name}" if student else run.name
+        out.mkdir(parents=True, exist_ok=True)
+        stored = None if run.is_local else run
+        outcome = _evaluate_into(out, local, cfg, student or local / STUDENT, label, stored)
+        if not run.is_local:
+            push_reports(out, local, run)
+        return outcome
+
+
+def _evaluate_into(
+    out: Path,
+    run_dir: Path,
+    cfg: LeafConfig,
+    student: Path,
+    label: str,
+    stored: Location | None = None,
+) -> EvalOutcome:
+    """Evaluate `student` beside the run's teacher and untrained student; reports go to `out`.
+    `stored`: the run in its object store, where other nodes fetch its models."""
+    models = eval_models(cfg, run_dir, student, label, stored)
+    outcome = evaluate(models, cfg.eval, cfg.eval_cache_dir(), label)
+    write_eval(outcome, out)
+    return outcome
+
+
+def eval_models(
+    cfg: LeafConfig, run_dir: Path, student: Path, label: str, stored: Location | None = None
+) -> dict[str, EvalModel]:
+    """The student, the untrained student, the pretrained model it started from (init:
+    pretrained) and, when it can embed, the teacher, each named as mteb will record it. The run's
+    own models name their copy in `stored`, if given."""
+
+    def copy(folder: Path) -> Location | None:
+        return stored / folder.name if stored and folder.parent == run_dir else None
+
+    init = run_dir / STUDENT_INIT
+    # Students see raw text: the teacher's prompts are part of its input, not of the space.
+    models = {
+        STUDENT: EvalModel(f"leaf-ray/{label}-student", str(student), stored=copy(student)),
+        STUDENT_INIT: EvalModel(f"leaf-ray/{label}-student_init", str(init), stored=copy(init)),
+    }
+    if cfg.student.init == "pretrained":  # "is my model better than before?"
+        ref = ModelRef(model=cfg.student.model, revision=cfg.student.revision)
+        models[PRETRAINED] = EvalModel(_mteb_name(ref.model), resolve_model(ref), ref.revision)
+    teacher_model = resolve_model(cfg.teacher)
+    if cfg.teacher.backend == "http":  # through its endpoint, as in training
+        name = cfg.teacher.model if "/" in cfg.teacher.model else f"api/{cfg.teacher.model}"
+        prompts = teacher_prompts(cfg.teacher)
+        models["teacher"] = EvalModel(name, cfg.teacher.model, None, prompts, cfg.teacher)
+    # Precomputed vectors are evaluated when their model is also on disk.
+    elif cfg.teacher.backend == "sentence_transformers" or Path(teacher_model).is_dir():
+        prompts = teacher_prompts(cfg.teacher, load_without_weights(cfg.teacher))
+        name = _mteb_name(cfg.teacher.model)
+        models["teacher"] = EvalModel(name, teacher_model, cfg.teacher.revision, prompts)
+    return models
+
+
+def _mteb_name(model: str) -> str:
+    """mteb names results by model: a hub name, or local/<folder> (its revision: its files)."""
+    return f"local/{Path(model).name}" if Path(model).is_dir() else model

@@ -1,0 +1,118 @@
+"""The run folder: its file names (one source for every stage that writes or reads them), its
+metrics files (JSON lines), and its life: built under a temporary name, then renamed (local, NFS)
+or uploaded with config.yaml last (object stores); a rerun's config checked against the
+checkpoints' own; fetched and pushed back for a re-evaluation.
+
+    <run.storage>/<name>/config.yaml, student/, student_init/, teacher_cache.json,
+        metrics.jsonl, validation.jsonl, loss_curve.png, eval.md, eval.json, eval_*.png,
+        mteb/, ray_train/ (checkpoints, each with train_state.pt)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from leaf_ray.storage import Location
+
+CONFIG_YAML = "config.yaml"  # last in: a folder with one is a finished run
+STUDENT, STUDENT_INIT = "student", "student_init"
+TEACHER_CACHE_JSON = "teacher_cache.json"  # the teacher stage's note: cache, rows, rows skipped
+METRICS_JSONL, VALIDATION_JSONL = "metrics.jsonl", "validation.jsonl"
+LOSS_PNG = "loss_curve.png"
+EVAL_JSON, EVAL_MD, MTEB_DIR = "eval.json", "eval.md", "mteb"
+COMPRESSION_PNG, QUANTIZATION_PNG = "eval_compression.png", "eval_quantization.png"
+RAY_TRAIN = "ray_train"  # Ray Train's run name: its folder in the run's storage
+TRAIN_STATE = "train_state.pt"  # in each checkpoint: optimiser, schedule, position, history
+
+RunFolder = TypeVar("RunFolder", Path, Location)  # a run on local disk, or wherever it is stored
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or be evaluated as asked."""
+
+
+def refuse_another_config(trained_with: Location, config_yaml: str) -> None:
+    """A rerun under the same run.name resumes the checkpoints Ray Train finds there. Their step
+    and data position count by the config that wrote them, so resuming under another one would
+    mix two schedules silently: refuse, naming what changed. Where Ray runs (`ray`) and how the
+    finished student is evaluated (`eval`) may change."""
+    if not trained_with.exists():
+        return
+    before = _dotted(yaml.safe_load(trained_with.read_text()))
+    now = _dotted(yaml.safe_load(config_yaml))
+    changed = sorted(
+        key
+        for key in before.keys() | now.keys()
+        if before.get(key) != now.get(key) and not key.startswith(("ray.", "eval."))
+    )
+    if changed:
+        raise RunError(
+            f"{trained_with}: this run has checkpoints from another config ({', '.join(changed)} "
+            "changed). Rerun it with that config to resume it, or choose another run.name."
+        )
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping flattened to `a.b.c` keys (lists are compared whole)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def publish(work: Path, run: Location, uploaded: tuple[str, ...]) -> None:
+    """Make the finished run visible at once: a rename, or an upload with config.yaml last.
+    `uploaded`: folders of `work` already in an object store's `run` (for workers and tasks)."""
+    if run.is_local:
+        os.replace(work, run.path)
+        return
+    for folder in uploaded:
+        shutil.rmtree(work / folder)
+    config = (work / CONFIG_YAML).read_bytes()
+    (work / CONFIG_YAML).unlink()
+    run.upload(work)
+    (run / CONFIG_YAML).write(config)
+    shutil.rmtree(work)
+
+
+def report_folder(run: RunFolder, student: Path | None) -> RunFolder:
+    """Where an evaluation's reports go: the run folder, or <run>/evals/<checkpoint> when another
+    checkpoint stands in for the student."""
+    return run / "evals" / student.name if student else run
+
+
+RUN_INPUTS = (CONFIG_YAML, STUDENT, STUDENT_INIT)  # what an evaluation reads from a run
+
+
+def fetch_run(run: Location, local: Path) -> Path:
+    Location.of(local / CONFIG_YAML).write((run / CONFIG_YAML).read_bytes())
+    for model in (STUDENT, STUDENT_INIT):
+        (run / model).download(local / model)
+    return local
+
+
+def push_reports(out: Path, local: Path, run: Location) -> None:
+    for report in out.iterdir():
+        if report.name in RUN_INPUTS:
+            continue
+        target = run / str(report.relative_to(local))
+        if report.is_dir():
+            target.upload(report)
+        else:
+            target.write(report.read_bytes())
+
+
+def write_metrics(rows: list[dict], run_dir: Path, name: str = METRICS_JSONL) -> None:
+    Location.of(run_dir / name).write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_metrics(path: Path | Location) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -1,0 +1,1 @@
+"""The training stage: Ray Train workers distilling the teacher into the student."""

@@ -1,0 +1,103 @@
+"""Micro-batches: length-bucketed, tokenized in the collate function, a fixed number per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from sentence_transformers import SentenceTransformer
+
+from leaf_ray.config import TrainConfig
+
+# Texts per length-sorting window, in batches: batches then carry little padding.
+BUCKET_BATCHES = 16
+
+
+# A generous size of one text in Ray's object store, for deciding whether a training set fits.
+TEXT_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a worker cuts the global batch: micro-batches per step (gradient accumulation) and
+    per epoch, from the rows its shard holds."""
+
+    micro_batch: int
+    accumulation: int
+    micro_per_epoch: int
+
+    @classmethod
+    def of(cls, tcfg: TrainConfig, num_rows: int, world: int) -> Batching:
+        micro = tcfg.batch_size // world // tcfg.grad_accumulation
+        return cls(micro, tcfg.grad_accumulation, batches_per_epoch(num_rows // world, micro))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.micro_per_epoch // self.accumulation)
+
+    def step_size(self, i: int) -> int:
+        """Micro-batches in the step micro-batch `i` belongs to: an epoch's last may be short."""
+        first = i // self.accumulation * self.accumulation
+        return min(self.accumulation, self.micro_per_epoch - first)
+
+    def ends_step(self, i: int) -> bool:
+        return (i + 1) % self.accumulation == 0 or i + 1 == self.micro_per_epoch
+
+
+def batches_per_epoch(rows_per_worker: int, batch: int) -> int:
+    """Batches `_length_bucketed` yields for a shard this size (equal split: workers agree)."""
+    window = batch * BUCKET_BATCHES
+    full, rest = divmod(rows_per_worker, window)
+    return full * BUCKET_BATCHES + -(-rest // batch)
+
+
+class TokenizedBuckets(NumpyBatchCollateFn):
+    """A window of rows as its batches of similar-length texts, tokenized, with their targets.
+
+    Ray Data calls it in its prefetch threads, so tokenizing (Rust, GIL released) overlaps the
+    training step instead of taking its place; on a GPU it is a large part of a small batch's step.
+    Every call tokenizes with the same settings, so the threads and validation share the tokenizer.
+    """
+
+    def __init__(self, student: SentenceTransformer, batch: int):
+        self.student, self.batch = student, batch
+
+    def __call__(self, window: dict[str, np.ndarray]) -> list[tuple[dict, torch.Tensor]]:
+        # Parquet list columns arrive as an object array of rows: stack them.
+        texts, vectors = window["text"], np.stack(window["embedding"]).astype(np.float32)
+        return [
+            (self.student.preprocess(texts[rows].tolist()), torch.from_numpy(vectors[rows]))
+            for rows in length_sorted_batches(texts, self.batch)
+        ]
+
+
+def length_sorted_batches(texts: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Row indices in batches of similar-length texts (characters: a cheap proxy for tokens)."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+
+def _length_bucketed(
+    shard: ray.data.DataIterator, student: SentenceTransformer, batch: int, seed: int
+) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Shuffled, tokenized batches: each window of BUCKET_BATCHES batches is length-sorted.
+
+    Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`).
+    """
+    rng = np.random.default_rng(seed)
+    for batches in shard.iter_torch_batches(
+        batch_size=batch * BUCKET_BATCHES,
+        collate_fn=TokenizedBuckets(student, batch),
+        prefetch_batches=2,  # two windows tokenized ahead, on two threads
+        local_shuffle_buffer_size=batch * BUCKET_BATCHES * 4,
+        local_shuffle_seed=seed,
+    ):
+        for idx in rng.permutation(len(batches)):
+            yield batches[idx]

@@ -1,0 +1,43 @@
+"""What a checkpoint carries besides the student: step, optimiser, schedule, history."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class TrainState:
+    """Where training stands, saved in every checkpoint beside the optimiser and the schedule.
+    Plain Python values only, so a checkpoint loads with torch's safe loader."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batches_done: int = 0  # in `epoch`: a mid-epoch checkpoint resumes inside it
+    resumes: int = 0  # restarts from a checkpoint so far (failures, reruns)
+    history: list[dict] = field(default_factory=list)  # a row per logged step
+    validations: list[dict] = field(default_factory=list)  # a row per checkpoint (and step 0)
+
+    @classmethod
+    def restore(
+        cls,
+        saved: dict,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        micro_per_epoch: int,
+    ) -> TrainState:
+        """Continue the schedule and the data where the checkpoint left them."""
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = cls(**{f.name: saved[f.name] for f in fields(cls)})
+        state.resumes += 1
+        if state.micro_batches_done == micro_per_epoch:  # saved at the epoch's end
+            state.epoch, state.micro_batches_done = state.epoch + 1, 0
+        return state
+
+    def to_checkpoint(
+        self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    ) -> dict:
+        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        return saved | asdict(self)
