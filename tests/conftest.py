@@ -2,12 +2,15 @@ import gzip
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
+from moto.server import ThreadedMotoServer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,3 +112,29 @@ def run_on_own_cluster(script: str, config: Path, timeout: int) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     tag = f"{script.upper()} "
     return json.loads(next(s for s in done.stdout.splitlines() if s.startswith(tag))[len(tag) :])
+
+
+@pytest.fixture(scope="module")
+def s3_uri():
+    """s3://leaf on a local S3 server: the endpoint travels in the URI, the credentials in the
+    environment (tests/conftest.py)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"127.0.0.1:{port}"
+    fs = pafs.S3FileSystem(
+        endpoint_override=endpoint,
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
+    fs.create_dir("leaf")
+    yield f"s3://leaf?scheme=http&endpoint_override={endpoint}&region=us-east-1"
+    server.stop()
+
+
+def under(uri: str, path: str) -> str:
+    bucket, query = uri.split("?")
+    return f"{bucket}/{path}?{query}"

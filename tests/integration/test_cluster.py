@@ -9,7 +9,7 @@ from pathlib import Path
 
 from leaf_ray.recipe import evaluate_run
 from tests.conftest import REPO, run_on_own_cluster, tiny_run_config
-from tests.test_pipeline import small_eval_set
+from tests.integration.test_pipeline import small_eval_set
 
 
 def test_distillation_spreads_over_two_nodes(tmp_path, tiny_teacher, demo_texts, ray_local):

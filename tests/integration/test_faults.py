@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import REPO, tiny_run_config
-from tests.test_pipeline import small_eval_set
+from tests.integration.test_pipeline import small_eval_set
 
 
 def start(config: Path) -> subprocess.Popen:

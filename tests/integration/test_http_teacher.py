@@ -296,7 +296,7 @@ def test_http_teacher_is_evaluated_through_its_endpoint(server, tiny_teacher, tm
     from leaf_ray.eval.models import EvalModel
     from leaf_ray.eval.runner import evaluate
     from leaf_ray.storage import Location
-    from tests.test_pipeline import small_eval_set
+    from tests.integration.test_pipeline import small_eval_set
 
     served = SentenceTransformer(str(tiny_teacher), device="cpu")
     server.embed = lambda texts: served.encode(texts)

@@ -20,7 +20,7 @@ import yaml
 from aiohttp import web
 from sentence_transformers import SentenceTransformer
 
-from leaf_ray.config import ConfigError, TeacherConfig, load_config
+from leaf_ray.config import TeacherConfig, load_config
 from leaf_ray.data.sources import DataError
 from leaf_ray.hashing import text_hash
 from leaf_ray.storage import Location
@@ -33,12 +33,12 @@ from leaf_ray.teacher.actors import (
 )
 from leaf_ray.teacher.backends import LocalTeacher
 from leaf_ray.teacher.cache import MANIFEST, SHARDS, TeacherCache, verify
-from leaf_ray.teacher.layout import StageLayout, cpu_actor_share, stage_layout
+from leaf_ray.teacher.layout import StageLayout
 from leaf_ray.teacher.space import teacher_space
 from leaf_ray.teacher.stage import embed, verify_cache
 from leaf_ray.train.dataset import cached_training_set, streaming_training_set
 from tests.conftest import REPO, run_on_own_cluster
-from tests.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
+from tests.integration.test_http_teacher import expected, server  # noqa: F401  (the local server fixture)
 
 
 def write_config(root, texts: list[dict], teacher: dict, **sections) -> object:
@@ -357,20 +357,6 @@ def test_a_text_repeated_in_a_source_without_ids_is_one_text(
     assert len(validation[0]) == 5
 
 
-@pytest.mark.parametrize(
-    ("node_cpus", "actors", "share"),
-    [
-        ([2], 1, (1.0, 2)),  # this machine: one CPU left to Ray Data's tasks
-        ([16, 16], 1, (15.0, 16)),  # one actor fits one node, not the cluster's 30 CPUs
-        ([16, 16], 2, (15.0, 16)),
-        ([16, 16], 8, (3.75, 4)),
-        ([8, 2], 2, (4.0, 5)),
-    ],
-)
-def test_cpu_actors_reserve_what_one_node_can_give(node_cpus, actors, share):
-    assert cpu_actor_share(sum(node_cpus), node_cpus, actors) == share
-
-
 def test_on_gpus_tokenizer_actors_feed_the_teacher(tiny_teacher, demo_texts, tmp_path, ray_local):
     """The GPU layout, on a Ray that declares a GPU (tests/fake_gpu.py): CPU actors tokenize,
     the GPU actor only pads and runs the model, and every text gets its own vector."""
@@ -452,51 +438,3 @@ def test_teacher_calls_gather_the_tokenizer_actors_blocks(tiny_teacher, demo_tex
     np.testing.assert_allclose(
         np.concatenate([c["embedding"] for c in calls_made]), model.encode(texts), atol=1e-5
     )
-
-
-@pytest.mark.parametrize(
-    ("free", "node_cpus", "teacher", "num_rows", "layout"),
-    [
-        # One H100 box: 14 tokenizer actors, the teacher's thread only feeds the GPU; calls of
-        # 16 batches, each gathered from 8 tokenizer blocks.
-        ({"CPU": 16, "GPU": 1}, [16], {}, None, StageLayout(1.0, 1.0, 1, 14, 1024, 128)),
-        ({"CPU": 16, "GPU": 1}, [16], {}, 300, StageLayout(1.0, 1.0, 1, 14, 300, 64)),
-        # No CPU to spare (streaming on a small box): the teacher actor tokenizes.
-        ({"CPU": 2, "GPU": 1}, [2], {}, None, StageLayout(1.0, 1.0, 1, 0, 1024, 1024)),
-        (
-            {"CPU": 32, "GPU": 16},
-            [16, 16],
-            {"num_actors": 16},
-            None,
-            StageLayout(1.0, 1.0, 1, 14, 1024, 128),
-        ),
-        (
-            {"CPU": 16, "GPU": 1},
-            [16],
-            {"tokenizer_actors": 0},
-            None,
-            StageLayout(1.0, 1.0, 15, 0, 1024, 1024),
-        ),
-        # CPUs: the actors tokenize, in calls of 128 batches, or fewer to give each actor work.
-        ({"CPU": 2}, [2], {}, None, StageLayout(0, 1.0, 2, 0, 8192, 8192)),
-        ({"CPU": 2}, [2], {"num_actors": 2}, 1000, StageLayout(0, 0.5, 1, 0, 500, 500)),
-        ({"CPU": 4}, [4], {"tokenizer_actors": 1}, None, StageLayout(0, 2.0, 3, 1, 8192, 1024)),
-    ],
-)
-def test_stage_layout_gives_tokenizer_actors_the_cpus_gpus_leave(
-    free, node_cpus, teacher, num_rows, layout
-):
-    cfg = TeacherConfig(model="m", **teacher)
-    assert stage_layout(cfg, free, node_cpus, num_rows) == layout
-
-
-@pytest.mark.parametrize(
-    ("free", "node_cpus", "actors", "most"),
-    [({"CPU": 16, "GPU": 1}, [16], 15, 14), ({"CPU": 2}, [2], 1, 0), ({"CPU": 8}, [4, 4], 6, 5)],
-)
-def test_tokenizer_actors_that_cannot_get_cpus_are_refused(free, node_cpus, actors, most):
-    cfg = TeacherConfig(model="m", tokenizer_actors=actors)
-    with pytest.raises(
-        ConfigError, match=rf"teacher.tokenizer_actors: {actors} .* at most {most}$"
-    ):
-        stage_layout(cfg, free, node_cpus)

@@ -42,40 +42,6 @@ def space(path: str, **teacher):
     return teacher_space(TeacherConfig(model="m", vectors=path, **teacher), on_gpu=False)
 
 
-def test_good_vectors_give_the_teachers_dimension_and_normalisation(tmp_path):
-    good = space(vectors_file(tmp_path, unit_rows(300)))
-    assert (good.dimension, good.normalized) == (8, True)
-    scaled = (3 * np.array(unit_rows(300))).tolist()
-    assert space(vectors_file(tmp_path, scaled)).normalized is False
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda rows: rows[:0], "no rows"),
-        (lambda rows: rows[:6] + [[float("nan")] * 8] + rows[7:], "row 7: embedding: not finite"),
-        (lambda rows: rows[:4] + [rows[4] + [0.5]] + rows[5:], "row 5: embedding: 9 values where"),
-        (lambda rows: rows[:2] + [None] + rows[3:], "row 3: embedding: missing"),
-        (  # one stray row among unit vectors decided the student's normalisation
-            lambda rows: rows[:150] + [[3 * v for v in rows[150]]] + rows[151:],
-            "row 151: embedding: norm 3.000 where 199 of 200 rows are unit length",
-        ),
-    ],
-)
-def test_a_bad_row_is_named(tmp_path, edit, message):
-    path = vectors_file(tmp_path, edit(unit_rows(200)))
-    with pytest.raises(DataError) as error:
-        space(path)
-    assert str(error.value).startswith(f"teacher.vectors: {path}: ")
-    assert message in str(error.value)
-
-
-def test_vectors_declared_unit_length_that_are_not_are_refused(tmp_path):
-    path = vectors_file(tmp_path, (3 * np.array(unit_rows(50))).tolist())
-    with pytest.raises(DataError, match="teacher.normalized is true, but the vectors are not"):
-        space(path, normalized=True)
-
-
 # --- Bad sources, models and eval folders: `leaf-ray distill` exits 2 before Ray starts --------
 
 GOOD_ROWS = [

@@ -17,7 +17,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import REPO
-from tests.test_pipeline import small_eval_set
+from tests.integration.test_pipeline import small_eval_set
 
 RAY = str(Path(sys.executable).parent / "ray")
 
