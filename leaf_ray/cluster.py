@@ -1,4 +1,5 @@
-"""The Ray cluster leaf-ray runs on: joining or starting it, and what its nodes hold."""
+"""The Ray cluster leaf-ray runs on: joining or starting it, what its nodes hold, and each task's
+share of their CPUs (one formula for the teacher's actors, the trainers and the eval tasks)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,20 @@ def node_amounts(resource: str) -> list[float]:
     return [
         n["Resources"][resource] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource)
     ]
+
+
+def cpu_share(free: float, node_cpus: list[float], tasks: int, keep_per_node: float = 0) -> float:
+    """CPUs each of `tasks` tasks or actors reserves: an equal share of the `free` CPUs, less
+    `keep_per_node` on each node (at most half of them) left to Ray Data's own tasks, and no more
+    than one node can give: a task lives on one node, and a reservation no node can meet waits
+    forever."""
+    largest = max(node_cpus)
+    share = (free - min(keep_per_node * len(node_cpus), free / 2)) / tasks
+    return min(share, largest - min(keep_per_node, largest / 2))
+
+
+def torch_threads(free: float, node_cpus: list[float], tasks: int) -> int:
+    """Threads each of `tasks` runs torch with: an equal share of the CPUs, at most one node's, at
+    least one. It may exceed what the task reserves (`cpu_share`): the CPUs kept for Ray Data's
+    tasks sit idle most of the time, and torch uses them."""
+    return max(1, min(round(free / tasks), int(max(node_cpus))))

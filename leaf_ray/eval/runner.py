@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from leaf_ray.cluster import node_amounts
+from leaf_ray.cluster import cpu_share, node_amounts
 from leaf_ray.config import EvalConfig
 from leaf_ray.eval.cache import EvalCache
 from leaf_ray.eval.models import EvalModel, _embed_task, _model_meta
@@ -98,7 +98,9 @@ def _embed_missing(
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
     todo = [(role, task) for task in tasks for role in keys if not cache.has(task, keys[role])]
-    cpus = embed_task_cpus(len(todo), resources["CPU"], max(node_amounts("CPU"))) if todo else 1
+    # Off GPUs, an equal share of the cluster's CPUs each: a task's torch threads are its CPUs,
+    # so fewer tasks than CPUs (one model on one task, say) use them all.
+    cpus = max(1, int(cpu_share(resources["CPU"], node_amounts("CPU"), len(todo)))) if todo else 1
 
     def embed(role: str) -> Any:  # a model's task takes a GPU when there are some; an API's not
         if gpus > 0 and models[role].endpoint is None:
@@ -114,13 +116,6 @@ def _embed_missing(
     for ref, texts in _as_completed(jobs, "embedding"):
         embedded[jobs[ref][0]] += texts
     return embedded
-
-
-def embed_task_cpus(jobs: int, cpus: float, largest_node: float) -> int:
-    """CPUs for each embedding task off GPUs: an equal share of the cluster's, within one node,
-    at least one. A task's torch threads are its CPUs, so fewer tasks than CPUs (one model on
-    one task, say) use them all instead of a thread each."""
-    return max(1, min(int(cpus // jobs), int(largest_node)))
 
 
 def _as_completed(jobs: dict[ray.ObjectRef, Any], what: str) -> Iterator[tuple[ray.ObjectRef, Any]]:

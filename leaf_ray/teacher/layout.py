@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import ray
 import ray.data
 
-from leaf_ray.cluster import node_amounts
+from leaf_ray.cluster import cpu_share, node_amounts, torch_threads
 from leaf_ray.config import ConfigError, TeacherConfig
 
 
@@ -66,7 +66,10 @@ def stage_layout(
         threads = 1 if tokenizers else per_gpu
     else:
         tokenizers = cfg.tokenizer_actors or 0
-        cpus, threads = cpu_actor_share(free["CPU"] - tokenizers, node_cpus, cfg.num_actors)
+        # The actors reserve all but one CPU per node, so Ray Data's read, repartition and write
+        # tasks (a whole CPU each) can always be scheduled; otherwise the pipeline deadlocks.
+        cpus = cpu_share(free["CPU"] - tokenizers, node_cpus, cfg.num_actors, keep_per_node=1)
+        threads = torch_threads(free["CPU"] - tokenizers, node_cpus, cfg.num_actors)
         gpus = 0
     rows_per_call = cfg.batch_size * (16 if on_gpus else 128)
     if num_rows is not None:
@@ -86,14 +89,3 @@ def cluster_stage_layout(
     for name, amount in (held_elsewhere or {}).items():
         free[name] = free.get(name, 0) - amount
     return stage_layout(cfg, free, node_amounts("CPU"), num_rows)
-
-
-def cpu_actor_share(free_cpus: float, node_cpus: list[float], num_actors: int) -> tuple[float, int]:
-    """CPUs each CPU actor reserves, and its torch threads. The actors reserve all but one CPU
-    per node, so Ray Data's read, repartition and write tasks (a whole CPU each) can always be
-    scheduled (otherwise the pipeline deadlocks); torch uses them all. An actor lives on one
-    node, so neither exceeds the largest node's (a reservation no node can meet waits forever)."""
-    largest = max(node_cpus)
-    share = max(free_cpus - len(node_cpus), free_cpus / 2) / num_actors
-    reserved = min(share, max(largest - 1, largest / 2))
-    return reserved, max(1, min(round(free_cpus / num_actors), int(largest)))

@@ -20,7 +20,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from leaf_ray.cluster import node_amounts
+from leaf_ray.cluster import node_amounts, torch_threads
 from leaf_ray.config import LeafConfig
 from leaf_ray.progress import on_terminal
 from leaf_ray.run import RAY_TRAIN
@@ -63,9 +63,10 @@ def train_student(
     resources = ray.cluster_resources()
     gpus = gpus_per_trainer(cfg, resources.get("GPU", 0))
     # Workers reserve less CPU than they compute with, so Ray Data can always feed them.
-    largest = max(node_amounts("CPU"), default=0)
-    per_worker = min(round(resources["CPU"] / cfg.train.num_workers), int(largest))  # one node's
-    threads = cfg.train.torch_threads or max(1, per_worker)
+    workers = cfg.train.num_workers
+    threads = cfg.train.torch_threads or torch_threads(
+        resources["CPU"], node_amounts("CPU"), workers
+    )
     # Where a worker that stops on a non-finite step says so: Ray Train's result keeps only
     # metrics reported with a checkpoint, and an exception would be retried into the same step.
     diverged = storage / RAY_TRAIN / f"diverged-{uuid.uuid4().hex}.txt"

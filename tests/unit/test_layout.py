@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from leaf_ray.cluster import cpu_share, torch_threads
 from leaf_ray.config import ConfigError, TeacherConfig
-from leaf_ray.teacher.layout import StageLayout, cpu_actor_share, stage_layout
+from leaf_ray.teacher.layout import StageLayout, stage_layout
 
 
 @pytest.mark.parametrize(
@@ -19,7 +20,9 @@ from leaf_ray.teacher.layout import StageLayout, cpu_actor_share, stage_layout
     ],
 )
 def test_cpu_actors_reserve_what_one_node_can_give(node_cpus, actors, share):
-    assert cpu_actor_share(sum(node_cpus), node_cpus, actors) == share
+    free = sum(node_cpus)
+    reserved = cpu_share(free, node_cpus, actors, keep_per_node=1)  # one CPU a node for Ray Data
+    assert (reserved, torch_threads(free, node_cpus, actors)) == share
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from leaf_ray.cluster import cpu_share
 from leaf_ray.data.beir import load_beir
 from leaf_ray.data.sources import DataError
 from leaf_ray.eval.cache import EvalCache, VectorsFile
 from leaf_ray.eval.compression import int8_ranges, quantize, similarity, truncate
-from leaf_ray.eval.runner import embed_task_cpus
 from leaf_ray.eval.tasks import EvalTask, resolve_tasks
 from leaf_ray.storage import Location
 from tests.integration.test_eval import graded_set, whole_corpus
@@ -126,4 +126,5 @@ def test_binary_scores_are_minus_the_hamming_distance_of_sign_bits():
     [(3, 2, 2, 1), (1, 2, 2, 2), (2, 16, 16, 8), (1, 32, 16, 16), (40, 16, 16, 1)],
 )
 def test_embedding_tasks_off_gpus_share_the_cpus(jobs, cpus, largest, each):
-    assert embed_task_cpus(jobs, cpus, largest) == each
+    nodes = [largest] * int(cpus // largest)
+    assert max(1, int(cpu_share(cpus, nodes, jobs))) == each
