@@ -10,9 +10,6 @@ import ray
 import ray.data
 import ray.train
 import ray.train.torch
-from ray.train import (
-    DataConfig,
-)
 
 from leaf_ray.config import LeafConfig
 from leaf_ray.data.selection import (
@@ -85,9 +82,14 @@ def ordered_ingest() -> ray.data.ExecutionOptions:
     """Ray Train's ingest options, with blocks kept in order: each worker's shard then comes in
     the same order every pass (the split deals blocks to the worker with fewest rows), so a
     resumed epoch skips exactly the batches already trained on."""
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    # DataConfig.default_ingest_options() with order kept, built here: Ray's own passes the
+    # deprecated exclude_resources, which warns in every run.
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=True,
+        verbose_progress=current.verbose_progress,
+    )
 
 
 def held_for_epochs(rows: ray.data.Dataset, num_rows: int, dim: int) -> ray.data.Dataset:
