@@ -93,13 +93,8 @@ def _read_source(src: SourceConfig, index: int, bad_rows: BadRows) -> ray.data.D
             )
             return _first_rows(ds, src.limit) if src.limit else ds
     else:
-        import datasets  # only needed for hub datasets
-
         label = src.hf_dataset
-        hf = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split)
-        if src.limit:  # the split's first rows; before Ray, which might hold all of it
-            hf = hf.select(range(min(src.limit, len(hf))))
-        ds = _from_hugging_face(hf, local=Path(src.hf_dataset).exists())
+        ds = _from_hugging_face(_load_hf(src), local=Path(src.hf_dataset).exists())
     columns = set(ds.columns() or [])
     for name in (src.text_field,) + (() if src.kind else (src.kind_field,)):
         if name not in columns:
@@ -139,19 +134,20 @@ def check_source(
     src: SourceConfig, index: int, each_row: Callable[[str, str, str], None] | None = None
 ) -> SourceCheck:
     """Read a local source's rows on the driver before any Ray job, as `read_texts` will, so a
-    bad row stops a run in seconds, named by file and line (Parquet: row), rather than from
-    inside a Ray task minutes in. Hub datasets are checked as they are read. `each_row(where,
-    kind, text)` sees every good row."""
+    bad row stops a run in seconds, named by file and line (Parquet and hub datasets: row),
+    rather than from inside a Ray task minutes in. `each_row(where, kind, text)` sees every good
+    row."""
     check = SourceCheck(f"data.sources.{index} ({src.path or src.hf_dataset})")
     if src.path is None:
-        return check
-    path = Path(src.path)
-    if not path.exists():
-        raise DataError(f"data.sources.{index}: {path}: no such file or folder")
-    files = data_files(path)
-    if not files:
-        raise DataError(f"data.sources.{index}: {path}: no {', '.join(DATA_SUFFIXES)} files")
-    rows = _parquet_rows(files, src) if is_parquet(path) else _jsonl_rows(files, src)
+        rows = _hf_rows(src)
+    else:
+        path = Path(src.path)
+        if not path.exists():
+            raise DataError(f"data.sources.{index}: {path}: no such file or folder")
+        files = data_files(path)
+        if not files:
+            raise DataError(f"data.sources.{index}: {path}: no {', '.join(DATA_SUFFIXES)} files")
+        rows = _parquet_rows(files, src) if is_parquet(path) else _jsonl_rows(files, src)
     for where, row, problem in rows:
         if problem is None:
             if each_row is not None:
@@ -200,6 +196,32 @@ def _first_rows(ds: ray.data.Dataset, limit: int) -> ray.data.Dataset:
     would disagree. The ordered read is kept apart: the stages downstream run unordered."""
     ds.context.execution_options.preserve_order = True
     return ray.data.from_arrow_refs(ds.limit(limit).to_arrow_refs())
+
+
+def _load_hf(src: SourceConfig):
+    """The hub (or local) dataset's split, its first `limit` rows: loaded on the driver, where
+    `datasets` caches it, so checking it first and reading it after load it once."""
+    import datasets  # only needed for hub datasets
+
+    hf = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split)
+    if src.limit:  # the split's first rows; before Ray, which might hold all of it
+        hf = hf.select(range(min(src.limit, len(hf))))
+    return hf
+
+
+def _hf_rows(src: SourceConfig) -> Iterator[tuple[str, dict, Problem]]:
+    hf = _load_hf(src)
+    label = f"{src.hf_dataset} ({src.split})"
+    for name in (src.text_field,) + (() if src.kind else (src.kind_field,)):
+        if name not in hf.column_names:
+            raise DataError(f"{label}: no field {name!r} (fields: {sorted(hf.column_names)})")
+    for i, row in enumerate(hf.select_columns(_fields(src, hf.column_names))):
+        yield f"{label} row {i}", row, row_problem(row, src)
+
+
+def _fields(src: SourceConfig, columns: list[str]) -> list[str]:
+    wanted = (src.text_field, src.id_field) + (() if src.kind else (src.kind_field,))
+    return [c for c in wanted if c in columns]
 
 
 def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
