@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from leaf_ray.config import BadRows, DataConfig, SourceConfig
+from leaf_ray.hashing import text_hash
 
 KINDS = ("query", "document")
 
@@ -324,3 +325,20 @@ def _columns(rows: list[tuple[str, str, str]], index: int) -> dict[str, np.ndarr
         "kind": np.array(kinds, dtype=object),
         "source": np.full(len(rows), index),
     }
+
+
+def locate_texts(cfg: DataConfig, hashes: list[str]) -> list[str]:
+    """Where each text with one of `hashes` (its cache key) first appears in the sources: file and
+    line, or a dataset's row. Reads the sources again, so only for a few texts, once."""
+    wanted, found = set(hashes), {}
+
+    def note(where: str, kind: str, text: str) -> None:
+        key = text_hash(kind, text)
+        if key in wanted and key not in found:
+            found[key] = where
+
+    for index, src in enumerate(cfg.sources):
+        check_source(src, index, note)
+        if len(found) == len(wanted):
+            break
+    return [found[key] for key in hashes if key in found]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -58,6 +59,12 @@ def batches_per_epoch(rows_per_worker: int, batch: int) -> int:
     return full * BUCKET_BATCHES + -(-rest // batch)
 
 
+class MicroBatch(NamedTuple):
+    features: dict  # the tokenizer's output
+    targets: torch.Tensor  # the teacher's vectors
+    text_hashes: list[str]  # the texts' cache keys, which a step that diverges names; [] unknown
+
+
 class TokenizedBuckets(NumpyBatchCollateFn):
     """A window of rows as its batches of similar-length texts, tokenized, with their targets.
 
@@ -69,11 +76,16 @@ class TokenizedBuckets(NumpyBatchCollateFn):
     def __init__(self, student: SentenceTransformer, batch: int):
         self.student, self.batch = student, batch
 
-    def __call__(self, window: dict[str, np.ndarray]) -> list[tuple[dict, torch.Tensor]]:
+    def __call__(self, window: dict[str, np.ndarray]) -> list[MicroBatch]:
         # Parquet list columns arrive as an object array of rows: stack them.
         texts, vectors = window["text"], np.stack(window["embedding"]).astype(np.float32)
+        hashes = window.get("text_hash")
         return [
-            (self.student.preprocess(texts[rows].tolist()), torch.from_numpy(vectors[rows]))
+            MicroBatch(
+                self.student.preprocess(texts[rows].tolist()),
+                torch.from_numpy(vectors[rows]),
+                [] if hashes is None else hashes[rows].astype(str).tolist(),
+            )
             for rows in length_sorted_batches(texts, self.batch)
         ]
 
@@ -86,7 +98,7 @@ def length_sorted_batches(texts: np.ndarray, batch: int) -> list[np.ndarray]:
 
 def _length_bucketed(
     shard: ray.data.DataIterator, student: SentenceTransformer, batch: int, seed: int
-) -> Iterator[tuple[dict, torch.Tensor]]:
+) -> Iterator[MicroBatch]:
     """Shuffled, tokenized batches: each window of BUCKET_BATCHES batches is length-sorted.
 
     Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import tempfile
 import time
 from contextlib import nullcontext
@@ -82,7 +83,9 @@ def train_loop(config: dict) -> None:
         # Resuming mid-epoch: skip the micro-batches already trained on. They are the same texts:
         # blocks come in order (`ordered_ingest`) and the shuffles are seeded by epoch.
         start = state.micro_batches_done
-        for i, (features, targets) in enumerate(itertools.islice(batches, start, None), start):
+        step_texts: list[str] = []  # the step's texts, named if it diverges
+        for i, micro in enumerate(itertools.islice(batches, start, None), start):
+            features, targets = micro.features, micro.targets
             if i >= batching.micro_per_epoch:  # the schedule and the loss scaling count on it
                 raise RuntimeError(
                     f"epoch {epoch}: the data shard holds more than the {batching.micro_per_epoch}"
@@ -100,6 +103,7 @@ def train_loop(config: dict) -> None:
                 loss = loss / batching.step_size(i)
                 loss.backward()
             window.add(loss.detach(), len(targets))
+            step_texts += micro.text_hashes
             if not stepping:
                 continue
             frozen = encoder_params if state.step < head_steps else []
@@ -111,8 +115,10 @@ def train_loop(config: dict) -> None:
                 )
             except NonFiniteGradient:  # every worker sees the same all-reduced gradient
                 if rank == 0:
-                    config["diverged"].write(f"step {state.step + 1} (epoch {epoch})")
+                    where = {"step": state.step + 1, "epoch": epoch, "text_hashes": step_texts}
+                    config["diverged"].write(json.dumps(where))
                 return
+            step_texts = []
             state.step += 1
             if state.step % tcfg.log_every == 0 or state.step in (1, total_steps):  # and the last
                 state.history.append(window.row(state, grad_norm, rates, world))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -22,6 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from leaf_ray.cluster import node_amounts, torch_threads
 from leaf_ray.config import LeafConfig
+from leaf_ray.data.sources import SHOWN, locate_texts
 from leaf_ray.progress import on_terminal
 from leaf_ray.run import RAY_TRAIN
 from leaf_ray.storage import Location
@@ -107,11 +109,7 @@ def train_student(
     )
     result = fit_off_the_main_thread(trainer)
     if diverged.exists():
-        raise TrainingDiverged(
-            f"training stopped: the loss or its gradient is not finite at "
-            f"{diverged.read_text()}; no student was published. Try a lower train.lr (or "
-            "train.max_grad_norm) under another run.name."
-        )
+        raise TrainingDiverged(_diverged_message(json.loads(diverged.read_text()), cfg))
     if not validation:
         return result.checkpoint, result.checkpoint
     best = min(result.best_checkpoints, key=lambda kept: kept[1]["val_loss"])[0]
@@ -138,3 +136,15 @@ def fit_off_the_main_thread(trainer: TorchTrainer) -> ray.train.Result:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def _diverged_message(where: dict, cfg: LeafConfig) -> str:
+    """The step that diverged, and where its first texts are in the sources (read again on the
+    driver: only a run that diverges pays for it)."""
+    texts = locate_texts(cfg.data, where["text_hashes"][:SHOWN])
+    named = f"; its texts include {', '.join(texts)}" if texts else ""
+    return (
+        f"training stopped: the loss or its gradient is not finite at step {where['step']} "
+        f"(epoch {where['epoch']}){named}; no student was published. Try a lower train.lr (or "
+        "train.max_grad_norm) under another run.name."
+    )

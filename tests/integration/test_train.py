@@ -4,6 +4,7 @@ last checkpoint, with no step repeated or skipped in the history."""
 import itertools
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -160,10 +161,10 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     ids = np.repeat(np.arange(len(texts), dtype=np.float32)[:, None], 4, axis=1)  # row i: all i
 
     window = TokenizedBuckets(student, 8)({"text": np.array(texts[:128]), "embedding": ids[:128]})
-    assert [len(targets) for _, targets in window] == [8] * 16
+    assert [len(micro.targets) for micro in window] == [8] * 16
     spans = sorted(
         (min(lens), max(lens))
-        for lens in ([len(texts[int(i)]) for i in targets[:, 0]] for _, targets in window)
+        for lens in ([len(texts[int(i)]) for i in micro.targets[:, 0]] for micro in window)
     )
     assert all(high <= low for (_, high), (low, _) in itertools.pairwise(spans))
 
@@ -172,15 +173,16 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     rows.context.execution_options = ordered_ingest()
     batches = list(_length_bucketed(rows.iterator(), student, 8, seed=0))
     assert len(batches) == batches_per_epoch(len(texts), 8)
-    trained = [targets[:, 0].int().tolist() for _, targets in batches]
+    trained = [micro.targets[:, 0].int().tolist() for micro in batches]
     assert sorted(i for batch in trained for i in batch) == list(range(len(texts)))
-    for (features, _), batch in zip(batches, trained, strict=True):
+    for (features, _, _), batch in zip(batches, trained, strict=True):
         expected = student.preprocess([texts[i] for i in batch])
         assert torch.equal(features["input_ids"], expected["input_ids"])
 
     def epoch(seed: int) -> list[list[int]]:
         return [
-            t[:, 0].int().tolist() for _, t in _length_bucketed(rows.iterator(), student, 8, seed)
+            m.targets[:, 0].int().tolist()
+            for m in _length_bucketed(rows.iterator(), student, 8, seed)
         ]
 
     # Blocks in order: an epoch repeats with its seed, so a resume can skip what it trained.
@@ -214,8 +216,11 @@ def test_training_stops_on_a_non_finite_step_and_publishes_nothing(
         "diverges",
         train={"epochs": 2, "cycles": 1, "batch_size": 16, "lr": 1e30, "warmup_ratio": 0},
     )
-    with pytest.raises(TrainingDiverged, match=r"not finite at step \d+ \(epoch 0\)"):
+    with pytest.raises(TrainingDiverged, match=r"not finite at step \d+ \(epoch 0\)") as stop:
         distill(load_config(config))
+    # It names where the step's texts are: the first few, by file and line.
+    named = re.findall(r"texts\.jsonl:(\d+)", str(stop.value))
+    assert 1 <= len(named) <= 5 and all(1 <= int(line) <= 200 for line in named), stop.value
     out = tmp_path / "out"
     assert not (out / "diverges").exists()
     assert not list((out / ".diverges.partial").glob("student"))  # none copied out either
