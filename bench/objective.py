@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from quality import merge  # bench/quality.py: the same results file
 from sentence_transformers import SentenceTransformer
 
 
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="runs/objective", help="the teacher's document vectors")
     parser.add_argument("--out", help="save the trained student here")
+    parser.add_argument("--record", help="merge the scores into bench/results as this recipe")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     start = time.time()
@@ -68,6 +70,15 @@ def main() -> None:
         student.save(args.out)
     scores = {Path(folder).name: score(student, Path(folder), args) for folder in args.eval}
     print(json.dumps({"args": vars(args), **scores, "seconds": round(time.time() - start)}))
+    if args.record:
+        common = {"recipe": args.record, "seed": args.seed, "texts": args.limit}
+        merge(
+            [
+                {**common, "epochs": args.epochs, "task": task, "mode": mode, "ndcg_at_10": value}
+                for task, both in scores.items()
+                for mode, value in (("student", both["sym"]), ("asymmetric", both["asym"]))
+            ]
+        )
 
 
 def train(student: SentenceTransformer, texts: list[str], targets: torch.Tensor, args) -> None:
