@@ -7,7 +7,6 @@ is uploaded with config.yaml last. Either way a folder with a config.yaml is a c
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,9 +50,6 @@ from leaf_ray.train.dataset import cached_training_set, streaming_training_set
 from leaf_ray.train.trainer import train_student
 
 PRETRAINED = "pretrained"  # the evaluation's name for the student model as it was given
-
-
-logger = logging.getLogger(__name__)
 
 
 def distill(cfg: LeafConfig) -> Location:

@@ -29,7 +29,7 @@ COMPRESSION_PNG, QUANTIZATION_PNG = "eval_compression.png", "eval_quantization.p
 RAY_TRAIN = "ray_train"  # Ray Train's run name: its folder in the run's storage
 TRAIN_STATE = "train_state.pt"  # in each checkpoint: optimiser, schedule, position, history
 
-RunFolder = TypeVar("RunFolder", Path, Location)  # a run on local disk, or wherever it is stored
+RunPath = TypeVar("RunPath", Path, Location)  # a run on local disk, or wherever it is stored
 
 
 class RunError(RuntimeError):
@@ -83,7 +83,7 @@ def publish(work: Path, run: Location, uploaded: tuple[str, ...]) -> None:
     shutil.rmtree(work)
 
 
-def report_folder(run: RunFolder, student: Path | None) -> RunFolder:
+def report_folder(run: RunPath, student: Path | None) -> RunPath:
     """Where an evaluation's reports go: the run folder, or <run>/evals/<checkpoint> when another
     checkpoint stands in for the student."""
     return run / "evals" / student.name if student else run
