@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
+import ray.data
 import yaml
 from ray.train import Checkpoint
 
@@ -45,8 +47,9 @@ from leaf_ray.storage import Location
 from leaf_ray.student import build_student
 from leaf_ray.teacher.actors import load_without_weights
 from leaf_ray.teacher.backends import load_teacher, teacher_prompts
+from leaf_ray.teacher.space import TeacherSpace
 from leaf_ray.teacher.stage import embed
-from leaf_ray.train.dataset import cached_training_set, streaming_training_set
+from leaf_ray.train.dataset import Validation, cached_training_set, streaming_training_set
 from leaf_ray.train.trainer import train_student
 
 PRETRAINED = "pretrained"  # the evaluation's name for the student model as it was given
@@ -59,26 +62,57 @@ def distill(cfg: LeafConfig) -> Location:
     if run.exists() if storage.is_local else (run / CONFIG_YAML).exists():
         raise RunError(f"{run} already exists; choose another run.name")
     skipped = check_inputs(cfg)  # before anything is written or started
-    # A local or NFS run builds beside its final folder and is renamed into place. An object
-    # store has no rename: the run builds in a local folder and is uploaded, config.yaml last (a
-    # folder without one is no run), and Ray Train writes its checkpoints there directly.
-    if storage.is_local:
-        work = Path(storage.path) / f".{name}.partial"
-        checkpoints = Location.of(work)
-    else:
-        work = Path(tempfile.gettempdir()) / "leaf-ray" / f"{name}.partial"
-        checkpoints = run
-    work.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
-    config_yaml = yaml.safe_dump(
-        cfg.model_dump(mode="json", exclude={"source_file"}), sort_keys=False
-    )
-    trained_with = checkpoints / RAY_TRAIN / CONFIG_YAML
-    refuse_another_config(trained_with, config_yaml)
-    Location.of(work / CONFIG_YAML).write(config_yaml)
+    work, checkpoints, config_yaml = _start(cfg, run)
 
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     #    Streaming mode: the actors embed while the student trains, and nothing is cached.
+    space, training_set, training_rows, validation = _teacher_stage(cfg, skipped, work)
+
+    # 2. Student: layer-reduced (or pretrained) encoder + projection (fitted in closed form on a
+    #    sample of the training set), trained on Ray Train. The workers read the untrained
+    #    student where every node can: the run's storage.
+    init = _student_init(cfg, space, training_set, work, checkpoints)
+    (checkpoints / RAY_TRAIN / CONFIG_YAML).write(config_yaml)
+    latest, best = train_student(cfg, training_set, training_rows, init, checkpoints, validation)
+    _keep_student(latest, best, work, cfg.run.name)
+
+    # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
+    #    tasks on nodes that cannot see the driver's disk fetch it (and student_init) from it.
+    stored = None if storage.is_local else run
+    if stored:
+        (run / STUDENT).upload(work / STUDENT)
+    _evaluate_into(work, work, cfg, work / STUDENT, name, stored)
+    publish(work, run, uploaded=(STUDENT_INIT, STUDENT))
+    return run
+
+
+def _start(cfg: LeafConfig, run: Location) -> tuple[Path, Location, str]:
+    """The folder the run builds in, where its checkpoints go, and its config as written.
+
+    A local or NFS run builds beside its final folder and is renamed into place. An object store
+    has no rename: the run builds in a local folder and is uploaded, config.yaml last (a folder
+    without one is no run), and Ray Train writes its checkpoints there directly."""
+    if run.is_local:
+        work = Path(run.path).parent / f".{run.name}.partial"
+        checkpoints = Location.of(work)
+    else:
+        work = Path(tempfile.gettempdir()) / "leaf-ray" / f"{run.name}.partial"
+        checkpoints = run
+    work.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(
+        cfg.model_dump(mode="json", exclude={"source_file"}), sort_keys=False
+    )
+    refuse_another_config(checkpoints / RAY_TRAIN / CONFIG_YAML, config_yaml)
+    Location.of(work / CONFIG_YAML).write(config_yaml)
+    return work, checkpoints, config_yaml
+
+
+def _teacher_stage(
+    cfg: LeafConfig, skipped: Counter, work: Path
+) -> tuple[TeacherSpace, ray.data.Dataset, int, Validation | None]:
+    """The teacher's space, the training set, its rows and the validation texts; the stage's
+    note (cache, rows, skipped) goes into the run folder."""
     if cfg.train.data_mode == "cached":
         vectors = embed(cfg, skipped)
         space = vectors.space
@@ -91,12 +125,19 @@ def distill(cfg: LeafConfig) -> Location:
     note |= {"training_rows": training_rows, "skipped_rows": dict(skipped)}
     note |= {"validation_texts": len(validation[0]) if validation else 0}
     Location.of(work / TEACHER_CACHE_JSON).write(json.dumps(note))
+    return space, training_set, training_rows, validation
 
-    # 2. Student: layer-reduced (or pretrained) encoder + projection (fitted in closed form on a
-    #    sample of the training set), trained on Ray Train. The workers read the untrained
-    #    student where every node can: the run's storage.
-    #    Only layer reduction needs the teacher here: on the CPU, and not kept, so the driver
-    #    holds no GPU memory Ray does not know of while the workers train.
+
+def _student_init(
+    cfg: LeafConfig,
+    space: TeacherSpace,
+    training_set: ray.data.Dataset,
+    work: Path,
+    checkpoints: Location,
+) -> Checkpoint:
+    """The student as training starts, its projection fitted, in the run folder and where the
+    workers read it. Only layer reduction needs the teacher here: on the CPU, and not kept, so
+    the driver holds no GPU memory Ray does not know of while the workers train."""
     reduces = cfg.student.init == "layer_reduction"
     teacher = load_teacher(cfg.teacher, "cpu") if reduces else None
     student = build_student(cfg.student, space, cfg.run.seed, teacher)
@@ -108,41 +149,28 @@ def distill(cfg: LeafConfig) -> Location:
         )
     student.save_pretrained(str(work / STUDENT_INIT))
     init = checkpoints / STUDENT_INIT
-    if not storage.is_local:
+    if not init.is_local:
         init.upload(work / STUDENT_INIT)
-    trained_with.write(config_yaml)
-    latest, best = train_student(
-        cfg,
-        training_set,
-        training_rows,
-        Checkpoint(init.path, init.fs),
-        checkpoints,
-        validation,
-    )
-    with latest.as_directory() as ckpt:  # the whole run's logs
+    return Checkpoint(init.path, init.fs)
+
+
+def _keep_student(latest: Checkpoint, best: Checkpoint, work: Path, title: str) -> None:
+    """The run's logs (the latest checkpoint holds the whole history) and its student (the best
+    checkpoint by validation loss) into the run folder; the student folder appears whole, after
+    the logs, copied under a temporary name."""
+    with latest.as_directory() as ckpt:
         history = read_metrics(Path(ckpt) / METRICS_JSONL)
         validations = read_metrics(Path(ckpt) / VALIDATION_JSONL)
     write_metrics(history, work)
     write_metrics(validations, work, VALIDATION_JSONL)
-    plot_loss(history, validations, work, cfg.run.name)
-    with best.as_directory() as ckpt:  # the student: the best checkpoint by validation loss
-        # Copied under a temporary name, so a student folder in the run is always whole (and
-        # the logs above are already beside it).
+    plot_loss(history, validations, work, title)
+    with best.as_directory() as ckpt:
         logs = (TRAIN_STATE, METRICS_JSONL, VALIDATION_JSONL)
         copying = work / f".{STUDENT}.copying"
         shutil.rmtree(copying, ignore_errors=True)
         shutil.copytree(ckpt, copying, ignore=shutil.ignore_patterns(*logs))
         shutil.rmtree(work / STUDENT, ignore_errors=True)  # a rerun after a failed evaluation
         copying.rename(work / STUDENT)
-
-    # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
-    #    tasks on nodes that cannot see the driver's disk fetch it (and student_init) from it.
-    stored = None if storage.is_local else run
-    if stored:
-        (run / STUDENT).upload(work / STUDENT)
-    _evaluate_into(work, work, cfg, work / STUDENT, name, stored)
-    publish(work, run, uploaded=(STUDENT_INIT, STUDENT))
-    return run
 
 
 def evaluate_run(
