@@ -135,11 +135,13 @@ def check_source(
     src: SourceConfig, index: int, each_row: Callable[[str, str, str], None] | None = None
 ) -> SourceCheck:
     """Read a local source's rows on the driver before any Ray job, as `read_texts` will, so a
-    bad row stops a run in seconds, named by file and line (Parquet and hub datasets: row),
-    rather than from inside a Ray task minutes in. `each_row(where, kind, text)` sees every good
-    row."""
+    bad row stops a run in seconds, named by file and line (Parquet and local `datasets`
+    folders: row), rather than from inside a Ray task minutes in. `each_row(where, kind, text)`
+    sees every good row."""
     check = SourceCheck(f"data.sources.{index} ({src.path or src.hf_dataset})")
     if src.path is None:
+        if not Path(src.hf_dataset).exists():  # a hub name: checked as it is read, so that a
+            return check  # dry run (offline, or of a corpus of millions) downloads nothing
         rows = _hf_rows(src)
     else:
         path = Path(src.path)

@@ -46,9 +46,10 @@ def test_vectors_declared_unit_length_that_are_not_are_refused(tmp_path):
         space(path, normalized=True)
 
 
-def test_a_hub_dataset_is_checked_row_by_row_before_ray(tmp_path):
-    """`hf_dataset` sources (a local folder here, a hub name online) are read on the driver and
-    checked like files, each bad row named by its index; a missing field is named first."""
+def test_a_local_datasets_folder_is_checked_row_by_row_before_ray(tmp_path):
+    """An `hf_dataset` that is a local folder is read on the driver and checked like files, each
+    bad row named by its index; a missing field is named first. (A hub name is checked as it is
+    read: a dry run downloads nothing.)"""
     folder = tmp_path / "hf"
     folder.mkdir()
     rows = [{"sentence": f"example {i}"} for i in range(30)]
