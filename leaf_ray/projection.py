@@ -28,7 +28,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense
 
-from leaf_ray.cluster import cpu_share, node_amounts
+from leaf_ray.cluster import node_amounts
 
 Fit = Literal["procrustes", "least_squares"]
 # Ridge strength, relative to the mean variance of the student's dimensions: enough to keep the
@@ -73,8 +73,7 @@ def pooled_vectors(encoder: SentenceTransformer, texts: list[str], batch_size: i
     """The encoder's pooled vectors (the projection's input), computed in a Ray task on one node
     (a GPU's when the cluster has one): the driver may hold neither."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    nodes = node_amounts("CPU")
-    cpus = max(1, int(cpu_share(sum(nodes), nodes, 1)))  # the largest node's
+    cpus = max(1, int(max(node_amounts("CPU"), default=1)))  # the largest node's
     task = ray.remote(_pooled).options(num_cpus=cpus, num_gpus=gpus)
     return ray.get(task.remote(encoder, texts, batch_size, cpus))
 
