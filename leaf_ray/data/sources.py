@@ -96,10 +96,7 @@ def _read_source(src: SourceConfig, index: int, bad_rows: BadRows) -> ray.data.D
     else:
         label = src.hf_dataset
         ds = _from_hugging_face(_load_hf(src), local=Path(src.hf_dataset).exists())
-    columns = set(ds.columns() or [])
-    for name in (src.text_field,) + (() if src.kind else (src.kind_field,)):
-        if name not in columns:
-            raise DataError(f"{label}: no field {name!r} (fields: {sorted(columns)})")
+    _check_fields(label, src, ds.columns() or [])
     ds = ds.map_batches(
         _normalise,
         fn_kwargs={"src": src, "index": index, "label": label, "bad_rows": bad_rows},
@@ -215,16 +212,22 @@ def _load_hf(src: SourceConfig):
 def _hf_rows(src: SourceConfig) -> Iterator[tuple[str, dict, Problem]]:
     hf = _load_hf(src)
     label = f"{src.hf_dataset} ({src.split})"
-    for name in (src.text_field,) + (() if src.kind else (src.kind_field,)):
-        if name not in hf.column_names:
-            raise DataError(f"{label}: no field {name!r} (fields: {sorted(hf.column_names)})")
-    for i, row in enumerate(hf.select_columns(_fields(src, hf.column_names))):
+    _check_fields(label, src, hf.column_names)
+    read = [*_required_fields(src), src.id_field]
+    for i, row in enumerate(hf.select_columns([c for c in read if c in hf.column_names])):
         yield f"{label} row {i}", row, row_problem(row, src)
 
 
-def _fields(src: SourceConfig, columns: list[str]) -> list[str]:
-    wanted = (src.text_field, src.id_field) + (() if src.kind else (src.kind_field,))
-    return [c for c in wanted if c in columns]
+def _required_fields(src: SourceConfig) -> tuple[str, ...]:
+    return (src.text_field,) + (() if src.kind else (src.kind_field,))
+
+
+def _check_fields(label: str, src: SourceConfig, columns: list[str]) -> None:
+    """A table source (Parquet, a dataset) must have the text field, and the kind field unless
+    the source fixes its kind."""
+    for name in _required_fields(src):
+        if name not in columns:
+            raise DataError(f"{label}: no field {name!r} (fields: {sorted(columns)})")
 
 
 def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
