@@ -31,22 +31,27 @@ RESULTS = REPO / "bench" / "results" / "quality-mpnet.json"
 # recipe -> overrides of configs/mpnet.yaml ("default" is the file as it is)
 RECIPES = {
     "default": [],
-    "random_head": [  # before fitted heads: a random projection at a fast rate
+    "random_head": [  # LEAF as the paper trains: l2 from a random projection at a fast rate
         "student.projection_init=random",
+        "train.loss=l2",
+        "train.freeze_projection=false",
         "train.lr=2.0e-4",
         "train.head_lr=1.0e-2",
     ],
+    "l2_frozen": ["train.loss=l2"],  # l2 through the frozen fitted projection
     "least_squares_train": [
         "student.projection_init=least_squares",
+        "train.loss=l2",
         "train.freeze_projection=false",
     ],
-    "procrustes_train": ["train.freeze_projection=false"],  # the projection trains too
+    "procrustes_train": ["train.loss=l2", "train.freeze_projection=false"],  # the head trains too
     "head_first": [
+        "train.loss=l2",
         "train.freeze_projection=false",
         "train.head_only_ratio=0.1",
         "train.head_lr=2.0e-4",
     ],
-    "lr_1e-5": ["train.lr=1.0e-5"],
+    "lr_1e-5": ["train.loss=l2", "train.lr=1.0e-5"],
 }
 
 

@@ -39,12 +39,12 @@ from sentence_transformers.util import batch_to_device
 
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
 from leaf_ray.hashing import first_of_each, text_hash
+from leaf_ray.losses import leaf_loss
 from leaf_ray.run import METRICS_JSONL, read_metrics
 from leaf_ray.storage import Location
 from leaf_ray.student import (
     build_student,
     freeze_unused,
-    leaf_loss,
     param_groups,
     sentence_embedding,
 )

@@ -219,6 +219,9 @@ class StudentConfig(Strict):
         return self
 
 
+Loss = Literal["l2", "cosine", "kl"]  # leaf_ray/losses.py
+
+
 class TrainConfig(Strict):
     num_workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0, description="Reserved; leave some for Ray Data.")
@@ -255,9 +258,13 @@ class TrainConfig(Strict):
         description="Of all steps, the first train the projection alone at head_lr (the encoder "
         "frozen); the rest train everything, their cycles starting with their own warm-up.",
     )
-    loss: Literal["l2", "cosine"] = Field(
-        "l2", description="l2: LEAF's mean squared L2 distance; cosine: mean (1 - cosine)."
+    loss: Loss = Field(
+        "l2",
+        description="l2: LEAF's mean squared L2 distance; cosine: mean (1 - cosine); kl: the "
+        "student ranks the batch's teacher vectors as the teacher does (leaf_ray/losses.py), "
+        "for a pretrained student, whose geometry l2 distorts.",
     )
+    kl_temperature: float = Field(0.05, gt=0, description="The kl loss's softmax temperature.")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Of each cycle.")
     max_grad_norm: float = Field(1.0, gt=0)

@@ -105,11 +105,3 @@ def param_groups(student: SentenceTransformer, lr: float, head_lr: float) -> lis
 def sentence_embedding(model: nn.Module, features: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward a (possibly DDP-wrapped) SentenceTransformer to its sentence embedding."""
     return model(features)["sentence_embedding"]
-
-
-def leaf_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2") -> torch.Tensor:
-    """LEAF's objective, mean squared L2 distance between student and teacher vectors; or mean
-    cosine distance, which ignores the student's norm."""
-    if kind == "cosine":
-        return (1 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1)).mean()
-    return (student - teacher).pow(2).sum(dim=-1).mean()

@@ -24,9 +24,10 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
 from leaf_ray.config import LeafConfig, TrainConfig
+from leaf_ray.losses import gather_candidates, leaf_loss
 from leaf_ray.progress import LogLines
 from leaf_ray.run import TRAIN_STATE, VALIDATION_JSONL, write_metrics
-from leaf_ray.student import freeze_unused, leaf_loss, param_groups, sentence_embedding
+from leaf_ray.student import freeze_unused, param_groups, sentence_embedding
 from leaf_ray.train.batching import Batching, _length_bucketed
 from leaf_ray.train.dataset import Validation
 from leaf_ray.train.schedule import head_only_steps, leaf_schedule
@@ -99,7 +100,11 @@ def train_loop(config: dict) -> None:
             with nullcontext() if stepping or world == 1 else model.no_sync():
                 with autocast:
                     predicted = sentence_embedding(model, batch_to_device(features, device))
-                loss = leaf_loss(predicted.float(), targets.to(device), tcfg.loss)
+                targets = targets.to(device)
+                candidates = gather_candidates(targets, world) if tcfg.loss == "kl" else None
+                loss = leaf_loss(
+                    predicted.float(), targets, tcfg.loss, tcfg.kl_temperature, candidates
+                )
                 loss = loss / batching.step_size(i)
                 loss.backward()
             window.add(loss.detach(), len(targets))
@@ -253,7 +258,8 @@ def _validate(
     student.train()
     vectors, target = torch.cat(predicted), torch.from_numpy(targets).to(device)
     cosine = torch.nn.functional.cosine_similarity(vectors, target, dim=-1).mean()
-    return {"val_loss": float(leaf_loss(vectors, target, cfg.loss)), "val_cosine": float(cosine)}
+    loss = leaf_loss(vectors, target, cfg.loss, cfg.kl_temperature)
+    return {"val_loss": float(loss), "val_cosine": float(cosine)}
 
 
 def _report_checkpoint(student: SentenceTransformer, saved: dict, rank: int) -> None:

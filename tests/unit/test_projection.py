@@ -12,8 +12,9 @@ from sentence_transformers.sentence_transformer.modules import (
 )
 
 from leaf_ray.config import TrainConfig
+from leaf_ray.losses import leaf_loss
 from leaf_ray.projection import fit_projection
-from leaf_ray.student import freeze_unused, leaf_loss, param_groups
+from leaf_ray.student import freeze_unused, param_groups
 from leaf_ray.train.loop import optimizer_step
 from leaf_ray.train.schedule import head_only_steps, leaf_schedule
 from tests.conftest import random_bert
