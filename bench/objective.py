@@ -14,6 +14,9 @@ Objectives (summed when joined by +):
 - kl: the teacher's similarity distribution over the batch, softmax(t_i . t_j / tau), as the
   target of the student's cross similarities softmax(s_i . t_j / tau): each text's neighbours
   ranked as the teacher ranks them.
+- klself: the same target for the student's own similarities softmax(s_i . s_j / tau), each
+  text's own vector left out on both sides: the student ranks its own vectors as the teacher
+  ranks its, which is what symmetric search (student against student) uses.
 Batchings: `random` (length-bucketed, as the pipeline trains) or `neighbours`: each batch a text
 and its nearest unassigned texts by the teacher's vectors (no labels: only the teacher's own
 vectors choose them), so the kl term ranks close texts, where retrieval is decided.
@@ -45,7 +48,7 @@ def main() -> None:
     parser.add_argument("--vectors", required=True, help="Parquet: text, embedding (teacher)")
     parser.add_argument("--teacher", required=True, help="the teacher, for its document vectors")
     parser.add_argument("--eval", nargs="+", required=True, help="BEIR-layout folders")
-    parser.add_argument("--loss", default="l2", help="l2, kl, or both: l2+kl")
+    parser.add_argument("--loss", default="l2", help="l2, kl, klself, or a sum: kl+klself")
     parser.add_argument("--batching", default="random", choices=["random", "neighbours"])
     parser.add_argument("--lam", type=float, default=1.0, help="the kl term's weight")
     parser.add_argument("--tau", type=float, default=0.05, help="the kl term's temperature")
@@ -125,6 +128,12 @@ def loss(student: torch.Tensor, teacher: torch.Tensor, args) -> torch.Tensor:
         predicted = F.log_softmax(student @ teacher.T / args.tau, dim=-1)
         weight = args.lam if len(terms) > 1 else 1.0
         total = total + weight * F.kl_div(predicted, target, reduction="batchmean")
+    if "klself" in terms:
+        others = ~torch.eye(len(student), dtype=torch.bool)
+        rows = (len(student), len(student) - 1)
+        target = F.softmax((teacher @ teacher.T)[others].view(rows) / args.tau, dim=-1)
+        predicted = F.log_softmax((student @ student.T)[others].view(rows) / args.tau, dim=-1)
+        total = total + F.kl_div(predicted, target, reduction="batchmean")
     return total
 
 

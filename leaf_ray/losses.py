@@ -53,5 +53,5 @@ def gather_candidates(teacher: torch.Tensor, world: int) -> torch.Tensor:
     if world == 1:
         return teacher
     gathered = teacher.new_empty((world * teacher.shape[0], teacher.shape[1]))
-    dist.all_gather_into_tensor(gathered, teacher.contiguous())
+    dist.all_gather_single(gathered, teacher.contiguous())
     return gathered

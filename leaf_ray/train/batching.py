@@ -53,7 +53,7 @@ class Batching:
 
 
 def batches_per_epoch(rows_per_worker: int, batch: int) -> int:
-    """Batches `_length_bucketed` yields for a shard this size (equal split: workers agree)."""
+    """Batches `bucketed_batches` yields for a shard this size (equal split: workers agree)."""
     window = batch * BUCKET_BATCHES
     full, rest = divmod(rows_per_worker, window)
     return full * BUCKET_BATCHES + -(-rest // batch)
@@ -96,7 +96,7 @@ def length_sorted_batches(texts: np.ndarray, batch: int) -> list[np.ndarray]:
     return [order[i : i + batch] for i in range(0, len(order), batch)]
 
 
-def _length_bucketed(
+def bucketed_batches(
     shard: ray.data.DataIterator, student: SentenceTransformer, batch: int, seed: int
 ) -> Iterator[MicroBatch]:
     """Shuffled, tokenized batches: each window of BUCKET_BATCHES batches is length-sorted.

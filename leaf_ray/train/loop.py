@@ -6,6 +6,7 @@ import itertools
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,9 +18,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.experimental import tqdm_ray
-from ray.train import (
-    Checkpoint,
-)
+from ray.train import Checkpoint
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
@@ -28,7 +27,7 @@ from leaf_ray.losses import gather_candidates, leaf_loss
 from leaf_ray.progress import LogLines
 from leaf_ray.run import TRAIN_STATE, VALIDATION_JSONL, write_metrics
 from leaf_ray.student import freeze_unused, param_groups, sentence_embedding
-from leaf_ray.train.batching import Batching, _length_bucketed
+from leaf_ray.train.batching import Batching, MicroBatch, bucketed_batches
 from leaf_ray.train.dataset import Validation
 from leaf_ray.train.schedule import head_only_steps, leaf_schedule
 from leaf_ray.train.state import TrainState
@@ -41,102 +40,147 @@ class NonFiniteGradient(ArithmeticError):
 def train_loop(config: dict) -> None:
     """One Ray Train worker: DDP over its shard of the training set, from the untrained student
     or the latest checkpoint; rank 0 validates and writes every checkpoint."""
-    cfg: LeafConfig = config["cfg"]
-    tcfg = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["torch_threads"])  # Ray sets OMP_NUM_THREADS=1
-    device = ray.train.torch.get_device()
-    student, saved = _load_student(config["init"], cfg.student.max_seq_length, device)
-    model = ray.train.torch.prepare_model(student)  # DDP when world > 1
-    groups = param_groups(student, tcfg.lr, tcfg.projection_lr)
-    encoder_params, head_params = (group["params"] for group in groups)
-    optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
-    batching = Batching.of(tcfg, config["num_rows"], world)
-    total_steps = batching.steps_per_epoch * tcfg.epochs
-    scheduler = leaf_schedule(optimizer, total_steps, tcfg)
-    head_steps = head_only_steps(total_steps, tcfg)
-    validation = config["validation"] if rank == 0 else None
-    if saved:
-        state = TrainState.restore(saved, optimizer, scheduler, batching.micro_per_epoch)
-    else:
-        state = TrainState()
-        if validation:  # where held-out alignment starts: step 0
-            state.validations.append(
-                {"step": 0, "epoch": 0} | _validate(student, validation, tcfg, device)
-            )
-
-    def save(done: int) -> None:
-        state.micro_batches_done = done
-        if validation:
-            metrics = _validate(student, validation, tcfg, device)
-            state.validations.append({"step": state.step, "epoch": state.epoch} | metrics)
-        _report_checkpoint(student, state.to_checkpoint(optimizer, scheduler), rank)
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = _progress(rank, config["terminal"], total_steps, state.step)
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(state.epoch, tcfg.epochs):
+    worker = Worker(config)
+    state, batching = worker.state, worker.batching
+    for epoch in range(state.epoch, worker.tcfg.epochs):
         state.epoch = epoch
-        model.train()
-        window = Window(device)  # the step's loss, and throughput between logged steps
-        batches = _length_bucketed(shard, student, batching.micro_batch, cfg.run.seed + epoch)
-        # Resuming mid-epoch: skip the micro-batches already trained on. They are the same texts:
-        # blocks come in order (`ordered_ingest`) and the shuffles are seeded by epoch.
-        start = state.micro_batches_done
-        step_texts: list[str] = []  # the step's texts, named if it diverges
-        for i, micro in enumerate(itertools.islice(batches, start, None), start):
-            features, targets = micro.features, micro.targets
-            if i >= batching.micro_per_epoch:  # the schedule and the loss scaling count on it
-                raise RuntimeError(
-                    f"epoch {epoch}: the data shard holds more than the {batching.micro_per_epoch}"
-                    f" micro-batches planned for {config['num_rows']} rows"
-                )
-            stepping = batching.ends_step(i)
-            # Dropout draws from a seed fixed by the micro-batch's place: a resumed run draws the
-            # masks the uninterrupted run drew, without carrying each worker's RNG state.
-            torch.manual_seed(dropout_seed(cfg.run.seed, epoch, i, rank))
-            # DDP all-reduces gradients on the micro-batch that ends a step, not before.
-            with nullcontext() if stepping or world == 1 else model.no_sync():
-                with autocast:
-                    predicted = sentence_embedding(model, batch_to_device(features, device))
-                targets = targets.to(device)
-                candidates = gather_candidates(targets, world) if tcfg.loss == "kl" else None
-                loss = leaf_loss(
-                    predicted.float(), targets, tcfg.loss, tcfg.kl_temperature, candidates
-                )
-                loss = loss / batching.step_size(i)
-                loss.backward()
-            window.add(loss.detach(), len(targets))
-            step_texts += micro.text_hashes
-            if not stepping:
+        for i, micro in worker.micro_batches():
+            worker.forward_backward(micro, i)
+            if not batching.ends_step(i):
                 continue
-            frozen = encoder_params if state.step < head_steps else []
-            if tcfg.freeze_projection:
-                frozen = head_params
-            try:
-                grad_norm, rates = optimizer_step(
-                    optimizer, scheduler, encoder_params + head_params, frozen, tcfg.max_grad_norm
-                )
-            except NonFiniteGradient:  # every worker sees the same all-reduced gradient
-                if rank == 0:
-                    where = {"step": state.step + 1, "epoch": epoch, "text_hashes": step_texts}
-                    config["diverged"].write(json.dumps(where))
-                return
-            step_texts = []
-            state.step += 1
-            if state.step % tcfg.log_every == 0 or state.step in (1, total_steps):  # and the last
-                state.history.append(window.row(state, grad_norm, rates, world))
-                bar.set_description(f"train student  loss {state.history[-1]['loss']:.4f}")
-            window.next_step()
-            bar.update(1)
-            if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
-                if i + 1 < batching.micro_per_epoch:  # the epoch's end checkpoints below
-                    save(i + 1)
-                    window.restart()  # throughput excludes checkpointing
-        save(batching.micro_per_epoch)
+            if not worker.optimizer_step():
+                return  # diverged: recorded for the driver, every worker stops here
+            worker.log_step()
+            every = worker.tcfg.checkpoint_every
+            if every and state.step % every == 0 and i + 1 < batching.micro_per_epoch:
+                worker.save(i + 1)  # the epoch's end checkpoints below
+        worker.save(batching.micro_per_epoch)
         state.micro_batches_done = 0
-    bar.close()
+    worker.bar.close()
+
+
+class Worker:
+    """One worker's training: the model, optimiser, schedule and data position it steps, set
+    up from the untrained student or the latest checkpoint."""
+
+    def __init__(self, config: dict):
+        self.cfg: LeafConfig = config["cfg"]
+        self.tcfg = tcfg = self.cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(config["torch_threads"])  # Ray sets OMP_NUM_THREADS=1
+        self.device = ray.train.torch.get_device()
+        self.student, saved = _load_student(
+            config["init"], self.cfg.student.max_seq_length, self.device
+        )
+        self.model = ray.train.torch.prepare_model(self.student)  # DDP when world > 1
+        groups = param_groups(self.student, tcfg.lr, tcfg.projection_lr)
+        self.encoder_params, self.head_params = (group["params"] for group in groups)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
+        self.num_rows = config["num_rows"]
+        self.batching = Batching.of(tcfg, self.num_rows, self.world)
+        self.total_steps = self.batching.steps_per_epoch * tcfg.epochs
+        self.scheduler = leaf_schedule(self.optimizer, self.total_steps, tcfg)
+        self.head_steps = head_only_steps(self.total_steps, tcfg)
+        self.validation = config["validation"] if self.rank == 0 else None
+        self.diverged = config["diverged"]
+        if saved:
+            self.state = TrainState.restore(
+                saved, self.optimizer, self.scheduler, self.batching.micro_per_epoch
+            )
+        else:
+            self.state = TrainState()
+            if self.validation:  # where held-out alignment starts: step 0
+                self.state.validations.append({"step": 0, "epoch": 0} | self._validate())
+        self.autocast = torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
+        self.bar = _progress(self.rank, config["terminal"], self.total_steps, self.state.step)
+        self.shard = ray.train.get_dataset_shard("train")
+        self.window = Window(self.device)
+        self.step_texts: list[str] = []  # the step's texts, named if it diverges
+
+    def micro_batches(self) -> Iterator[tuple[int, MicroBatch]]:
+        """The epoch's micro-batches with their place in it. Resuming mid-epoch skips those
+        already trained on: they are the same texts, since blocks come in order
+        (`ordered_ingest`) and the shuffles are seeded by epoch."""
+        epoch, start = self.state.epoch, self.state.micro_batches_done
+        self.model.train()
+        self.window = Window(self.device)
+        batches = bucketed_batches(
+            self.shard, self.student, self.batching.micro_batch, self.cfg.run.seed + epoch
+        )
+        for i, micro in enumerate(itertools.islice(batches, start, None), start):
+            if i >= self.batching.micro_per_epoch:  # the schedule and loss scaling count on it
+                planned = self.batching.micro_per_epoch
+                raise RuntimeError(
+                    f"epoch {epoch}: the data shard holds more than the {planned} micro-batches"
+                    f" planned for {self.num_rows} rows"
+                )
+            yield i, micro
+
+    def forward_backward(self, micro: MicroBatch, i: int) -> None:
+        """Micro-batch `i`'s share of its step's gradient."""
+        tcfg, targets = self.tcfg, micro.targets.to(self.device)
+        # Dropout draws from a seed fixed by the micro-batch's place: a resumed run draws the
+        # masks the uninterrupted run drew, without carrying each worker's RNG state.
+        torch.manual_seed(dropout_seed(self.cfg.run.seed, self.state.epoch, i, self.rank))
+        stepping = self.batching.ends_step(i)
+        # DDP all-reduces gradients on the micro-batch that ends a step, not before.
+        with nullcontext() if stepping or self.world == 1 else self.model.no_sync():
+            with self.autocast:
+                features = batch_to_device(micro.features, self.device)
+                predicted = sentence_embedding(self.model, features)
+            candidates = gather_candidates(targets, self.world) if tcfg.loss == "kl" else None
+            loss = leaf_loss(predicted.float(), targets, tcfg.loss, tcfg.kl_temperature, candidates)
+            loss = loss / self.batching.step_size(i)
+            loss.backward()
+        self.window.add(loss.detach(), len(targets))
+        self.step_texts += micro.text_hashes
+
+    def optimizer_step(self) -> bool:
+        """Apply the step's gradient; False (and the step's texts recorded) if it diverged."""
+        frozen = self.encoder_params if self.state.step < self.head_steps else []
+        if self.tcfg.freeze_projection:
+            frozen = self.head_params
+        try:
+            self.grad_norm, self.rates = optimizer_step(
+                self.optimizer,
+                self.scheduler,
+                self.encoder_params + self.head_params,
+                frozen,
+                self.tcfg.max_grad_norm,
+            )
+        except NonFiniteGradient:  # every worker sees the same all-reduced gradient
+            if self.rank == 0:
+                where = {"step": self.state.step + 1, "epoch": self.state.epoch}
+                self.diverged.write(json.dumps(where | {"text_hashes": self.step_texts}))
+            return False
+        self.step_texts = []
+        self.state.step += 1
+        return True
+
+    def log_step(self) -> None:
+        """A history row every `log_every` steps, the first and the last; the bar moves on."""
+        state = self.state
+        if state.step % self.tcfg.log_every == 0 or state.step in (1, self.total_steps):
+            state.history.append(self.window.row(state, self.grad_norm, self.rates, self.world))
+            self.bar.set_description(f"train student  loss {state.history[-1]['loss']:.4f}")
+        self.window.next_step()
+        self.bar.update(1)
+
+    def save(self, micro_batches_done: int) -> None:
+        """A checkpoint after `micro_batches_done` of the epoch, validated on rank 0."""
+        state = self.state
+        state.micro_batches_done = micro_batches_done
+        if self.validation:
+            state.validations.append({"step": state.step, "epoch": state.epoch} | self._validate())
+        saved = state.to_checkpoint(self.optimizer, self.scheduler)
+        _report_checkpoint(self.student, saved, self.rank)
+        self.window.restart()  # throughput excludes checkpointing
+
+    def _validate(self) -> dict[str, float]:
+        return _validate(self.student, self.validation, self.tcfg, self.device)
 
 
 class Window:

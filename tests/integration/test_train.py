@@ -153,7 +153,7 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     import ray.data
     from sentence_transformers import SentenceTransformer
 
-    from leaf_ray.train.batching import TokenizedBuckets, _length_bucketed, batches_per_epoch
+    from leaf_ray.train.batching import TokenizedBuckets, batches_per_epoch, bucketed_batches
     from leaf_ray.train.dataset import ordered_ingest
 
     student = SentenceTransformer(str(tiny_teacher), device="cpu")
@@ -171,7 +171,7 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     rows = [{"text": t, "embedding": v} for t, v in zip(texts, ids, strict=True)]
     rows = ray.data.from_items(rows)
     rows.context.execution_options = ordered_ingest()
-    batches = list(_length_bucketed(rows.iterator(), student, 8, seed=0))
+    batches = list(bucketed_batches(rows.iterator(), student, 8, seed=0))
     assert len(batches) == batches_per_epoch(len(texts), 8)
     trained = [micro.targets[:, 0].int().tolist() for micro in batches]
     assert sorted(i for batch in trained for i in batch) == list(range(len(texts)))
@@ -182,7 +182,7 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     def epoch(seed: int) -> list[list[int]]:
         return [
             m.targets[:, 0].int().tolist()
-            for m in _length_bucketed(rows.iterator(), student, 8, seed)
+            for m in bucketed_batches(rows.iterator(), student, 8, seed)
         ]
 
     # Blocks in order: an epoch repeats with its seed, so a resume can skip what it trained.
