@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--batching", default="random", choices=["random", "neighbours"])
     parser.add_argument("--lam", type=float, default=1.0, help="the kl term's weight")
     parser.add_argument("--tau", type=float, default=0.05, help="the kl term's temperature")
+    parser.add_argument("--window", type=int, help="neighbours within windows of N texts")
     parser.add_argument("--limit", type=int, default=20000, help="first N texts")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-5)
@@ -150,16 +151,20 @@ def batches(texts: list[str], targets: torch.Tensor, args, epoch: int) -> list[n
             ]
         rng.shuffle(out)
         return out
-    # neighbours: a random text and its nearest unassigned texts by the teacher's vectors
-    similarity = (targets @ targets.T).numpy()
-    free, out = np.ones(n, bool), []
-    for seed in rng.permutation(n):
-        candidates = np.flatnonzero(free)
-        if not free[seed] or len(candidates) < args.batch:
-            continue
-        rows = candidates[np.argsort(-similarity[seed, candidates])[: args.batch]]
-        free[rows] = False
-        out.append(rows)
+    # neighbours: a random text and its nearest unassigned texts by the teacher's vectors, in
+    # the whole set or (--window) in each window of that many shuffled texts
+    order, out = (rng.permutation(n) if args.window else np.arange(n)), []
+    for first in range(0, n, args.window or n):
+        window = order[first : first + (args.window or n)]
+        similarity = (targets[window] @ targets[window].T).numpy()
+        free = np.ones(len(window), bool)
+        for seed in rng.permutation(len(window)):
+            candidates = np.flatnonzero(free)
+            if not free[seed] or len(candidates) < args.batch:
+                continue
+            rows = candidates[np.argsort(-similarity[seed, candidates])[: args.batch]]
+            free[rows] = False
+            out.append(window[rows])
     rng.shuffle(out)
     return out
 
