@@ -265,6 +265,18 @@ class TrainConfig(Strict):
         "for a pretrained student, whose geometry l2 distorts.",
     )
     kl_temperature: float = Field(0.05, gt=0, description="The kl loss's softmax temperature.")
+    batching: Literal["length", "neighbours"] = Field(
+        "length",
+        description="length: each batch texts of similar length (little padding); neighbours: "
+        "a text and its nearest texts by the teacher's vectors, so that `loss: kl` ranks close "
+        "candidates, where retrieval is decided.",
+    )
+    neighbour_window: int = Field(
+        2048,
+        gt=0,
+        description="Rows per worker that neighbour batches are chosen from: larger, closer "
+        "neighbours (a window's similarity matrix is its rows squared).",
+    )
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Of each cycle.")
     max_grad_norm: float = Field(1.0, gt=0)

@@ -1,10 +1,11 @@
-"""Micro-batches: length-bucketed, tokenized in the collate function, a fixed number per step."""
+"""Micro-batches: cut from windows of shuffled rows (by length, or as neighbours by the teacher's
+vectors), tokenized in the collate function, a fixed number per step."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import ray
@@ -20,6 +21,8 @@ from leaf_ray.config import TrainConfig
 # Texts per length-sorting window, in batches: batches then carry little padding.
 BUCKET_BATCHES = 16
 
+Grouping = Literal["length", "neighbours"]
+
 
 # A generous size of one text in Ray's object store, for deciding whether a training set fits.
 TEXT_BYTES = 2048
@@ -33,11 +36,17 @@ class Batching:
     micro_batch: int
     accumulation: int
     micro_per_epoch: int
+    grouping: Grouping = "length"
+    window_batches: int = BUCKET_BATCHES  # micro-batches cut from each window of rows
 
     @classmethod
     def of(cls, tcfg: TrainConfig, num_rows: int, world: int) -> Batching:
         micro = tcfg.batch_size // world // tcfg.grad_accumulation
-        return cls(micro, tcfg.grad_accumulation, batches_per_epoch(num_rows // world, micro))
+        windows = BUCKET_BATCHES
+        if tcfg.batching == "neighbours":
+            windows = max(1, tcfg.neighbour_window // micro)
+        per_epoch = batches_per_epoch(num_rows // world, micro, windows)
+        return cls(micro, tcfg.grad_accumulation, per_epoch, tcfg.batching, windows)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -52,11 +61,12 @@ class Batching:
         return (i + 1) % self.accumulation == 0 or i + 1 == self.micro_per_epoch
 
 
-def batches_per_epoch(rows_per_worker: int, batch: int) -> int:
+def batches_per_epoch(
+    rows_per_worker: int, batch: int, window_batches: int = BUCKET_BATCHES
+) -> int:
     """Batches `bucketed_batches` yields for a shard this size (equal split: workers agree)."""
-    window = batch * BUCKET_BATCHES
-    full, rest = divmod(rows_per_worker, window)
-    return full * BUCKET_BATCHES + -(-rest // batch)
+    full, rest = divmod(rows_per_worker, batch * window_batches)
+    return full * window_batches + -(-rest // batch)
 
 
 class MicroBatch(NamedTuple):
@@ -73,20 +83,24 @@ class TokenizedBuckets(NumpyBatchCollateFn):
     Every call tokenizes with the same settings, so the threads and validation share the tokenizer.
     """
 
-    def __init__(self, student: SentenceTransformer, batch: int):
-        self.student, self.batch = student, batch
+    def __init__(self, student: SentenceTransformer, batch: int, grouping: Grouping = "length"):
+        self.student, self.batch, self.grouping = student, batch, grouping
 
     def __call__(self, window: dict[str, np.ndarray]) -> list[MicroBatch]:
         # Parquet list columns arrive as an object array of rows: stack them.
         texts, vectors = window["text"], np.stack(window["embedding"]).astype(np.float32)
         hashes = window.get("text_hash")
+        if self.grouping == "neighbours":
+            batches = neighbour_batches(vectors, self.batch)
+        else:
+            batches = length_sorted_batches(texts, self.batch)
         return [
             MicroBatch(
                 self.student.preprocess(texts[rows].tolist()),
                 torch.from_numpy(vectors[rows]),
                 [] if hashes is None else hashes[rows].astype(str).tolist(),
             )
-            for rows in length_sorted_batches(texts, self.batch)
+            for rows in batches
         ]
 
 
@@ -96,19 +110,44 @@ def length_sorted_batches(texts: np.ndarray, batch: int) -> list[np.ndarray]:
     return [order[i : i + batch] for i in range(0, len(order), batch)]
 
 
-def bucketed_batches(
-    shard: ray.data.DataIterator, student: SentenceTransformer, batch: int, seed: int
-) -> Iterator[MicroBatch]:
-    """Shuffled, tokenized batches: each window of BUCKET_BATCHES batches is length-sorted.
+def neighbour_batches(vectors: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Row indices in batches of neighbours: the first row without a batch and its nearest rows
+    without one, by the cosine of their (teacher) vectors, until every row has one; the last
+    batches, of what is left, are the least alike. The rows come shuffled, so the rows that seed
+    batches are a random draw, and no label is involved."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    similarity = unit @ unit.T
+    free, batches = np.ones(len(unit), dtype=bool), []
+    for seed in range(len(unit)):
+        if free[seed]:
+            candidates = np.flatnonzero(free)
+            rows = candidates[np.argsort(-similarity[seed, candidates], kind="stable")[:batch]]
+            free[rows] = False
+            batches.append(rows)
+    return batches
 
-    Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`).
+
+def bucketed_batches(
+    shard: ray.data.DataIterator,
+    student: SentenceTransformer,
+    batch: int,
+    seed: int,
+    window_batches: int = BUCKET_BATCHES,
+    grouping: Grouping = "length",
+) -> Iterator[MicroBatch]:
+    """Shuffled, tokenized batches, cut from each window of `window_batches` batches' rows by
+    length (little padding) or as teacher neighbours (close candidates for `loss: kl`).
+
+    Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`),
+    nor one by similarity.
     """
     rng = np.random.default_rng(seed)
+    window = batch * window_batches
     for batches in shard.iter_torch_batches(
-        batch_size=batch * BUCKET_BATCHES,
-        collate_fn=TokenizedBuckets(student, batch),
+        batch_size=window,
+        collate_fn=TokenizedBuckets(student, batch, grouping),
         prefetch_batches=2,  # two windows tokenized ahead, on two threads
-        local_shuffle_buffer_size=batch * BUCKET_BATCHES * 4,
+        local_shuffle_buffer_size=window * 4,
         local_shuffle_seed=seed,
     ):
         for idx in rng.permutation(len(batches)):

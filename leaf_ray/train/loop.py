@@ -107,8 +107,10 @@ class Worker:
         epoch, start = self.state.epoch, self.state.micro_batches_done
         self.model.train()
         self.window = Window(self.device)
+        b = self.batching
+        seed = self.cfg.run.seed + epoch
         batches = bucketed_batches(
-            self.shard, self.student, self.batching.micro_batch, self.cfg.run.seed + epoch
+            self.shard, self.student, b.micro_batch, seed, b.window_batches, b.grouping
         )
         for i, micro in enumerate(itertools.islice(batches, start, None), start):
             if i >= self.batching.micro_per_epoch:  # the schedule and loss scaling count on it

@@ -229,15 +229,24 @@ def test_training_stops_on_a_non_finite_step_and_publishes_nothing(
 def test_kl_training_over_two_workers_ranks_held_out_texts_as_the_teacher_does(
     tmp_path, tiny_teacher, demo_texts, ray_local
 ):
-    """`loss: kl` across DDP workers (each ranks the whole batch's teacher vectors, gathered):
-    the held-out divergence from the teacher's ranking falls, and so does the training loss."""
+    """`loss: kl` across DDP workers (each ranks the whole batch's teacher vectors, gathered), on
+    batches of teacher neighbours: the held-out divergence from the teacher's ranking falls, and
+    so does the training loss."""
     config = tiny_run_config(
         tmp_path,
         demo_texts[:400],
         tiny_teacher,
         "kl",
         student={"projection_init": "random"},  # far from the teacher's ranking at first
-        train={"epochs": 2, "cycles": 1, "batch_size": 16, "lr": 1e-3, "loss": "kl"},
+        train={
+            "epochs": 2,
+            "cycles": 1,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "loss": "kl",
+            "batching": "neighbours",
+            "neighbour_window": 64,  # 8 batches of 8 a window: 180 rows a worker, 3 windows
+        },
     )
     run_dir = Path(distill(load_config(config)).path)
     validations = [
