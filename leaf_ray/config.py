@@ -220,6 +220,7 @@ class StudentConfig(Strict):
 
 
 Loss = Literal["l2", "cosine", "kl"]  # leaf_ray/losses.py
+Grouping = Literal["length", "neighbours"]  # leaf_ray/train/batching.py
 
 
 class TrainConfig(Strict):
@@ -265,7 +266,7 @@ class TrainConfig(Strict):
         "for a pretrained student, whose geometry l2 distorts.",
     )
     kl_temperature: float = Field(0.05, gt=0, description="The kl loss's softmax temperature.")
-    batching: Literal["length", "neighbours"] = Field(
+    batching: Grouping = Field(
         "length",
         description="length: each batch texts of similar length (little padding); neighbours: "
         "a text and its nearest texts by the teacher's vectors, so that `loss: kl` ranks close "

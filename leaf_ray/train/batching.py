@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -16,12 +16,10 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from sentence_transformers import SentenceTransformer
 
-from leaf_ray.config import TrainConfig
+from leaf_ray.config import Grouping, TrainConfig
 
 # Texts per length-sorting window, in batches: batches then carry little padding.
 BUCKET_BATCHES = 16
-
-Grouping = Literal["length", "neighbours"]
 
 
 # A generous size of one text in Ray's object store, for deciding whether a training set fits.

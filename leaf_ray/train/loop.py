@@ -113,8 +113,8 @@ class Worker:
             self.shard, self.student, b.micro_batch, seed, b.window_batches, b.grouping
         )
         for i, micro in enumerate(itertools.islice(batches, start, None), start):
-            if i >= self.batching.micro_per_epoch:  # the schedule and loss scaling count on it
-                planned = self.batching.micro_per_epoch
+            if i >= b.micro_per_epoch:  # the schedule and loss scaling count on it
+                planned = b.micro_per_epoch
                 raise RuntimeError(
                     f"epoch {epoch}: the data shard holds more than the {planned} micro-batches"
                     f" planned for {self.num_rows} rows"
