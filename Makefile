@@ -11,14 +11,18 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint clean mpnet
+.PHONY: demo test test-cluster lint clean mpnet
 
 demo: $(STAMP)
 	$(VENV)/bin/leaf-ray distill
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not cluster"
+
+# The fault and cluster tests: each starts or kills Ray clusters and drivers of its own.
+test-cluster: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m cluster
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

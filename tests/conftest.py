@@ -95,7 +95,18 @@ def demo_texts() -> list[dict]:
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another test's Ray
+    # Idle workers stay for the session (Ray keeps num_cpus of them, for a second): a task
+    # worker that has imported torch and sentence-transformers serves the next test's tasks
+    # instead of a new process importing them again.
+    ray.init(
+        address="local",  # never another test's Ray
+        num_cpus=2,
+        include_dashboard=False,
+        _system_config={
+            "num_workers_soft_limit": 8,
+            "idle_worker_killing_time_threshold_ms": 3_600_000,
+        },
+    )
     yield
     ray.shutdown()
 

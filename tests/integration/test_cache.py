@@ -229,6 +229,7 @@ def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
     assert verify(cache, vectors.hashes).ok
 
 
+@pytest.mark.cluster
 def test_a_killed_embed_resumes_and_embeds_each_text_exactly_once(demo_texts, tmp_path, ray_local):
     """A real kill -9 of `leaf-ray embed` (driver, local Ray and actors) midway, then a rerun."""
     texts = demo_texts[:2000]

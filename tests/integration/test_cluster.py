@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from leaf_ray.recipe import evaluate_run
 from tests.conftest import REPO, run_on_own_cluster, tiny_run_config
 from tests.integration.test_pipeline import small_eval_set
+
+pytestmark = pytest.mark.cluster  # Ray clusters of their own
 
 
 def test_distillation_spreads_over_two_nodes(tmp_path, tiny_teacher, demo_texts, ray_local):

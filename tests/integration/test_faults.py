@@ -10,8 +10,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, tiny_run_config
 from tests.integration.test_pipeline import small_eval_set
+
+pytestmark = pytest.mark.cluster  # drivers of their own, interrupted and killed
 
 
 def start(config: Path) -> subprocess.Popen:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from sentence_transformers import SentenceTransformer
 from tests.conftest import REPO
 from tests.integration.test_pipeline import small_eval_set
 
+pytestmark = pytest.mark.cluster  # a `ray start --head` cluster of its own
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -26,6 +29,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def jobs_api_answers(address: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{address}/api/jobs/", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -63,17 +74,16 @@ def ray_head():
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run(
-            [RAY, "job", "list", "--address", address], env=env, capture_output=True
-        ).returncode:
+        # Asked over HTTP: a `ray job list` process a second would take a core from the head.
+        while not jobs_api_answers(address):
             assert head.poll() is None and time.monotonic() < deadline, "ray start failed"
             time.sleep(1)
         yield env, address
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops what it started
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # its workers' graceful exit is not under test
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -81,6 +81,7 @@ def history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.cluster
 def test_a_killed_worker_is_replaced_and_training_resumes(
     tmp_path, tiny_teacher, demo_texts, ray_local
 ):
