@@ -31,7 +31,7 @@ RESULTS = REPO / "bench" / "results" / "quality-mpnet.json"
 # recipe -> overrides of configs/mpnet.yaml ("default" is the file as it is)
 RECIPES = {
     "default": [],
-    "kl_neighbours": ["train.batching=neighbours"],  # kl over batches of teacher neighbours
+    "neighbours": ["train.batching=neighbours"],  # kl over batches of teacher neighbours
     "random_head": [  # LEAF as the paper trains: l2 from a random projection at a fast rate
         "student.projection_init=random",
         "train.loss=l2",
