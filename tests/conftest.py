@@ -125,13 +125,17 @@ def run_on_own_cluster(script: str, config: Path, timeout: int) -> dict:
     return json.loads(next(s for s in done.stdout.splitlines() if s.startswith(tag))[len(tag) :])
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def s3_uri():
     """s3://leaf on a local S3 server: the endpoint travels in the URI, the credentials in the
     environment (tests/conftest.py)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"127.0.0.1:{port}"

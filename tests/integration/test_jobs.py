@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,18 +16,12 @@ import pytest
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.integration.test_pipeline import small_eval_set
 
 pytestmark = pytest.mark.cluster  # a `ray start --head` cluster of its own
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jobs_api_answers(address: str) -> bool:
