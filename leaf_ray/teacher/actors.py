@@ -4,7 +4,6 @@ CPU)."""
 from __future__ import annotations
 
 import os
-from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -24,23 +23,38 @@ from leaf_ray.teacher.layout import StageLayout
 TOKENS = "_teacher_tokens."  # column prefix for token values between the tokenizer and teacher
 
 
+def _empty_encoder(module: Transformer, name: str, task: str, config, *args, **kwargs):
+    with torch.device("meta"):
+        return AutoModel.from_config(config)
+
+
+class _WithoutWeights(SentenceTransformer):
+    """Loads every `Transformer` module of a saved model with `_empty_encoder` in place of its
+    `_load_model`: the module's tokenizer and settings as saved, its encoder built empty."""
+
+    def _load_module_class_from_ref(self, class_ref: str, *args, **kwargs) -> type:
+        module_class = super()._load_module_class_from_ref(class_ref, *args, **kwargs)
+        if issubclass(module_class, Transformer):
+            return type(
+                module_class.__name__,
+                (module_class,),
+                {"_load_model": _empty_encoder, "__module__": __name__},
+            )
+        return module_class
+
+
 def load_without_weights(cfg: TeacherConfig) -> SentenceTransformer:
     """The teacher's modules and tokenizer, its encoder built empty on the meta device: all
     `preprocess` needs, without a copy of the weights in every tokenizer actor (a 7B teacher
-    would take 28 GB each). Hand-written: transformers builds empty models only through
-    accelerate. Where the encoder cannot be built so (a sentence-transformers without
-    `Transformer._load_model`, a model class `AutoModel` does not know), the weights load.
-    Either way no vector comes from these weights: their sha256 pin is left to the actors that
-    embed, rather than every tokenizer actor fetching and hashing them."""
-
-    def empty_encoder(module: Transformer, name: str, task: str, config, *args, **kwargs):
-        with torch.device("meta"):
-            return AutoModel.from_config(config)
-
+    would take 28 GB each). Hand-written: transformers builds empty models from pretrained
+    folders only through accelerate, which would also fetch the weights of a hub model. Where
+    the encoder cannot be built so (a sentence-transformers without these hooks, a model class
+    `AutoModel` does not know), the weights load. Either way no vector comes from these
+    weights: their sha256 pin is left to the actors that embed, rather than every tokenizer
+    actor fetching and hashing them."""
     try:
-        with mock.patch.object(Transformer, "_load_model", empty_encoder):
-            return load_teacher(cfg, "meta", check_pin=False)
-    except (AttributeError, ValueError, KeyError):
+        return load_teacher(cfg, "meta", check_pin=False, model_class=_WithoutWeights)
+    except (AttributeError, TypeError, ValueError, KeyError):
         return load_teacher(cfg, "cpu", check_pin=False)
 
 

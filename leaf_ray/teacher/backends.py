@@ -23,9 +23,12 @@ from leaf_ray.teacher.vectors import VectorsTeacher
 
 
 def load_teacher(
-    cfg: TeacherConfig, device: str | None = None, check_pin: bool = True
+    cfg: TeacherConfig,
+    device: str | None = None,
+    check_pin: bool = True,
+    model_class: type[SentenceTransformer] = SentenceTransformer,
 ) -> SentenceTransformer:
-    model = SentenceTransformer(resolve_model(cfg, check_pin), device=device, revision=cfg.revision)
+    model = model_class(resolve_model(cfg, check_pin), device=device, revision=cfg.revision)
     model.max_seq_length = cfg.max_seq_length
     return model
 

@@ -49,3 +49,24 @@ def test_tokenizer_actors_neither_fetch_nor_hash_pinned_weights(tiny_teacher, tm
     with pytest.raises(ModelPinError, match="does not match pin"):
         load_teacher(wrong_pin, "cpu")
     assert load_without_weights(wrong_pin).tokenizer is not None
+
+
+def test_tokenizer_actors_tokenize_as_the_teacher_without_its_weights(tiny_teacher, tmp_path):
+    """The encoder is built empty from its config: a copy of the teacher with no weights file
+    tokenizes every text, prompt and length limit as the teacher itself does."""
+    import shutil
+
+    from leaf_ray.config import TeacherConfig
+    from leaf_ray.teacher.actors import load_without_weights
+    from leaf_ray.teacher.backends import load_teacher, tokenize
+
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_teacher, no_weights)
+    (no_weights / WEIGHTS).unlink()
+    empty = load_without_weights(TeacherConfig(model=str(no_weights), max_seq_length=12))
+    teacher = load_teacher(TeacherConfig(model=str(tiny_teacher), max_seq_length=12), "cpu")
+
+    assert all(p.device.type == "meta" for p in empty.parameters())
+    texts = ["short", "a longer text, with more words than twelve tokens can hold at all"]
+    for prompt in (None, "query: "):
+        assert tokenize(empty, texts, prompt) == tokenize(teacher, texts, prompt)
