@@ -34,7 +34,10 @@ class LogLines:
             return
         if time.monotonic() - self.last >= LOG_EVERY_S or self.done >= self.total:
             self.last = time.monotonic()
-            print(f"{self.desc} {self.done}/{self.total}", file=sys.stderr, flush=True)
+            # Not `print`: in Ray Train's workers it goes to Train's logger and is teed to the
+            # worker's stderr too, two lines for one.
+            sys.stderr.write(f"{self.desc} {self.done}/{self.total}\n")
+            sys.stderr.flush()
 
     def set_description(self, desc: str) -> None:
         self.desc = desc

@@ -3,6 +3,7 @@ as a Ray job with the repo as its working directory, its outputs found on shared
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,9 @@ def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path, tiny_teacher, 
     job = subprocess.run(submit + entrypoint, env=env, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
+    # Off a terminal, progress is log lines, each once (Ray Train's workers tee `print`).
+    finished = re.findall(r"train student.* (\d+)/\1$", job.stdout + job.stderr, re.MULTILINE)
+    assert len(finished) == 1, job.stdout[-3000:]
 
     run_dir = storage / "runs" / "submitted"
     student = SentenceTransformer(str(run_dir / "student"), device="cpu")
