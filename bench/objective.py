@@ -41,6 +41,9 @@ import torch.nn.functional as F
 from quality import merge  # bench/quality.py: the same results file
 from sentence_transformers import SentenceTransformer
 
+from leaf_ray.losses import leaf_loss
+from leaf_ray.train.batching import length_sorted_batches, neighbour_batches
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -123,13 +126,11 @@ def loss(student: torch.Tensor, teacher: torch.Tensor, args) -> torch.Tensor:
     terms = args.loss.split("+")
     total = torch.zeros(())
     if "l2" in terms:
-        total = total + (student - teacher).pow(2).sum(-1).mean()
+        total = total + leaf_loss(student, teacher, "l2")
     if "kl" in terms:
-        target = F.softmax(teacher @ teacher.T / args.tau, dim=-1)
-        predicted = F.log_softmax(student @ teacher.T / args.tau, dim=-1)
         weight = args.lam if len(terms) > 1 else 1.0
-        total = total + weight * F.kl_div(predicted, target, reduction="batchmean")
-    if "klself" in terms:
+        total = total + weight * leaf_loss(student, teacher, "kl", args.tau)
+    if "klself" in terms:  # the student's own similarities, each text's own left out
         others = ~torch.eye(len(student), dtype=torch.bool)
         rows = (len(student), len(student) - 1)
         target = F.softmax((teacher @ teacher.T)[others].view(rows) / args.tau, dim=-1)
@@ -139,32 +140,17 @@ def loss(student: torch.Tensor, teacher: torch.Tensor, args) -> torch.Tensor:
 
 
 def batches(texts: list[str], targets: torch.Tensor, args, epoch: int) -> list[np.ndarray]:
+    """The pipeline's batchings (leaf_ray.train.batching) over shuffled windows: 16 batches'
+    texts for `random`, `--window` texts (default: all) for `neighbours`."""
     rng = np.random.default_rng(args.seed * 100 + epoch)
-    n = len(texts)
-    if args.batching == "random":  # 16 batches' texts sorted by length, as the pipeline does
-        order, lengths, out = rng.permutation(n), np.array([len(t) for t in texts]), []
-        for first in range(0, n - args.batch + 1, args.batch * 16):
-            group = order[first : first + args.batch * 16]
-            group = group[np.argsort(lengths[group], kind="stable")]
-            out += [
-                group[i : i + args.batch] for i in range(0, len(group) - args.batch + 1, args.batch)
-            ]
-        rng.shuffle(out)
-        return out
-    # neighbours: a random text and its nearest unassigned texts by the teacher's vectors, in
-    # the whole set or (--window) in each window of that many shuffled texts
-    order, out = (rng.permutation(n) if args.window else np.arange(n)), []
-    for first in range(0, n, args.window or n):
-        window = order[first : first + (args.window or n)]
-        similarity = (targets[window] @ targets[window].T).numpy()
-        free = np.ones(len(window), bool)
-        for seed in rng.permutation(len(window)):
-            candidates = np.flatnonzero(free)
-            if not free[seed] or len(candidates) < args.batch:
-                continue
-            rows = candidates[np.argsort(-similarity[seed, candidates])[: args.batch]]
-            free[rows] = False
-            out.append(window[rows])
+    order, out = rng.permutation(len(texts)), []
+    window = args.batch * 16 if args.batching == "random" else args.window or len(texts)
+    for first in range(0, len(order), window):
+        rows = order[first : first + window]
+        if args.batching == "random":
+            out += [rows[b] for b in length_sorted_batches(np.array(texts)[rows], args.batch)]
+        else:
+            out += [rows[b] for b in neighbour_batches(targets[rows].numpy(), args.batch)]
     rng.shuffle(out)
     return out
 
