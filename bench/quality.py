@@ -30,8 +30,8 @@ RESULTS = REPO / "bench" / "results" / "quality-mpnet.json"
 
 # recipe -> overrides of configs/mpnet.yaml ("default" is the file as it is)
 RECIPES = {
-    "default": [],
-    "neighbours": ["train.batching=neighbours"],  # kl over batches of teacher neighbours
+    "default": [],  # kl over batches of teacher neighbours
+    "length": ["train.batching=length"],  # kl over batches of similar length
     "random_head": [  # LEAF as the paper trains: l2 from a random projection at a fast rate
         "student.projection_init=random",
         "train.loss=l2",
