@@ -302,7 +302,8 @@ def _validate(
             )
             predicted.append(sentence_embedding(student, features).float())
     student.train()
-    vectors, target = torch.cat(predicted), torch.from_numpy(targets).to(device)
+    # A copy: the validation arrays come from Ray's object store, read-only.
+    vectors, target = torch.cat(predicted), torch.tensor(targets, device=device)
     cosine = torch.nn.functional.cosine_similarity(vectors, target, dim=-1).mean()
     loss = leaf_loss(vectors, target, cfg.loss, cfg.kl_temperature)
     return {"val_loss": float(loss), "val_cosine": float(cosine)}
