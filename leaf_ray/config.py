@@ -281,6 +281,12 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Of each cycle.")
     max_grad_norm: float = Field(1.0, gt=0)
+    step: Literal["auto", "eager", "fast"] = Field(
+        "auto",
+        description="fast: a fused AdamW step and no host sync per step (a non-finite step is "
+        "skipped on the device, and found where the host reads it anyway: a logged step, a "
+        "checkpoint); eager: the gradient norm read every step. auto: fast on GPUs.",
+    )
     log_every: int = Field(10, gt=0)
     checkpoint_every: int | None = Field(
         None, gt=0, description="Steps between checkpoints; each epoch's end checkpoints too."

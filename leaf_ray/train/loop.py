@@ -6,6 +6,7 @@ import itertools
 import json
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -48,11 +49,10 @@ def train_loop(config: dict) -> None:
             worker.forward_backward(micro, i)
             if not batching.ends_step(i):
                 continue
-            if not worker.optimizer_step():
+            if not worker.optimizer_step(i):
                 return  # diverged: recorded for the driver, every worker stops here
             worker.log_step()
-            every = worker.tcfg.checkpoint_every
-            if every and state.step % every == 0 and i + 1 < batching.micro_per_epoch:
+            if worker.checkpoints_mid_epoch(i):
                 worker.save(i + 1)  # the epoch's end checkpoints below
         worker.save(batching.micro_per_epoch)
         state.micro_batches_done = 0
@@ -76,7 +76,8 @@ class Worker:
         self.model = ray.train.torch.prepare_model(self.student)  # DDP when world > 1
         groups = param_groups(self.student, tcfg.lr, tcfg.projection_lr)
         self.encoder_params, self.head_params = (group["params"] for group in groups)
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
+        fast = tcfg.step == "fast" or (tcfg.step == "auto" and self.device.type == "cuda")
+        self.optimizer, self.fast = _adamw(groups, tcfg.weight_decay, fused=fast)
         self.num_rows = config["num_rows"]
         self.batching = Batching.of(tcfg, self.num_rows, self.world)
         self.total_steps = self.batching.steps_per_epoch * tcfg.epochs
@@ -99,6 +100,10 @@ class Worker:
         self.shard = ray.train.get_dataset_shard("train")
         self.window = Window(self.device)
         self.step_texts: list[str] = []  # the step's texts, named if it diverges
+        # The fast step's health, read by the host only now and then: the first non-finite
+        # step (-1: none) and the texts of each step since the last read.
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.unread: dict[int, list[str]] = {}
 
     def micro_batches(self) -> Iterator[tuple[int, MicroBatch]]:
         """The epoch's micro-batches with their place in it. Resuming mid-epoch skips those
@@ -140,32 +145,69 @@ class Worker:
         self.window.add(loss.detach(), len(targets))
         self.step_texts += micro.text_hashes
 
-    def optimizer_step(self) -> bool:
-        """Apply the step's gradient; False (and the step's texts recorded) if it diverged."""
+    def optimizer_step(self, i: int) -> bool:
+        """Apply the step's gradient. False once a step is found not finite (it and its texts
+        recorded for the driver): on the eager path at once, before the optimiser moves; on the
+        fast path after a step the host reads anyway (logged or checkpointed), the bad step
+        skipped on the device meanwhile. Every worker sees the same all-reduced gradient."""
         frozen = self.encoder_params if self.state.step < self.head_steps else []
         if self.tcfg.freeze_projection:
             frozen = self.head_params
         try:
-            self.grad_norm, self.rates = optimizer_step(
+            self.grad_norm, self.rates, finite = optimizer_step(
                 self.optimizer,
                 self.scheduler,
                 self.encoder_params + self.head_params,
                 frozen,
                 self.tcfg.max_grad_norm,
+                on_device=self.fast,
             )
-        except NonFiniteGradient:  # every worker sees the same all-reduced gradient
-            if self.rank == 0:
-                where = {"step": self.state.step + 1, "epoch": self.state.epoch}
-                self.diverged.write(json.dumps(where | {"text_hashes": self.step_texts}))
-            return False
-        self.step_texts = []
+        except NonFiniteGradient:
+            return self._diverged(self.state.step + 1, self.step_texts)
         self.state.step += 1
+        texts, self.step_texts = self.step_texts, []
+        if not self.fast:
+            return True
+        self.unread[self.state.step] = texts
+        self.first_bad = torch.where(
+            finite | (self.first_bad >= 0), self.first_bad, self.state.step
+        )
+        if not self._host_reads(i):
+            return True
+        first_bad = int(self.first_bad)  # the host waits for the device here, not every step
+        if first_bad >= 0:
+            return self._diverged(first_bad, self.unread[first_bad])
+        self.unread = {}
         return True
+
+    def _diverged(self, step: int, texts: list[str]) -> bool:
+        if self.rank == 0:
+            where = {"step": step, "epoch": self.state.epoch}
+            self.diverged.write(json.dumps(where | {"text_hashes": texts}))
+        return False
+
+    def _host_reads(self, i: int) -> bool:
+        """Whether the host reads the device after micro-batch `i`'s step anyway: the step is
+        logged or checkpointed."""
+        ends_epoch = i + 1 == self.batching.micro_per_epoch
+        return self.logs(self.state.step) or self.checkpoints_mid_epoch(i) or ends_epoch
+
+    def logs(self, step: int) -> bool:
+        """Whether `step` gets a history row: every `log_every`, the first and the last."""
+        return step % self.tcfg.log_every == 0 or step in (1, self.total_steps)
+
+    def checkpoints_mid_epoch(self, i: int) -> bool:
+        """Whether micro-batch `i`'s step is checkpointed before the epoch's end (which always
+        is)."""
+        every = self.tcfg.checkpoint_every
+        return (
+            bool(every) and self.state.step % every == 0 and i + 1 < self.batching.micro_per_epoch
+        )
 
     def log_step(self) -> None:
         """A history row every `log_every` steps, the first and the last; the bar moves on."""
         state = self.state
-        if state.step % self.tcfg.log_every == 0 or state.step in (1, self.total_steps):
+        if self.logs(state.step):
             state.history.append(self.window.row(state, self.grad_norm, self.rates, self.world))
             self.bar.set_description(f"train student  loss {state.history[-1]['loss']:.4f}")
         self.window.next_step()
@@ -245,15 +287,38 @@ def _progress(rank: int, terminal: bool, total: int, done: int) -> tqdm_ray.tqdm
     return bar
 
 
+# The devices Ray Train gives workers, where torch (>= 2.4) has a fused AdamW.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def _adamw(groups: list[dict], weight_decay: float, fused: bool) -> tuple[torch.optim.AdamW, bool]:
+    """AdamW, fused into one kernel where asked and the parameters' device has it; whether it
+    is fused."""
+    params = [p for group in groups for p in group["params"]]
+    if fused and not all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params):
+        warnings.warn(
+            "train.step fast: no fused AdamW on this device; the eager step instead", stacklevel=2
+        )
+        fused = False
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused or None), fused
+
+
 def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainable: list[torch.nn.Parameter],
     frozen: list[torch.nn.Parameter],
     max_grad_norm: float,
-) -> tuple[torch.Tensor, list[float]]:
-    """Clip, step, move the schedule on; the gradient norm (on the device: read at log time)
-    and each group's rate for this step.
+    on_device: bool = False,
+) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """Clip, step, move the schedule on; the gradient norm and whether it is finite (both on
+    the device: read at log time), and each group's rate for this step.
+
+    A non-finite gradient must not reach the weights: one NaN step would spoil them and every
+    checkpoint after it. By default the host reads the norm every step and raises
+    NonFiniteGradient before the optimiser moves. `on_device` (a fused AdamW): the optimiser
+    skips the step on the device where the norm is not finite (the `found_inf` GradScaler
+    gives fused optimisers), so the host does not wait for the device every step.
 
     `frozen` parameters (the encoder in the head-only phase) have their gradients dropped: DDP
     needs every gradient computed, and AdamW skips a parameter without one, so it neither moves
@@ -261,16 +326,17 @@ def optimizer_step(
     for p in frozen:
         p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    # Read on the host every step: one NaN step would spoil the weights and every checkpoint
-    # after it. Raised before the optimiser moves, so the weights stay finite.
-    if not torch.isfinite(grad_norm):
+    finite = torch.isfinite(grad_norm)
+    if on_device:
+        optimizer.found_inf = (~finite).float()
+    elif not finite:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteGradient
     rates = [float(rate) for rate in scheduler.get_last_lr()]  # before the schedule moves on
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, rates
+    return grad_norm, rates, finite
 
 
 def dropout_seed(seed: int, epoch: int, micro_batch: int, rank: int) -> int:

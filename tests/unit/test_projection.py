@@ -3,13 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.modules import (
-    Dense,
-    Normalize,
-    Pooling,
-    Transformer,
-)
 
 from leaf_ray.config import TrainConfig
 from leaf_ray.losses import leaf_loss
@@ -17,7 +10,6 @@ from leaf_ray.projection import fit_projection
 from leaf_ray.student import freeze_unused, param_groups
 from leaf_ray.train.loop import optimizer_step
 from leaf_ray.train.schedule import head_only_steps, leaf_schedule
-from tests.conftest import random_bert
 
 
 def orthonormal_rows(rng, rows: int, cols: int) -> np.ndarray:
@@ -117,15 +109,6 @@ def test_schedule_state_round_trips_through_torchs_safe_loader(tmp_path):
     again = leaf_schedule(optimizer, 300, cfg)
     again.load_state_dict(state["scheduler"])
     assert again.get_last_lr() == schedule.get_last_lr()
-
-
-@pytest.fixture()
-def tiny_student(tmp_path) -> SentenceTransformer:
-    torch.manual_seed(0)
-    random_bert(tmp_path, hidden=16, layers=1).save_pretrained(tmp_path)
-    encoder = Transformer(str(tmp_path), max_seq_length=16)
-    modules = [encoder, Pooling(16, "mean"), Dense(16, 24, activation_function=torch.nn.Identity())]
-    return SentenceTransformer(modules=[*modules, Normalize()], device="cpu")
 
 
 def test_the_encoder_is_unchanged_during_the_head_only_phase_and_trains_after(tiny_student):
