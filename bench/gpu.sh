@@ -24,14 +24,30 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'st'
 python3 bench/random_model.py .gpu/tokenizer $models/bert-base --preset bert-base --max-seq-length 512 || exit 1
 python3 bench/random_model.py .gpu/tokenizer $models/minilm --preset minilm-l6-h384 --max-seq-length 128 || exit 1
 
-date; timeout "${TEACHER_TIMEOUT:-270}" python3 bench/teacher.py --model $models/bert-base \
+started=$(mktemp)  # results older than this file are earlier runs
+date; timeout "${TEACHER_TIMEOUT:-180}" python3 bench/teacher.py --model $models/bert-base \
   --texts "${TEACHER_TEXTS:-24000}" --rounds "${TEACHER_ROUNDS:-2}" \
   --texts-file .gpu/debian-documents.jsonl.gz \
   --batch-size 256 --max-seq-length 512 2>&1 | tee $logs/teacher-gpu.log | grep -v "^\s*$"
 # 8,000 texts: bench/train.py now runs three epochs a side (two of warm-up), as many rows as the
 # two epochs of 12,000 this time limit was set for.
-date; timeout "${TRAIN_TIMEOUT:-260}" python3 bench/train.py --teacher $models/bert-base \
-  --student $models/minilm --texts "${TRAIN_TEXTS:-8000}" --batch-sizes 32 256 --rounds 1 --streaming 2>&1 \
+date; timeout "${TRAIN_TIMEOUT:-240}" python3 bench/train.py --teacher $models/bert-base \
+  --student $models/minilm --texts "${TRAIN_TEXTS:-8000}" --batch-sizes 32 256 --rounds 1 --fast 2>&1 \
   | tee $logs/train-gpu.log | grep -v "^\s*$"
-[ -n "$OUT" ] && cp bench/results/*-gpu.json "$OUT"/ 2>/dev/null
+# One whole run in streaming mode: the teacher's actors and the student's training share the GPU.
+cat > $logs/streaming.yaml <<YAML
+run: {name: gpu-streaming, storage: $logs/runs}
+data: {sources: [{path: $PWD/data/demo/train.jsonl.gz, limit: 4000}]}
+teacher: {model: $models/bert-base, max_seq_length: 128, batch_size: 256}
+student: {init: pretrained, model: $models/minilm, max_seq_length: 128}
+train: {num_workers: 1, epochs: 1, cycles: 1, batch_size: 32, data_mode: streaming, log_every: 20}
+eval: {datasets: [$PWD/data/demo/debian_desc], max_seq_length: 128}
+YAML
+date; timeout "${DISTILL_TIMEOUT:-100}" python3 -m leaf_ray.cli distill --config $logs/streaming.yaml \
+  > $logs/streaming-distill.log 2>&1
+distilled=$?
+tail -20 $logs/streaming-distill.log
+python3 bench/gpu_summary.py --since "$started" --distill-exit $distilled \
+  --distill-run $logs/runs/gpu-streaming
+[ -n "$OUT" ] && cp bench/results/*-gpu.json bench/results/gpu-summary.json "$OUT"/ 2>/dev/null
 ls bench/results

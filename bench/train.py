@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train.py [--batch-sizes 32 256] [--texts 2048] [--workers 1]
         [--rounds 3] [--teacher NAME_OR_DIR] [--student DIR] [--texts-file F] [--streaming]
+        [--fast]
 
 The same student (default: 3-layer MiniLM-L6 layer reduction + Linear + Normalize; or --student,
 a sentence-transformers folder, + Linear into the teacher's space), the same texts with
@@ -10,7 +11,9 @@ AdamW step, bf16 autocast on GPU, threads and, on CPU, malloc settings (the scri
 itself under the workers' `cpu_worker_env()`), and the same length-sorted batches. Each side
 does WARMUP_EPOCHS epochs first (a fresh process's heap grows through two on CPU); seq/s is
 measured over the whole next one (for Ray Train, its data start-up included); rounds alternate
-the sides and the median is kept. --streaming also trains fed by the teacher's actors
+the sides and the median is kept. --fast also runs Ray Train with `train.step: fast` and the
+bare loop with a fused AdamW: `fast_vs_bare` is the fast step against the eager bare loop.
+--streaming also trains fed by the teacher's actors
 (streaming mode): its rate against the cached run's shows what running the teacher alongside
 costs.
 Writes bench/results/train-<device>.json.
@@ -75,18 +78,21 @@ def allocate_as_workers() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | workers)
 
 
-def bare_loop(init: str, texts: np.ndarray, targets: np.ndarray, batch: int) -> float:
+def bare_loop(
+    init: str, texts: np.ndarray, targets: np.ndarray, batch: int, fused: bool = False
+) -> float:
     """seq/s of a plain loop, the epoch after the warm-up, over batches made as `train_loop`
     makes them: rows shuffled anew each epoch, length-sorted in windows of BUCKET_BATCHES
     batches (so the measured epoch meets batch shapes the others did not, as Ray Train's does).
-    It tokenizes inline, as plain loops do."""
+    It tokenizes inline, as plain loops do; `fused`: AdamW's fused kernel."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     student = SentenceTransformer(init, device=device)
     freeze_unused(student)
     student.train()  # dropout on, as in `train_loop` (a loaded model starts in eval mode)
-    optimizer = torch.optim.AdamW(param_groups(student, 2e-4, 1e-2), weight_decay=0.01)
+    groups = param_groups(student, 2e-4, 1e-2)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=fused or None)
     window = batch * BUCKET_BATCHES
     for epoch in range(WARMUP_EPOCHS + 1):  # the last is measured
         shuffled = np.random.default_rng(epoch).permutation(len(texts))
@@ -160,6 +166,9 @@ def main() -> None:
     parser.add_argument(
         "--streaming", action="store_true", help="also train fed by the teacher, end to end"
     )
+    parser.add_argument(
+        "--fast", action="store_true", help="also train.step=fast, and the bare loop fused"
+    )
     args = parser.parse_args()
     allocate_as_workers()
 
@@ -216,6 +225,7 @@ def main() -> None:
                     "batch_size": batch,
                     "lr": 2e-4,
                     "head_lr": 1e-2,
+                    "step": "eager",  # the baseline side; --fast runs "fast" too
                     # One rate window an epoch: the same batches as the bare loop's epoch.
                     "log_every": batches_per_epoch(rows_per_worker, micro_batch),
                 },
@@ -228,6 +238,16 @@ def main() -> None:
             rounds.append(
                 {"bare_seq_per_s": bare, "ray_seq_per_s": through_ray, "ratio": through_ray / bare}
             )
+            if args.fast:
+                fast_cfg = cfg.model_copy(
+                    update={"train": cfg.train.model_copy(update={"step": "fast"})}
+                )
+                fast = ray_train(fast_cfg, init, cached, len(items), storage / f"f{batch}-{r}")
+                rounds[-1] |= {
+                    "bare_fused_seq_per_s": bare_loop(init, texts, targets, batch, fused=True),
+                    "ray_fast_seq_per_s": fast,
+                    "fast_vs_bare": fast / bare,
+                }
             if args.streaming:
                 streamed = streaming_train(cfg, init, items, storage / f"s{batch}-{r}")
                 rounds[-1] |= {
