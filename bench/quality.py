@@ -32,6 +32,7 @@ RESULTS = REPO / "bench" / "results" / "quality-mpnet.json"
 RECIPES = {
     "default": [],  # kl over batches of teacher neighbours
     "length": ["train.batching=length"],  # kl over batches of similar length
+    "tau_0.2": ["train.kl_temperature=0.2"],  # softer targets: more weight on the neighbours
     "random_head": [  # LEAF as the paper trains: l2 from a random projection at a fast rate
         "student.projection_init=random",
         "train.loss=l2",
