@@ -67,9 +67,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", default=str(REPO / "runs" / "quality"))
     parser.add_argument("--table", action="store_true", help="print the results as markdown")
+    parser.add_argument("--budget-plot", help="plot the default's scores by texts to this PNG")
     args = parser.parse_args()
     if args.table:
         print(markdown(json.loads(RESULTS.read_text())))
+        return
+    if args.budget_plot:
+        budget_plot(json.loads(RESULTS.read_text()), Path(args.budget_plot))
         return
     for recipe in args.recipes:
         rows = run_recipe(recipe, args)
@@ -134,6 +138,47 @@ def markdown(rows: list[dict]) -> str:
         cells = [f"{scores[c]:.4f}" if c in scores else "" for c in columns]
         lines.append(f"| {recipe} | {texts} | {epochs} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def budget_plot(rows: list[dict], out: Path) -> None:
+    """nDCG@10 of the `default` recipe by training texts (each seed a point, their mean a line),
+    a panel per task, against the pretrained model alone and the teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        mine = [r for r in rows if r["task"] == task and r["recipe"] == "default"]
+        for mode, style in (("student", "o-"), ("asymmetric", "s-")):
+            points = sorted((r["texts"], r["ndcg_at_10"]) for r in mine if r["mode"] == mode)
+            sizes = sorted({n for n, _ in points})
+            means = [
+                sum(v for n, v in points if n == size) / sum(n == size for n, _ in points)
+                for size in sizes
+            ]
+            ax.plot(sizes, means, style, label=mode)
+            ax.scatter(*zip(*points, strict=True), s=12, color="grey", zorder=3)
+        fitted = sorted(
+            (r["texts"], r["ndcg_at_10"])
+            for r in rows
+            if r["task"] == task and r["recipe"] == "head_only" and r["mode"] == "asymmetric"
+        )
+        ax.plot(*zip(*fitted, strict=True), "s:", color="C1", label="fitted projection, asymmetric")
+        for mode, style in (("pretrained", ":"), ("teacher", "--")):
+            level = [r["ndcg_at_10"] for r in mine if r["mode"] == mode]
+            if level:
+                ax.axhline(level[0], linestyle=style, color="black", label=f"{mode} alone")
+        ax.set(title=task, xlabel="training texts (1 epoch)", ylabel="nDCG@10", xscale="log")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(out)
 
 
 MODES = ["teacher", "pretrained", "student_init", "student", "asymmetric_init", "asymmetric"]
