@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from leaf_ray.run import METRICS_JSONL, read_metrics
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -27,8 +29,8 @@ def fresh(path: Path, since: float) -> dict:
 def summary(teacher: dict, train: dict, distill_exit: int, run: Path | None) -> dict:
     b32 = next((r for r in train.get("results", []) if r["batch"] == 32), {})
     history = []
-    if run is not None and (run / "metrics.jsonl").is_file():
-        history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if run is not None and (run / METRICS_JSONL).is_file():
+        history = read_metrics(run / METRICS_JSONL)
     fused = b32.get("bare_fused_seq_per_s")
     return {
         "device": train.get("device") or teacher.get("device"),

@@ -143,12 +143,12 @@ def batches(texts: list[str], targets: torch.Tensor, args, epoch: int) -> list[n
     """The pipeline's batchings (leaf_ray.train.batching) over shuffled windows: 16 batches'
     texts for `random`, `--window` texts (default: all) for `neighbours`."""
     rng = np.random.default_rng(args.seed * 100 + epoch)
-    order, out = rng.permutation(len(texts)), []
+    order, out, all_texts = rng.permutation(len(texts)), [], np.array(texts)
     window = args.batch * 16 if args.batching == "random" else args.window or len(texts)
     for first in range(0, len(order), window):
         rows = order[first : first + window]
         if args.batching == "random":
-            out += [rows[b] for b in length_sorted_batches(np.array(texts)[rows], args.batch)]
+            out += [rows[b] for b in length_sorted_batches(all_texts[rows], args.batch)]
         else:
             out += [rows[b] for b in neighbour_batches(targets[rows].numpy(), args.batch)]
     rng.shuffle(out)

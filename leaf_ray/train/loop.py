@@ -100,10 +100,8 @@ class Worker:
         self.shard = ray.train.get_dataset_shard("train")
         self.window = Window(self.device)
         self.step_texts: list[str] = []  # the step's texts, named if it diverges
-        # The fast step's health, read by the host only now and then: the first non-finite
-        # step (-1: none) and the texts of each step since the last read.
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        self.unread: dict[int, list[str]] = {}
+        # The fast step's steps since the host last read their health: (step, texts, finite).
+        self.unread: list[tuple[int, list[str], torch.Tensor]] = []
 
     def micro_batches(self) -> Iterator[tuple[int, MicroBatch]]:
         """The epoch's micro-batches with their place in it. Resuming mid-epoch skips those
@@ -168,16 +166,15 @@ class Worker:
         texts, self.step_texts = self.step_texts, []
         if not self.fast:
             return True
-        self.unread[self.state.step] = texts
-        self.first_bad = torch.where(
-            finite | (self.first_bad >= 0), self.first_bad, self.state.step
-        )
+        self.unread.append((self.state.step, texts, finite))
         if not self._host_reads(i):
             return True
-        first_bad = int(self.first_bad)  # the host waits for the device here, not every step
-        if first_bad >= 0:
-            return self._diverged(first_bad, self.unread[first_bad])
-        self.unread = {}
+        unread, self.unread = self.unread, []
+        # The host waits for the device here, once for all these steps, not every step.
+        healthy = torch.stack([ok for _, _, ok in unread]).tolist()
+        for (step, step_texts, _), ok in zip(unread, healthy, strict=True):
+            if not ok:
+                return self._diverged(step, step_texts)
         return True
 
     def _diverged(self, step: int, texts: list[str]) -> bool:
