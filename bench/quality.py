@@ -33,6 +33,7 @@ RECIPES = {
     "default": [],  # kl over batches of teacher neighbours
     "length": ["train.batching=length"],  # kl over batches of similar length
     "tau_0.2": ["train.kl_temperature=0.2"],  # softer targets: more weight on the neighbours
+    "tau_0.02": ["train.kl_temperature=0.02"],  # sharper targets: the text's own vector first
     "random_head": [  # LEAF as the paper trains: l2 from a random projection at a fast rate
         "student.projection_init=random",
         "train.loss=l2",
