@@ -31,7 +31,8 @@ RESULTS = REPO / "bench" / "results" / "quality-mpnet.json"
 # recipe -> overrides of configs/mpnet.yaml ("default" is the file as it is)
 RECIPES = {
     "default": [],  # kl at temperature 0.02 over batches of teacher neighbours
-    "tau_0.05": ["train.kl_temperature=0.05"],  # softer targets: more weight on the neighbours
+    "tau_0.03": ["train.kl_temperature=0.03"],  # softer targets: more weight on the neighbours
+    "tau_0.05": ["train.kl_temperature=0.05"],
     "tau_0.2": ["train.kl_temperature=0.2"],  # softer still
     "length": ["train.kl_temperature=0.05", "train.batching=length"],  # batches of similar length
     "random_head": [  # LEAF as the paper trains: l2 from a random projection at a fast rate
@@ -68,13 +69,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", default=str(REPO / "runs" / "quality"))
     parser.add_argument("--table", action="store_true", help="print the results as markdown")
-    parser.add_argument("--budget-plot", help="plot the default's scores by texts to this PNG")
+    parser.add_argument(
+        "--budget-plot", help="plot a recipe's scores by texts to this PNG (--recipes: which one)"
+    )
     args = parser.parse_args()
     if args.table:
         print(markdown(json.loads(RESULTS.read_text())))
         return
     if args.budget_plot:
-        budget_plot(json.loads(RESULTS.read_text()), Path(args.budget_plot))
+        recipe = args.recipes[0] if len(args.recipes) == 1 else "default"
+        budget_plot(json.loads(RESULTS.read_text()), Path(args.budget_plot), recipe)
         return
     for recipe in args.recipes:
         rows = run_recipe(recipe, args)
@@ -141,8 +145,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def budget_plot(rows: list[dict], out: Path) -> None:
-    """nDCG@10 of the `default` recipe by training texts (each seed a point, their mean a line),
+def budget_plot(rows: list[dict], out: Path, recipe: str) -> None:
+    """nDCG@10 of `recipe` by training texts (each seed a point, their mean a line),
     a panel per task, against the pretrained model alone and the teacher."""
     import matplotlib
 
@@ -152,7 +156,7 @@ def budget_plot(rows: list[dict], out: Path) -> None:
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        mine = [r for r in rows if r["task"] == task and r["recipe"] == "default"]
+        mine = [r for r in rows if r["task"] == task and r["recipe"] == recipe]
         for mode, style in (("student", "o-"), ("asymmetric", "s-")):
             points = sorted((r["texts"], r["ndcg_at_10"]) for r in mine if r["mode"] == mode)
             sizes = sorted({n for n, _ in points})
