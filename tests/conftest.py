@@ -14,6 +14,9 @@ from moto.server import ThreadedMotoServer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A local Ray is never drained: Ray Train's preemption watcher would be one more actor process
+# (Ray's boot and imports) in every training run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # The local S3 server's (tests/test_storage.py): set before any Ray starts, so workers have them,
 # as a cluster's nodes would have real ones (storage URIs may not carry credentials).
 os.environ["AWS_ACCESS_KEY_ID"] = os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
@@ -44,10 +47,17 @@ def random_bert(folder: Path, hidden: int, layers: int):
 
 
 def tiny_run_config(
-    root: Path, texts: list[dict], teacher_model: Path, name: str, **sections
+    root: Path,
+    texts: list[dict],
+    teacher_model: Path,
+    name: str,
+    caches: Path | None = None,
+    **sections,
 ) -> Path:
     """`<name>.yaml` for a tiny run over `texts` (written as JSONL): the tiny teacher, max length
-    64, 2 DDP workers sharing the tests' 2 CPUs; each of `sections` updates its section."""
+    64, 2 DDP workers sharing the tests' 2 CPUs; its teacher and eval caches under `caches`
+    when given (`shared_caches`), else under the run's storage; each of `sections` updates its
+    section."""
     (root / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     config = {
         "run": {"name": name, "storage": "out"},
@@ -56,6 +66,9 @@ def tiny_run_config(
         "student": {"max_seq_length": 64},
         "train": {"num_workers": 2, "cpus_per_worker": 0.5},
     }
+    if caches:
+        config["teacher"]["cache_dir"] = str(caches / "teacher")
+        config["eval"] = {"cache_dir": str(caches / "eval")}
     for section, values in sections.items():
         config[section] = config.get(section, {}) | values
     path = root / f"{name}.yaml"
@@ -83,6 +96,14 @@ def tiny_teacher(tmp_path_factory) -> Path:
     teacher = SentenceTransformer(modules=[encoder, Pooling(32, "mean"), Normalize()], device="cpu")
     teacher.save_pretrained(str(root / "teacher"))
     return root / "teacher"
+
+
+@pytest.fixture(scope="session")
+def shared_caches(tmp_path_factory) -> Path:
+    """Teacher and eval caches shared by the tests' tiny runs (`tiny_run_config(caches=...)`): a
+    text or eval set the tiny teacher embedded for one test is read from the cache by the next,
+    which starts no teacher actor. Only for tests that count no embeddings."""
+    return tmp_path_factory.mktemp("caches")
 
 
 @pytest.fixture(scope="session")

@@ -234,7 +234,7 @@ def test_a_rerun_refuses_checkpoints_written_under_another_config(
 
 
 def test_a_pretrained_student_starts_as_good_as_it_was(
-    tmp_path, tiny_teacher, demo_texts, ray_local
+    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local
 ):
     """A pretrained student related to the teacher (its encoder with one layer fewer): the fitted
     (Procrustes) projection keeps its cosines, so as training starts it scores what the model
@@ -256,8 +256,16 @@ def test_a_pretrained_student_starts_as_good_as_it_was(
         demo_texts[:600],
         tiny_teacher,
         "pretrained",
+        shared_caches,
         student={"init": "pretrained", "model": str(tmp_path / "small"), "max_seq_length": 64},
-        train={"epochs": 1, "cycles": 1, "batch_size": 32, "lr": 1e-4, "head_only_ratio": 0.2},
+        train={
+            "epochs": 1,
+            "cycles": 1,
+            "batch_size": 32,
+            "lr": 1e-4,
+            "head_only_ratio": 0.2,
+            "num_workers": 1,
+        },
         eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
     )
     run_dir = Path(distill(load_config(cfg)).path)
@@ -278,7 +286,7 @@ def test_a_pretrained_student_starts_as_good_as_it_was(
 
 
 def test_a_failed_evaluation_reruns_without_retraining(
-    tmp_path, tiny_teacher, demo_texts, ray_local, monkeypatch
+    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local, monkeypatch
 ):
     """The evaluation fails after training (here: a fault injected into it; a node lost, say);
     the same command resumes from the trained student: no step is trained again, and the run is
@@ -295,7 +303,8 @@ def test_a_failed_evaluation_reruns_without_retraining(
         demo_texts[:300],
         tiny_teacher,
         "eval-fails",
-        train={"epochs": 1, "cycles": 1, "batch_size": 32, "log_every": 1},
+        shared_caches,
+        train={"epochs": 1, "cycles": 1, "batch_size": 32, "log_every": 1, "num_workers": 1},
         eval={"datasets": [str(eval_dir)], "max_seq_length": 64},
     )
     with monkeypatch.context() as patch:

@@ -207,14 +207,19 @@ def test_cached_vectors_are_read_once_when_they_fit_in_the_object_store(ray_loca
 
 @pytest.mark.parametrize("step", ["eager", "fast"])
 def test_training_stops_on_a_non_finite_step_and_publishes_nothing(
-    tmp_path, tiny_teacher, demo_texts, ray_local, step
+    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local, step
 ):
     """A rate this large overflows the weights to infinity within a step or two: the workers
     stop at the first non-finite gradient, which never reaches the weights. Eager: found as it
     happens; fast: skipped on the device and found at the next logged step."""
     train = {"epochs": 2, "cycles": 1, "batch_size": 16, "lr": 1e30, "warmup_ratio": 0}
     config = tiny_run_config(
-        tmp_path, demo_texts[:200], tiny_teacher, "diverges", train=train | {"step": step}
+        tmp_path,
+        demo_texts[:200],
+        tiny_teacher,
+        "diverges",
+        shared_caches,
+        train=train | {"step": step},
     )
     with pytest.raises(TrainingDiverged, match=r"not finite at step \d+ \(epoch 0\)") as stop:
         distill(load_config(config))
@@ -227,7 +232,7 @@ def test_training_stops_on_a_non_finite_step_and_publishes_nothing(
 
 
 def test_kl_training_over_two_workers_ranks_held_out_texts_as_the_teacher_does(
-    tmp_path, tiny_teacher, demo_texts, ray_local
+    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local
 ):
     """`loss: kl` across DDP workers (each ranks the whole batch's teacher vectors, gathered), on
     batches of teacher neighbours: the held-out divergence from the teacher's ranking falls, and
@@ -237,6 +242,7 @@ def test_kl_training_over_two_workers_ranks_held_out_texts_as_the_teacher_does(
         demo_texts[:400],
         tiny_teacher,
         "kl",
+        shared_caches,
         student={"projection_init": "random"},  # far from the teacher's ranking at first
         train={
             "epochs": 2,
