@@ -138,18 +138,28 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
     assert embed(more).embedded == 50
 
 
-def embedded_in_several_shards(tmp_path, texts, tiny_teacher):
-    """The config and its teacher vectors, batch 1: shards of 128 or more rows (an actor
-    call), so several of them."""
+@pytest.fixture(scope="module")
+def several_shards(tiny_teacher, demo_texts, tmp_path_factory, ray_local) -> Path:
+    """A folder with a config over 800 texts and its teacher cache, embedded at batch 1: shards
+    of 128 or more rows (an actor call), so several of them. Embedded once; each test changes
+    a copy (`embedded_in_several_shards`)."""
+    root = tmp_path_factory.mktemp("shards")
     teacher = {"model": str(tiny_teacher), "max_seq_length": 64, "batch_size": 1}
-    cfg = load_config(write_config(tmp_path, texts, teacher))
-    return cfg, embed(cfg)
+    embed(load_config(write_config(root, demo_texts[:800], teacher)))
+    return root
 
 
-def test_verify_finds_missing_duplicated_and_corrupt_rows(
-    tiny_teacher, demo_texts, tmp_path, ray_local
-):
-    cfg, vectors = embedded_in_several_shards(tmp_path, demo_texts[:800], tiny_teacher)
+def embedded_in_several_shards(several_shards: Path, tmp_path: Path):
+    """The config and its teacher vectors, in a copy of `several_shards` under `tmp_path`."""
+    shutil.copytree(several_shards, tmp_path, dirs_exist_ok=True)
+    cfg = load_config(tmp_path / "cfg.yaml")
+    vectors = embed(cfg)
+    assert vectors.embedded == 0 and vectors.cache.root.path.startswith(str(tmp_path))
+    return cfg, vectors
+
+
+def test_verify_finds_missing_duplicated_and_corrupt_rows(several_shards, tmp_path):
+    cfg, vectors = embedded_in_several_shards(several_shards, tmp_path)
     cache = vectors.cache
     assert verify(cache, vectors.hashes).ok
     assert not verify(cache, np.append(vectors.hashes, "0" * 32)).ok  # a text with no vector
@@ -193,9 +203,9 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(
 
 
 def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
-    tiny_teacher, demo_texts, tmp_path, ray_local
+    several_shards, tmp_path
 ):
-    cfg, vectors = embedded_in_several_shards(tmp_path, demo_texts[:500], tiny_teacher)
+    cfg, vectors = embedded_in_several_shards(several_shards, tmp_path)
     cache = vectors.cache
     entries = cache.entries()
     root = Path(cache.root.path)
