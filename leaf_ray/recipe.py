@@ -64,7 +64,27 @@ def distill(cfg: LeafConfig) -> Location:
     skipped = check_inputs(cfg)  # before anything is written or started
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     work, checkpoints, config_yaml = _start(cfg, run)
+    if (work / STUDENT).is_dir():
+        # An earlier attempt trained the student (it appears whole, `_keep_student`) and then
+        # failed in its evaluation: straight to the evaluation, no worker started again.
+        connect_ray(cfg.ray)
+    else:
+        _teacher_and_student(cfg, skipped, work, checkpoints, config_yaml)
 
+    # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
+    #    tasks on nodes that cannot see the driver's disk fetch it (and student_init) from it.
+    stored = None if storage.is_local else run
+    if stored:
+        (run / STUDENT).upload(work / STUDENT)
+    _evaluate_into(work, work, cfg, work / STUDENT, name, stored)
+    publish(work, run, uploaded=(STUDENT_INIT, STUDENT))
+    return run
+
+
+def _teacher_and_student(
+    cfg: LeafConfig, skipped: Counter, work: Path, checkpoints: Location, config_yaml: str
+) -> None:
+    """The teacher stage and the student's training, into `work`."""
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     #    Streaming mode: the actors embed while the student trains, and nothing is cached.
     space, training_set, training_rows, validation = _teacher_stage(cfg, skipped, work)
@@ -76,15 +96,6 @@ def distill(cfg: LeafConfig) -> Location:
     (checkpoints / RAY_TRAIN / CONFIG_YAML).write(config_yaml)
     latest, best = train_student(cfg, training_set, training_rows, init, checkpoints, validation)
     _keep_student(latest, best, work, cfg.run.name)
-
-    # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
-    #    tasks on nodes that cannot see the driver's disk fetch it (and student_init) from it.
-    stored = None if storage.is_local else run
-    if stored:
-        (run / STUDENT).upload(work / STUDENT)
-    _evaluate_into(work, work, cfg, work / STUDENT, name, stored)
-    publish(work, run, uploaded=(STUDENT_INIT, STUDENT))
-    return run
 
 
 def _start(cfg: LeafConfig, run: Location) -> tuple[Path, Location, str]:
@@ -169,7 +180,6 @@ def _keep_student(latest: Checkpoint, best: Checkpoint, work: Path, title: str) 
         copying = work / f".{STUDENT}.copying"
         shutil.rmtree(copying, ignore_errors=True)
         shutil.copytree(ckpt, copying, ignore=shutil.ignore_patterns(*logs))
-        shutil.rmtree(work / STUDENT, ignore_errors=True)  # a rerun after a failed evaluation
         copying.rename(work / STUDENT)
 
 

@@ -291,8 +291,8 @@ def test_a_failed_evaluation_reruns_without_retraining(
     tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local, monkeypatch
 ):
     """The evaluation fails after training (here: a fault injected into it; a node lost, say);
-    the same command resumes from the trained student: no step is trained again, and the run is
-    published."""
+    the same command resumes from the trained student: no teacher stage or training worker
+    runs again, and the run is published."""
     from leaf_ray import recipe
     from leaf_ray.eval.tasks import EvalError
 
@@ -315,6 +315,13 @@ def test_a_failed_evaluation_reruns_without_retraining(
             distill(load_config(cfg))
     partial = tmp_path / "out" / ".eval-fails.partial"
     trained = (partial / "metrics.jsonl").read_text()
-    run_dir = Path(distill(load_config(cfg)).path)
+
+    def again(*args, **kwargs):
+        raise AssertionError("the student was trained: the teacher stage or training ran again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "_teacher_stage", again)
+        patch.setattr(recipe, "train_student", again)
+        run_dir = Path(distill(load_config(cfg)).path)
     assert (run_dir / "metrics.jsonl").read_text() == trained  # nothing trained again
     assert main_scores(json.loads((run_dir / "eval.json").read_text()))["asymmetric"] > 0
