@@ -64,11 +64,10 @@ def distill(cfg: LeafConfig) -> Location:
     skipped = check_inputs(cfg)  # before anything is written or started
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     work, checkpoints, config_yaml = _start(cfg, run)
-    if (work / STUDENT).is_dir():
-        # An earlier attempt trained the student (it appears whole, `_keep_student`) and then
-        # failed in its evaluation: straight to the evaluation, no worker started again.
-        connect_ray(cfg.ray)
-    else:
+    connect_ray(cfg.ray)
+    # A student already in `work` (it appears whole, `_keep_student`) was trained by an earlier
+    # attempt that failed in its evaluation: straight to the evaluation, no worker started again.
+    if not (work / STUDENT).is_dir():
         _teacher_and_student(cfg, skipped, work, checkpoints, config_yaml)
 
     # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
