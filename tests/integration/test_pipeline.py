@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import LeafConfig, load_config
@@ -140,10 +141,12 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     history = [json.loads(line) for line in (streamed / "metrics.jsonl").read_text().splitlines()]
     assert abs(history[-1]["loss"] - last) < 0.25 * last, (last, history[-1]["loss"])
 
-    # The evaluation job re-scores a finished run from its saved config alone, from the eval
-    # cache: nothing is embedded again.
-    again = evaluate_run(run_dir)
+    # The evaluation job re-scores a finished run from its saved config, here with other eval
+    # settings (full-size float32 only), from the eval cache: nothing is embedded again.
+    full_float32 = ["eval.dimensions=[]", "eval.quantizations=[float32]"]
+    again = evaluate_run(run_dir, full_float32)
     assert main_scores(again.rows) == scores
+    assert len(again.rows) == 5  # the overrides' settings alone
     assert again.embedded == {"student": 0, "student_init": 0, "teacher": 0}
     # Another checkpoint as the student: only it is embedded; the teacher's documents are reused.
     student_weights = (run_dir / "student" / "model.safetensors").read_bytes()
@@ -152,17 +155,19 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
         for c in sorted((run_dir / "ray_train").glob("checkpoint_*"))
         if (c / "model.safetensors").read_bytes() != student_weights
     )
-    checkpoint = evaluate_run(run_dir, student=other)
+    checkpoint = evaluate_run(run_dir, full_float32, student=other)
     assert checkpoint.embedded == {"student": 60 + 300, "student_init": 0, "teacher": 0}
     assert (run_dir / "evals" / other.name / "eval.md").is_file()
     assert main_scores(checkpoint.rows)["teacher"] == scores["teacher"]
     assert main_scores(checkpoint.rows)["student"] != scores["student"]
-    # The same through the CLI, in a process (and Ray) of its own: its table is that report's.
+    # The same through the CLI, in a process of its own that joins this Ray by RAY_ADDRESS, as a
+    # job `ray job submit` started would: its table is that report's.
     report = run_dir / "evals" / other.name
     rows = json.loads((report / "eval.json").read_text())
     shutil.rmtree(report)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"COLUMNS": "500"}
-    cli = ["eval", "--run", str(run_dir), "--student", str(other)]
+    address = ray.get_runtime_context().gcs_address
+    env = os.environ | {"RAY_ADDRESS": address, "COLUMNS": "500"}
+    cli = ["eval", "--run", str(run_dir), "--student", str(other), *full_float32]
     done = subprocess.run(
         [sys.executable, "-m", "leaf_ray.cli", *cli],
         env=env,
@@ -236,31 +241,48 @@ def test_a_rerun_refuses_checkpoints_written_under_another_config(
     refuse_another_config(Location.of(trained_with), moved_yaml)
 
 
-def test_a_pretrained_student_starts_as_good_as_it_was(
-    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local
-):
-    """A pretrained student related to the teacher (its encoder with one layer fewer): the fitted
-    (Procrustes) projection keeps its cosines, so as training starts it scores what the model
-    alone scored, and its queries already land in the teacher's space."""
+def smaller_student(tiny_teacher: Path, folder: Path) -> Path:
+    """A pretrained student related to the teacher: its encoder with one layer fewer."""
     from transformers import BertModel
 
     bert = BertModel.from_pretrained(tiny_teacher.parent / "hf")
     bert.encoder.layer = bert.encoder.layer[:1]
     bert.config.num_hidden_layers = 1
-    bert.save_pretrained(tmp_path / "small")
+    bert.save_pretrained(folder)
     shutil.copytree(
         tiny_teacher.parent / "hf",
-        tmp_path / "small",
+        folder,
         dirs_exist_ok=True,
         ignore=shutil.ignore_patterns("*.safetensors", "config.json"),
     )
+    return folder
+
+
+def test_a_pretrained_student_starts_as_good_as_it_was_and_a_failed_evaluation_reruns_alone(
+    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local, monkeypatch
+):
+    """A pretrained student: the fitted (Procrustes) projection keeps its cosines, so as training
+    starts it scores what the model alone scored, and its queries already land in the teacher's
+    space. Its evaluation fails after training (here: a fault injected into it; a node lost,
+    say); the same command resumes from the trained student: no teacher stage or training
+    worker runs again, and the run is published, the pretrained model scored beside it.
+
+    One test for both: each is a whole training run, and the rerun's evaluation is where the
+    pretrained model must still be found."""
+    from leaf_ray import recipe
+    from leaf_ray.eval.tasks import EvalError
+
+    def broken(*args, **kwargs):
+        raise EvalError("the evaluation failed")
+
+    student = smaller_student(tiny_teacher, tmp_path / "small")
     cfg = tiny_run_config(
         tmp_path,
         demo_texts[:600],
         tiny_teacher,
         "pretrained",
         shared_caches,
-        student={"init": "pretrained", "model": str(tmp_path / "small"), "max_seq_length": 64},
+        student={"init": "pretrained", "model": str(student), "max_seq_length": 64},
         train={
             "epochs": 1,
             "cycles": 1,
@@ -271,7 +293,21 @@ def test_a_pretrained_student_starts_as_good_as_it_was(
         },
         eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
     )
-    run_dir = Path(distill(load_config(cfg)).path)
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "evaluate", broken)
+        with pytest.raises(EvalError):
+            distill(load_config(cfg))
+    trained = (tmp_path / "out" / ".pretrained.partial" / "metrics.jsonl").read_text()
+
+    def again(*args, **kwargs):
+        raise AssertionError("the student was trained: the teacher stage or training ran again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "_teacher_stage", again)
+        patch.setattr(recipe, "train_student", again)
+        run_dir = Path(distill(load_config(cfg)).path)
+    assert (run_dir / "metrics.jsonl").read_text() == trained  # nothing trained again
+
     scores = main_scores(json.loads((run_dir / "eval.json").read_text()))
     assert set(scores) == {
         "teacher",
@@ -286,43 +322,3 @@ def test_a_pretrained_student_starts_as_good_as_it_was(
     assert "| pretrained |" in (run_dir / "eval.md").read_text()
     rows = {r["mode"]: r for r in json.loads((run_dir / "eval.json").read_text()) if r["full"]}
     assert rows["student_init"]["change"] == pytest.approx(0, abs=1e-3)  # against pretrained
-
-
-def test_a_failed_evaluation_reruns_without_retraining(
-    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local, monkeypatch
-):
-    """The evaluation fails after training (here: a fault injected into it; a node lost, say);
-    the same command resumes from the trained student: no teacher stage or training worker
-    runs again, and the run is published."""
-    from leaf_ray import recipe
-    from leaf_ray.eval.tasks import EvalError
-
-    def broken(*args, **kwargs):
-        raise EvalError("the evaluation failed")
-
-    eval_dir = small_eval_set(tmp_path / "eval")
-    cfg = tiny_run_config(
-        tmp_path,
-        demo_texts[:300],
-        tiny_teacher,
-        "eval-fails",
-        shared_caches,
-        train={"epochs": 1, "cycles": 1, "batch_size": 32, "log_every": 1, "num_workers": 1},
-        eval={"datasets": [str(eval_dir)], "max_seq_length": 64},
-    )
-    with monkeypatch.context() as patch:
-        patch.setattr(recipe, "evaluate", broken)
-        with pytest.raises(EvalError):
-            distill(load_config(cfg))
-    partial = tmp_path / "out" / ".eval-fails.partial"
-    trained = (partial / "metrics.jsonl").read_text()
-
-    def again(*args, **kwargs):
-        raise AssertionError("the student was trained: the teacher stage or training ran again")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(recipe, "_teacher_stage", again)
-        patch.setattr(recipe, "train_student", again)
-        run_dir = Path(distill(load_config(cfg)).path)
-    assert (run_dir / "metrics.jsonl").read_text() == trained  # nothing trained again
-    assert main_scores(json.loads((run_dir / "eval.json").read_text()))["asymmetric"] > 0
