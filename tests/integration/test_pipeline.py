@@ -123,24 +123,6 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
         assert full[mode]["change"] == pytest.approx(full[mode]["score"] - full[start]["score"])
     assert f"| {full['student']['change']:+.4f} |" in (run_dir / "eval.md").read_text()
 
-    # Streaming mode: the teacher embeds while the student trains (2 CPUs: 1 for the trainers,
-    # 1 for the teacher's actor, no deadlock), nothing is cached, and the student is as good.
-    # One actor: Ray Data starts the teacher's actors again every epoch. Scored at full size in
-    # float32 only: the other settings are the cached run's.
-    streaming = ["train.data_mode=streaming", "run.name=tiny-streaming", "teacher.cache_dir=none"]
-    streaming += ["teacher.num_actors=1", "eval.dimensions=[]", "eval.quantizations=[float32]"]
-    streamed = Path(distill(load_config(cfg, streaming)).path)
-    note = json.loads((streamed / "teacher_cache.json").read_text())
-    assert note["streaming"] and note["cache"] is None and note["training_rows"] == 1080
-    assert not (tmp_path / "none").exists()
-    streamed_scores = main_scores(json.loads((streamed / "eval.json").read_text()))
-    assert abs(streamed_scores["asymmetric"] - scores["asymmetric"]) < 0.05, (
-        scores,
-        streamed_scores,
-    )
-    history = [json.loads(line) for line in (streamed / "metrics.jsonl").read_text().splitlines()]
-    assert abs(history[-1]["loss"] - last) < 0.25 * last, (last, history[-1]["loss"])
-
     # The evaluation job re-scores a finished run from its saved config, here with other eval
     # settings (full-size float32 only), from the eval cache: nothing is embedded again.
     full_float32 = ["eval.dimensions=[]", "eval.quantizations=[float32]"]

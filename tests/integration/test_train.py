@@ -236,15 +236,19 @@ def test_kl_training_over_two_workers_ranks_held_out_texts_as_the_teacher_does(
 ):
     """`loss: kl` across DDP workers (each ranks the whole batch's teacher vectors, gathered), on
     batches of teacher neighbours: the held-out divergence from the teacher's ranking falls, and
-    so does the training loss."""
+    so does the training loss. In streaming mode: the teacher embeds while the student trains
+    (2 CPUs: 1 for the trainers, 1 for the teacher's actor, no deadlock), every epoch, and
+    nothing is cached."""
     config = tiny_run_config(
         tmp_path,
         demo_texts[:400],
         tiny_teacher,
         "kl",
         shared_caches,
+        teacher={"cache_dir": str(tmp_path / "unused")},
         student={"projection_init": "random"},  # far from the teacher's ranking at first
         train={
+            "data_mode": "streaming",
             "epochs": 2,
             "cycles": 1,
             "batch_size": 16,
@@ -255,6 +259,9 @@ def test_kl_training_over_two_workers_ranks_held_out_texts_as_the_teacher_does(
         },
     )
     run_dir = Path(distill(load_config(config)).path)
+    note = json.loads((run_dir / "teacher_cache.json").read_text())
+    assert note["streaming"] and note["cache"] is None and note["training_rows"] == 360
+    assert not (tmp_path / "unused").exists()
     validations = [
         json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines()
     ]
