@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A local Ray is never drained: Ray Train's preemption watcher would be one more actor process
 # (Ray's boot and imports) in every training run.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's controller looks at its workers every 2 s by default, so each training run waits
+# up to that at its start, at every checkpoint and at its end; a local Ray answers at once.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # The local S3 server's (tests/test_storage.py): set before any Ray starts, so workers have them,
 # as a cluster's nodes would have real ones (storage URIs may not carry credentials).
 os.environ["AWS_ACCESS_KEY_ID"] = os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"

@@ -20,7 +20,7 @@ def test_distill_and_eval_on_s3(tmp_path, tiny_teacher, demo_texts, s3_uri, ray_
         "on-s3",
         run={"storage": under(s3_uri, "runs")},
         teacher={"num_actors": 2},
-        train={"epochs": 1, "cycles": 1},
+        train={"epochs": 1, "cycles": 1, "num_workers": 1},  # storage, not DDP, is under test
         eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
     )
     run = distill(load_config(cfg))
