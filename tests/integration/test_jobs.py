@@ -110,4 +110,17 @@ def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path, tiny_teacher, 
     assert student.encode(["a query"]).shape == (1, 32)
     assert {r["mode"] for r in json.loads((run_dir / "eval.json").read_text())} >= {"asymmetric"}
     assert (storage / "runs" / "teacher_cache").is_dir()  # the cache sits on the same storage
+
+    # The evaluation job, submitted the same way, scores a checkpoint as the student (full-size
+    # float32 here) and writes its report beside the run; the teacher is scored as before.
+    checkpoint = sorted(c for c in (run_dir / "ray_train").glob("checkpoint_*") if c.is_dir())[-1]
+    entrypoint = [sys.executable, "jobs/evaluate.py", "--run", str(run_dir)]
+    entrypoint += ["--student", str(checkpoint), "eval.quantizations=[float32]"]
+    job = subprocess.run(submit + entrypoint, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    report = run_dir / "evals" / checkpoint.name
+    assert (report / "eval.md").is_file()
+    scores = {r["mode"]: r["score"] for r in json.loads((report / "eval.json").read_text())}
+    before = {r["mode"]: r["score"] for r in json.loads((run_dir / "eval.json").read_text())}
+    assert set(scores) == set(before) and scores["teacher"] == before["teacher"]
     shutil.rmtree(storage)
