@@ -358,7 +358,8 @@ def test_a_text_repeated_in_a_source_without_ids_is_one_text(
 
     vectors = embed(cfg)
     assert (len(vectors.hashes), vectors.unique, vectors.embedded) == (120, 100, 100)
-    assert len(cache_rows(vectors)) == 100 and verify(vectors.cache, vectors.hashes).ok
+    cached = cache_rows(vectors)
+    assert len(cached) == 100 and verify(vectors.cache, vectors.hashes).ok
     data, count, _ = cached_training_set(vectors, cfg)
     assert count == data.count() == 95
 
@@ -370,7 +371,6 @@ def test_a_text_repeated_in_a_source_without_ids_is_one_text(
     hashes = Counter(r["text_hash"] for r in streamed)
     assert num_rows == sum(hashes.values()) == 100 and set(hashes.values()) == {1}
     assert validation is None
-    cached = cache_rows(vectors)
     for row in streamed:
         np.testing.assert_allclose(row["embedding"], cached[row["text_hash"]], atol=1e-5)
 

@@ -18,7 +18,7 @@ import yaml
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import REPO, free_port
-from tests.integration.test_pipeline import small_eval_set
+from tests.integration.test_pipeline import main_scores, small_eval_set
 
 pytestmark = pytest.mark.cluster  # a `ray start --head` cluster of its own
 
@@ -120,7 +120,7 @@ def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path, tiny_teacher, 
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     report = run_dir / "evals" / checkpoint.name
     assert (report / "eval.md").is_file()
-    scores = {r["mode"]: r["score"] for r in json.loads((report / "eval.json").read_text())}
-    before = {r["mode"]: r["score"] for r in json.loads((run_dir / "eval.json").read_text())}
+    scores = main_scores(json.loads((report / "eval.json").read_text()))
+    before = main_scores(json.loads((run_dir / "eval.json").read_text()))
     assert set(scores) == set(before) and scores["teacher"] == before["teacher"]
     shutil.rmtree(storage)
