@@ -41,6 +41,7 @@ from leaf_ray.run import (
     read_metrics,
     refuse_another_config,
     report_folder,
+    work_folder,
     write_metrics,
 )
 from leaf_ray.storage import Location
@@ -103,17 +104,15 @@ def _start(cfg: LeafConfig, run: Location) -> tuple[Path, Location, str]:
     A local or NFS run builds beside its final folder and is renamed into place. An object store
     has no rename: the run builds in a local folder and is uploaded, config.yaml last (a folder
     without one is no run), and Ray Train writes its checkpoints there directly."""
-    if run.is_local:
-        work = Path(run.path).parent / f".{run.name}.partial"
-        checkpoints = Location.of(work)
-    else:
-        work = Path(tempfile.gettempdir()) / "leaf-ray" / f"{run.name}.partial"
-        checkpoints = run
+    work = work_folder(run)
+    checkpoints = Location.of(work) if run.is_local else run
     work.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(
         cfg.model_dump(mode="json", exclude={"source_file"}), sort_keys=False
     )
     refuse_another_config(checkpoints / RAY_TRAIN / CONFIG_YAML, config_yaml)
+    if (work / STUDENT).is_dir():  # trained under work's config, whatever the store still holds
+        refuse_another_config(Location.of(work / CONFIG_YAML), config_yaml)
     Location.of(work / CONFIG_YAML).write(config_yaml)
     return work, checkpoints, config_yaml
 

@@ -9,9 +9,11 @@ checkpoints' own; fetched and pushed back for a re-evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TypeVar
 
@@ -66,6 +68,16 @@ def _dotted(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def work_folder(run: Location) -> Path:
+    """Where `run` builds: beside it under a hidden name on a local or NFS path (renamed when
+    done); for an object store, a local temporary folder named by the run's whole URI, so that
+    runs of one name in two stores never share one."""
+    if run.is_local:
+        return Path(run.path).parent / f".{run.name}.partial"
+    key = hashlib.sha256(str(run).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "leaf-ray" / f"{run.name}-{key}.partial"
 
 
 def publish(work: Path, run: Location, uploaded: tuple[str, ...]) -> None:

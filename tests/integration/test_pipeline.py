@@ -2,7 +2,6 @@
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -199,86 +198,3 @@ def test_a_rerun_refuses_checkpoints_written_under_another_config(
     moved = load_config(path, ["ray.num_cpus=1", "eval.batch_size=8"])
     moved_yaml = yaml.safe_dump(moved.model_dump(mode="json", exclude={"source_file"}))
     refuse_another_config(Location.of(trained_with), moved_yaml)
-
-
-def smaller_student(tiny_teacher: Path, folder: Path) -> Path:
-    """A pretrained student related to the teacher: its encoder with one layer fewer."""
-    from transformers import BertModel
-
-    bert = BertModel.from_pretrained(tiny_teacher.parent / "hf")
-    bert.encoder.layer = bert.encoder.layer[:1]
-    bert.config.num_hidden_layers = 1
-    bert.save_pretrained(folder)
-    shutil.copytree(
-        tiny_teacher.parent / "hf",
-        folder,
-        dirs_exist_ok=True,
-        ignore=shutil.ignore_patterns("*.safetensors", "config.json"),
-    )
-    return folder
-
-
-def test_a_pretrained_student_starts_as_good_as_it_was_and_a_failed_evaluation_reruns_alone(
-    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local, monkeypatch
-):
-    """A pretrained student: the fitted (Procrustes) projection keeps its cosines, so as training
-    starts it scores what the model alone scored, and its queries already land in the teacher's
-    space. Its evaluation fails after training (here: a fault injected into it; a node lost,
-    say); the same command resumes from the trained student: no teacher stage or training
-    worker runs again, and the run is published, the pretrained model scored beside it.
-
-    One test for both: each is a whole training run, and the rerun's evaluation is where the
-    pretrained model must still be found."""
-    from leaf_ray import recipe
-    from leaf_ray.eval.tasks import EvalError
-
-    def broken(*args, **kwargs):
-        raise EvalError("the evaluation failed")
-
-    student = smaller_student(tiny_teacher, tmp_path / "small")
-    cfg = tiny_run_config(
-        tmp_path,
-        demo_texts[:600],
-        tiny_teacher,
-        "pretrained",
-        shared_caches,
-        student={"init": "pretrained", "model": str(student), "max_seq_length": 64},
-        train={
-            "epochs": 1,
-            "cycles": 1,
-            "batch_size": 32,
-            "lr": 1e-4,
-            "head_only_ratio": 0.2,
-            "num_workers": 1,
-        },
-        eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
-    )
-    with monkeypatch.context() as patch:
-        patch.setattr(recipe, "evaluate", broken)
-        with pytest.raises(EvalError):
-            distill(load_config(cfg))
-    trained = (tmp_path / "out" / ".pretrained.partial" / "metrics.jsonl").read_text()
-
-    def again(*args, **kwargs):
-        raise AssertionError("the student was trained: the teacher stage or training ran again")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(recipe, "_teacher_stage", again)
-        patch.setattr(recipe, "train_student", again)
-        run_dir = Path(distill(load_config(cfg)).path)
-    assert (run_dir / "metrics.jsonl").read_text() == trained  # nothing trained again
-
-    scores = main_scores(json.loads((run_dir / "eval.json").read_text()))
-    assert set(scores) == {
-        "teacher",
-        "pretrained",
-        "student_init",
-        "student",
-        "asymmetric_init",
-        "asymmetric",
-    }
-    assert scores["student_init"] == pytest.approx(scores["pretrained"], abs=1e-3), scores
-    assert scores["asymmetric_init"] > 0.5 * scores["teacher"], scores
-    assert "| pretrained |" in (run_dir / "eval.md").read_text()
-    rows = {r["mode"]: r for r in json.loads((run_dir / "eval.json").read_text()) if r["full"]}
-    assert rows["student_init"]["change"] == pytest.approx(0, abs=1e-3)  # against pretrained

@@ -2,28 +2,96 @@
 as a user's s3:// storage would be reached."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 
+from leaf_ray import recipe
 from leaf_ray.config import load_config
+from leaf_ray.eval.tasks import EvalError
 from leaf_ray.recipe import distill, evaluate_run
+from leaf_ray.run import work_folder
 from leaf_ray.storage import Location
 from tests.conftest import tiny_run_config, under
-from tests.integration.test_pipeline import small_eval_set
+from tests.integration.test_pipeline import main_scores, small_eval_set
 
 
-def test_distill_and_eval_on_s3(tmp_path, tiny_teacher, demo_texts, s3_uri, ray_local):
+def smaller_student(tiny_teacher: Path, folder: Path) -> Path:
+    """A pretrained student related to the teacher: its encoder with one layer fewer."""
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(tiny_teacher.parent / "hf")
+    bert.encoder.layer = bert.encoder.layer[:1]
+    bert.config.num_hidden_layers = 1
+    bert.save_pretrained(folder)
+    shutil.copytree(
+        tiny_teacher.parent / "hf",
+        folder,
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("*.safetensors", "config.json"),
+    )
+    return folder
+
+
+def test_a_pretrained_student_on_s3_and_a_failed_evaluation_that_reruns_alone(
+    tmp_path, tiny_teacher, demo_texts, s3_uri, ray_local, monkeypatch
+):
+    """A run whose storage is a bucket, with a pretrained student: the fitted (Procrustes)
+    projection keeps its cosines, so as training starts it scores what the model alone scored,
+    and its queries already land in the teacher's space. Its evaluation fails after training
+    (a fault injected into it; a node lost, say); the same command resumes from the trained
+    student: no teacher stage or training worker runs again, and the run is published in the
+    bucket, the pretrained model scored beside it.
+
+    One test for the three: each is a whole training run, and the object store's rerun (its
+    run built in a local folder, its checkpoints in the bucket) is the one to resume."""
+    student = smaller_student(tiny_teacher, tmp_path / "small")
     cfg = tiny_run_config(
         tmp_path,
-        demo_texts[:400],
+        demo_texts[:600],
         tiny_teacher,
         "on-s3",
         run={"storage": under(s3_uri, "runs")},
         teacher={"num_actors": 2},
-        train={"epochs": 1, "cycles": 1, "num_workers": 1},  # storage, not DDP, is under test
+        student={"init": "pretrained", "model": str(student), "max_seq_length": 64},
+        train={
+            "epochs": 1,
+            "cycles": 1,
+            "batch_size": 32,
+            "lr": 1e-4,
+            "head_only_ratio": 0.2,
+            "num_workers": 1,  # storage, not DDP, is under test
+        },
         eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
     )
-    run = distill(load_config(cfg))
+
+    def broken(*args, **kwargs):
+        raise EvalError("the evaluation failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "evaluate", broken)
+        with pytest.raises(EvalError):
+            distill(load_config(cfg))
+    storage = Location.of(under(s3_uri, "runs"))
+    run = storage / "on-s3"
+    assert not (run / "config.yaml").exists()  # not published
+    work = work_folder(run)  # where it builds, and its student waits
+    trained = (work / "metrics.jsonl").read_text()
+    assert (work / "student" / "modules.json").is_file()
+    # Another store's run of the same name builds elsewhere: it never finds this student.
+    assert work_folder(Location.of(under(s3_uri, "other"))) != work
+
+    def again(*args, **kwargs):
+        raise AssertionError("the student was trained: the teacher stage or training ran again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, "_teacher_stage", again)
+        patch.setattr(recipe, "train_student", again)
+        assert distill(load_config(cfg)) == run
+    assert (run / "metrics.jsonl").read_text() == trained  # nothing trained again
+    assert not work.exists()
 
     # Everything is in the bucket: the run (config.yaml marks it complete), Ray Train's
     # checkpoints, the teacher cache and the eval cache; nothing under the config's folder.
@@ -41,13 +109,27 @@ def test_distill_and_eval_on_s3(tmp_path, tiny_teacher, demo_texts, s3_uri, ray_
     assert checkpoints
     note = json.loads((run / "teacher_cache.json").read_text())
     assert note["cache"].startswith("s3://leaf/runs/teacher_cache/")
-    storage = Location.of(under(s3_uri, "runs"))
     assert (storage / "eval_cache").exists()
     assert not (tmp_path / "runs").exists()
 
-    # The evaluation job reads the run from the bucket and writes its reports back there.
     rows = json.loads((run / "eval.json").read_text())
+    scores = main_scores(rows)
+    assert set(scores) == {
+        "teacher",
+        "pretrained",
+        "student_init",
+        "student",
+        "asymmetric_init",
+        "asymmetric",
+    }
+    assert scores["student_init"] == pytest.approx(scores["pretrained"], abs=1e-3), scores
+    assert scores["asymmetric_init"] > 0.5 * scores["teacher"], scores
+    assert "| pretrained |" in (run / "eval.md").read_text()
+    full = {r["mode"]: r for r in rows if r["full"]}
+    assert full["student_init"]["change"] == pytest.approx(0, abs=1e-3)  # against pretrained
+
+    # The evaluation job reads the run from the bucket and writes its reports back there.
     (run / "eval.json").write("[]")
     outcome = evaluate_run(run)
-    assert outcome.embedded == {"student": 0, "student_init": 0, "teacher": 0}
+    assert outcome.embedded == {"student": 0, "student_init": 0, "teacher": 0, "pretrained": 0}
     assert json.loads((run / "eval.json").read_text()) == rows
