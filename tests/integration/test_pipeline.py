@@ -194,6 +194,13 @@ def test_a_rerun_refuses_checkpoints_written_under_another_config(
     with pytest.raises(RunError, match=r"another config \(train\.batch_size, train\.lr changed\)"):
         distill(load_config(path, ["train.batch_size=64", "train.lr=0.1", "ray.num_cpus=1"]))
     assert not (tmp_path / "out" / ".again.partial" / "config.yaml").exists()  # nothing written
+    # A student an earlier attempt trained (its evaluation failed) is checked against the config
+    # it was trained under, which the run folder keeps, whatever the checkpoints' storage holds.
+    trained_with.unlink()
+    (trained_with.parent.parent / "student").mkdir()
+    (trained_with.parent.parent / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
+    with pytest.raises(RunError, match=r"config\.yaml: .*another config \(train\.lr changed\)"):
+        distill(load_config(path, ["train.lr=0.1"]))
     # Where Ray runs and how the student is evaluated may change between attempts.
     moved = load_config(path, ["ray.num_cpus=1", "eval.batch_size=8"])
     moved_yaml = yaml.safe_dump(moved.model_dump(mode="json", exclude={"source_file"}))
