@@ -227,15 +227,13 @@ def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
         [entries[0]["shard"], f"{entries[0]['shard']}.json"]
         + [entries[1]["shard"], f"{entries[1]['shard']}.json"]
     )
+    # Found where it is read, too: the next embed sets a bad shard aside itself, and embeds its
+    # texts again with those of the shards the repair set aside.
+    read_bad = root / SHARDS / entries[2]["shard"]
+    read_bad.write_bytes(read_bad.read_bytes()[:-10])
     again = embed(cfg)
-    assert again.embedded == entries[0]["rows"] + entries[1]["rows"]
-    assert verify(cache, vectors.hashes).ok
-
-    # Found where it is read, too: the next embed sets a bad shard aside itself.
-    shard = root / SHARDS / cache.entries()[0]["shard"]
-    rows = cache.entries()[0]["rows"]
-    shard.write_bytes(shard.read_bytes()[:-10])
-    assert embed(cfg).embedded == rows
+    assert again.embedded == sum(entries[i]["rows"] for i in (0, 1, 2))
+    assert (root / "set_aside" / entries[2]["shard"]).is_file()
     assert verify(cache, vectors.hashes).ok
 
 

@@ -54,7 +54,6 @@ def test_a_pretrained_student_on_s3_and_a_failed_evaluation_that_reruns_alone(
         tiny_teacher,
         "on-s3",
         run={"storage": under(s3_uri, "runs")},
-        teacher={"num_actors": 2},
         student={"init": "pretrained", "model": str(student), "max_seq_length": 64},
         train={
             "epochs": 1,

@@ -205,14 +205,17 @@ def test_cached_vectors_are_read_once_when_they_fit_in_the_object_store(ray_loca
     assert held_for_epochs(rows, int(store), 8) is rows  # too large: read again every epoch
 
 
-@pytest.mark.parametrize("step", ["eager", "fast"])
+@pytest.mark.parametrize(("step", "workers"), [("eager", 1), ("fast", 2)])
 def test_training_stops_on_a_non_finite_step_and_publishes_nothing(
-    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local, step
+    tmp_path, tiny_teacher, demo_texts, shared_caches, ray_local, step, workers
 ):
     """A rate this large overflows the weights to infinity within a step or two: the workers
     stop at the first non-finite gradient, which never reaches the weights. Eager: found as it
-    happens; fast: skipped on the device and found at the next logged step."""
+    happens; fast: skipped on the device and found at the next logged step. Every worker stops
+    at the same step because each sees the same all-reduced gradient, on either path: two
+    workers once are enough to show it."""
     train = {"epochs": 2, "cycles": 1, "batch_size": 16, "lr": 1e30, "warmup_ratio": 0}
+    train |= {"num_workers": workers}
     config = tiny_run_config(
         tmp_path,
         demo_texts[:200],
