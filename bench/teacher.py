@@ -56,8 +56,8 @@ import torch
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data.sources import KINDS
 from leaf_ray.teacher.actors import TeacherEmbedder, TeacherTokenizer, embed_texts, teacher_calls
-from leaf_ray.teacher.backends import UNPADDED, LocalTeacher, compute_dtype, load_teacher, tokenize
 from leaf_ray.teacher.layout import cluster_stage_layout
+from leaf_ray.teacher.local import UNPADDED, LocalTeacher, compute_dtype, load_teacher, tokenize
 
 T = TypeVar("T")
 

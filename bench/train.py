@@ -52,9 +52,9 @@ from leaf_ray.student import (
     sentence_embedding,
 )
 from leaf_ray.teacher.actors import embed_texts, teacher_calls
-from leaf_ray.teacher.backends import load_teacher
 from leaf_ray.teacher.cache import TeacherCache
 from leaf_ray.teacher.layout import cluster_stage_layout
+from leaf_ray.teacher.local import load_teacher
 from leaf_ray.teacher.space import teacher_space
 from leaf_ray.train.batching import BUCKET_BATCHES, batches_per_epoch, length_sorted_batches
 from leaf_ray.train.dataset import held_for_epochs

@@ -46,8 +46,8 @@ from leaf_ray.run import (
 )
 from leaf_ray.storage import Location
 from leaf_ray.student import build_student
-from leaf_ray.teacher.actors import load_without_weights
-from leaf_ray.teacher.backends import load_teacher, teacher_prompts
+from leaf_ray.teacher.backends import teacher_prompts
+from leaf_ray.teacher.local import load_teacher, load_without_weights
 from leaf_ray.teacher.space import TeacherSpace
 from leaf_ray.teacher.stage import embed
 from leaf_ray.train.dataset import Validation, cached_training_set, streaming_training_set

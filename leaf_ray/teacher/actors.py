@@ -3,6 +3,7 @@ CPU)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -10,52 +11,14 @@ import pyarrow as pa
 import pyarrow.json
 import ray
 import ray.data
-import torch
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules.transformer import Transformer
-from transformers import AutoModel
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data.sources import KINDS
-from leaf_ray.teacher.backends import load_teacher, open_teacher, teacher_prompts, tokenize
+from leaf_ray.teacher.backends import HttpTeacher, Teacher, teacher_prompts
 from leaf_ray.teacher.layout import StageLayout
+from leaf_ray.teacher.vectors import VectorsTeacher
 
 TOKENS = "_teacher_tokens."  # column prefix for token values between the tokenizer and teacher
-
-
-def _empty_encoder(module: Transformer, name: str, task: str, config, *args, **kwargs):
-    with torch.device("meta"):
-        return AutoModel.from_config(config)
-
-
-class _WithoutWeights(SentenceTransformer):
-    """Loads every `Transformer` module of a saved model with `_empty_encoder` in place of its
-    `_load_model`: the module's tokenizer and settings as saved, its encoder built empty."""
-
-    def _load_module_class_from_ref(self, class_ref: str, *args, **kwargs) -> type:
-        module_class = super()._load_module_class_from_ref(class_ref, *args, **kwargs)
-        if issubclass(module_class, Transformer):
-            return type(
-                module_class.__name__,
-                (module_class,),
-                {"_load_model": _empty_encoder, "__module__": __name__},
-            )
-        return module_class
-
-
-def load_without_weights(cfg: TeacherConfig) -> SentenceTransformer:
-    """The teacher's modules and tokenizer, its encoder built empty on the meta device: all
-    `preprocess` needs, without a copy of the weights in every tokenizer actor (a 7B teacher
-    would take 28 GB each). Hand-written: transformers builds empty models from pretrained
-    folders only through accelerate, which would also fetch the weights of a hub model. Where
-    the encoder cannot be built so (a sentence-transformers without these hooks, a model class
-    `AutoModel` does not know), the weights load. Either way no vector comes from these
-    weights: their sha256 pin is left to the actors that embed, rather than every tokenizer
-    actor fetching and hashing them."""
-    try:
-        return load_teacher(cfg, "meta", check_pin=False, model_class=_WithoutWeights)
-    except (AttributeError, TypeError, ValueError, KeyError):
-        return load_teacher(cfg, "cpu", check_pin=False)
 
 
 class TeacherTokenizer:
@@ -65,9 +28,12 @@ class TeacherTokenizer:
     one GPU runs bert-base at, and taken from the thread that feeds the GPU."""
 
     def __init__(self, cfg: TeacherConfig):
+        from leaf_ray.teacher.local import load_without_weights, tokenize  # see `open_teacher`
+
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each: the actor reserves one
         self.model = load_without_weights(cfg)
         self.prompts = teacher_prompts(cfg, self.model)
+        self.tokenize = functools.partial(tokenize, self.model)
 
     def __call__(self, calls: pa.Table) -> pa.Table:
         kinds = calls["kind"].to_numpy(zero_copy_only=False)
@@ -76,7 +42,7 @@ class TeacherTokenizer:
         for kind in KINDS:
             rows = np.flatnonzero(kinds == kind)
             if rows.size:
-                features = tokenize(self.model, [texts[i] for i in rows], self.prompts[kind])
+                features = self.tokenize([texts[i] for i in rows], self.prompts[kind])
                 for name, values in features.items():
                     if isinstance(values, list):
                         column = columns.setdefault(name, [None] * len(texts))
@@ -92,12 +58,7 @@ class TeacherEmbedder:
     kind, each kind with its own prompt; from the texts, or from `TeacherTokenizer`'s tokens."""
 
     def __init__(self, cfg: TeacherConfig, torch_threads: int):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda":  # on CPU the cores belong to the forward
-            os.environ["TOKENIZERS_PARALLELISM"] = "true"
-            os.environ["RAYON_NUM_THREADS"] = str(torch_threads)
-        torch.set_num_threads(torch_threads)  # Ray sets OMP_NUM_THREADS=1 in workers
-        self.teacher = open_teacher(cfg, device)
+        self.teacher = open_teacher(cfg, torch_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = {name: v for name, v in batch.items() if name.startswith(TOKENS)}
@@ -116,6 +77,20 @@ class TeacherEmbedder:
             embeddings[rows] = vectors
         rest = {name: values for name, values in batch.items() if name not in tokens}
         return {**rest, "embedding": embeddings}
+
+
+def open_teacher(cfg: TeacherConfig, torch_threads: int) -> Teacher:
+    """The config's backend. The local one is imported only here: Ray Train's controller and Ray
+    Data's coordinators unpickle this module's actor classes with the pipeline, and an HTTP or
+    vectors teacher runs no model; none of them needs torch or sentence-transformers (seconds of
+    imports and hundreds of MB in each process)."""
+    if cfg.backend == "vectors":
+        return VectorsTeacher(cfg)
+    if cfg.backend == "http":
+        return HttpTeacher(cfg)
+    from leaf_ray.teacher.local import local_teacher
+
+    return local_teacher(cfg, torch_threads)
 
 
 def teacher_calls(texts: ray.data.Dataset, layout: StageLayout) -> ray.data.Dataset:

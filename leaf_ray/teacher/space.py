@@ -11,14 +11,9 @@ import torch
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.hashing import files_sha256
-from leaf_ray.teacher.backends import (
-    HttpTeacher,
-    compute_dtype,
-    load_teacher,
-    normalizes,
-    teacher_prompts,
-)
+from leaf_ray.teacher.backends import HttpTeacher, teacher_prompts
 from leaf_ray.teacher.cache import FORMAT_VERSION
+from leaf_ray.teacher.local import compute_dtype, load_teacher, normalizes
 from leaf_ray.teacher.vectors import read_vectors_file, vector_rows, vectors_normalized
 
 PROBE_TEXTS = ["leaf-ray probe: what space do your vectors live in?", "a second probe text"]

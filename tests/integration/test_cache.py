@@ -31,9 +31,9 @@ from leaf_ray.teacher.actors import (
     embed_texts,
     teacher_calls,
 )
-from leaf_ray.teacher.backends import LocalTeacher
 from leaf_ray.teacher.cache import MANIFEST, SHARDS, TeacherCache, verify
 from leaf_ray.teacher.layout import StageLayout
+from leaf_ray.teacher.local import LocalTeacher
 from leaf_ray.teacher.space import teacher_space
 from leaf_ray.teacher.stage import embed, verify_cache
 from leaf_ray.train.dataset import cached_training_set, streaming_training_set

@@ -40,8 +40,7 @@ def test_a_pinned_hub_model_is_checked_in_the_hub_cache(tmp_path, monkeypatch):
 def test_tokenizer_actors_neither_fetch_nor_hash_pinned_weights(tiny_teacher, tmp_path):
     """Only the actors that embed use the weights; the rest read the tokenizer and config."""
     from leaf_ray.config import TeacherConfig
-    from leaf_ray.teacher.actors import load_without_weights
-    from leaf_ray.teacher.backends import load_teacher
+    from leaf_ray.teacher.local import load_teacher, load_without_weights
 
     absent = ModelRef(model="acme/not-in-any-cache", sha256="1" * 64)
     assert resolve_model(absent, check_pin=False) == "acme/not-in-any-cache"
@@ -57,8 +56,7 @@ def test_tokenizer_actors_tokenize_as_the_teacher_without_its_weights(tiny_teach
     import shutil
 
     from leaf_ray.config import TeacherConfig
-    from leaf_ray.teacher.actors import load_without_weights
-    from leaf_ray.teacher.backends import load_teacher, tokenize
+    from leaf_ray.teacher.local import load_teacher, load_without_weights, tokenize
 
     no_weights = tmp_path / "no-weights"
     shutil.copytree(tiny_teacher, no_weights)

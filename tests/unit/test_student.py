@@ -5,7 +5,7 @@ from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import ConfigError, StudentConfig, TeacherConfig
 from leaf_ray.student import build_student, reduce_layers
-from leaf_ray.teacher.backends import load_teacher
+from leaf_ray.teacher.local import load_teacher
 from leaf_ray.teacher.space import teacher_space
 from tests.conftest import random_bert
 
