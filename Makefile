@@ -30,9 +30,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VENV)/bin/pip install -q --no-compile $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# Bytecode compiled now saves every Ray worker process from compiling it again on import
 	# (where PYTHONDONTWRITEBYTECODE is set, nothing would ever cache it). pip compiles on one
-	# core: torch is compiled on all of them instead, but for its Python 3.12-only test file.
+	# core: torch and what it brought (sympy, jinja2, ...) are compiled on all of them instead,
+	# but for torch's Python 3.12-only test file.
 	$(VENV)/bin/python -m compileall -q -j 0 -x py312_intrinsics \
-	  "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch"
+	  "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	# uv installs the pinned rest (pip: slower); torch is already satisfied.
 	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(VENV)/bin/python -r requirements.lock
 	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps -e .
