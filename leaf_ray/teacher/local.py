@@ -1,7 +1,8 @@
 """The local backend: a sentence-transformers teacher run on this process's device, and its
-skeleton (tokenizer and settings, no weights) for tokenizer actors. The only teacher module that
-imports torch and sentence-transformers: the others are unpickled by processes that run no
-model (Ray Train's controller, Ray Data's coordinators, HTTP teacher actors)."""
+skeleton (tokenizer and settings, no weights) for tokenizer actors. Kept apart because it imports
+torch and sentence-transformers: the modules whose classes and functions Ray unpickles with the
+pipeline (actors, backends, http, vectors, cache) import neither, so processes that run no model
+(Ray Train's controller, Ray Data's coordinators, HTTP teacher actors) never load them."""
 
 from __future__ import annotations
 

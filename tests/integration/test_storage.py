@@ -47,6 +47,12 @@ def test_a_pretrained_student_on_s3_and_a_failed_evaluation_that_reruns_alone(
 
     One test for the three: each is a whole training run, and the object store's rerun (its
     run built in a local folder, its checkpoints in the bucket) is the one to resume."""
+    storage = Location.of(under(s3_uri, "runs"))
+    run = storage / "on-s3"
+    # The work folder is named by the run's URI, which leaves out the server's port: one an
+    # interrupted earlier session left would hold a student whose config names another port,
+    # which the rerun guard refuses.
+    shutil.rmtree(work_folder(run), ignore_errors=True)
     student = smaller_student(tiny_teacher, tmp_path / "small")
     cfg = tiny_run_config(
         tmp_path,
@@ -73,8 +79,6 @@ def test_a_pretrained_student_on_s3_and_a_failed_evaluation_that_reruns_alone(
         patch.setattr(recipe, "evaluate", broken)
         with pytest.raises(EvalError):
             distill(load_config(cfg))
-    storage = Location.of(under(s3_uri, "runs"))
-    run = storage / "on-s3"
     assert not (run / "config.yaml").exists()  # not published
     work = work_folder(run)  # where it builds, and its student waits
     trained = (work / "metrics.jsonl").read_text()
