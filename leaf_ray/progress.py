@@ -52,6 +52,21 @@ class LogLines:
         self.close()
 
 
+def quiet_weight_loading() -> None:
+    """Turn off transformers' weight-loading bar, which every Ray worker that loads a model
+    (teacher actors, trainers, eval tasks) would draw into the logs. Hub downloads keep their
+    bars (transformers' switch turns those off too). Called where weights load, not on import:
+    the processes that only unpickle leaf-ray's functions (Ray Train's controller, Ray Data's
+    coordinators and tasks) then never import transformers."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    if hub_bars:
+        hub_utils.enable_progress_bars()
+
+
 def progress(total: int, desc: str, terminal: bool | None = None, **bar) -> tqdm | LogLines:
     """A tqdm bar on a terminal, else LogLines. `terminal`: decided elsewhere (a Ray worker's
     stderr is never a terminal; its driver's may be)."""

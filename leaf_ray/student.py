@@ -22,6 +22,7 @@ from torch import nn
 
 from leaf_ray.config import ConfigError, ModelRef, StudentConfig
 from leaf_ray.models import resolve_model
+from leaf_ray.progress import quiet_weight_loading
 
 if TYPE_CHECKING:
     from leaf_ray.teacher.space import TeacherSpace
@@ -37,6 +38,7 @@ def build_student(
     layers), projection into the teacher's space randomly initialised (`leaf_ray.projection`
     fits it)."""
     torch.manual_seed(seed)
+    quiet_weight_loading()
     if cfg.init == "layer_reduction":
         encoder = reduce_layers(teacher[0], cfg.num_layers)
     else:

@@ -20,6 +20,7 @@ from leaf_ray.eval.cache import EvalCache, VectorsFile
 from leaf_ray.eval.compression import similarity
 from leaf_ray.eval.tasks import SIDES, EvalTask
 from leaf_ray.hashing import files_sha256
+from leaf_ray.progress import quiet_weight_loading
 from leaf_ray.storage import Location
 from leaf_ray.teacher.backends import HttpTeacher
 
@@ -141,6 +142,7 @@ def _local_embedder(
         model_dir = str(folder / "model")
         encoder.stored.download(Path(model_dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    quiet_weight_loading()
     model = SentenceTransformer(model_dir, device=device, revision=encoder.revision)
     model.max_seq_length = cfg.max_seq_length
 

@@ -162,7 +162,7 @@ def print_summary(run_dir: Location, eval_dir: Location | None = None) -> None:
     rows = json.loads((eval_dir / EVAL_JSON).read_text())
     metrics = run_dir / METRICS_JSONL
     history = read_metrics(metrics) if metrics.is_file() else []
-    console = Console()
+    console = Console(soft_wrap=True)  # off a terminal (80 columns), a path would be folded
     table = Table(title=f"LEAF distillation: {eval_dir}")
     metric = rows[0]["metric"] if rows else "score"
     for column in ("task", "mode", metric, "vs teacher", "vs start"):

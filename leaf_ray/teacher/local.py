@@ -21,6 +21,7 @@ from transformers import AutoModel
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data.sources import KINDS
 from leaf_ray.models import resolve_model
+from leaf_ray.progress import quiet_weight_loading
 from leaf_ray.teacher.backends import teacher_prompts
 
 
@@ -30,6 +31,7 @@ def load_teacher(
     check_pin: bool = True,
     model_class: type[SentenceTransformer] = SentenceTransformer,
 ) -> SentenceTransformer:
+    quiet_weight_loading()
     model = model_class(resolve_model(cfg, check_pin), device=device, revision=cfg.revision)
     model.max_seq_length = cfg.max_seq_length
     return model

@@ -25,7 +25,7 @@ from sentence_transformers.util import batch_to_device
 
 from leaf_ray.config import LeafConfig, TrainConfig
 from leaf_ray.losses import gather_candidates, leaf_loss
-from leaf_ray.progress import LogLines
+from leaf_ray.progress import LogLines, quiet_weight_loading
 from leaf_ray.run import TRAIN_STATE, VALIDATION_JSONL, write_metrics
 from leaf_ray.student import freeze_unused, param_groups, sentence_embedding
 from leaf_ray.train.batching import Batching, MicroBatch, bucketed_batches
@@ -266,6 +266,7 @@ def _load_student(
     rerun), else the untrained student. Read through its filesystem (local, NFS or an object
     store): a worker on another node fetches its own copy."""
     checkpoint = ray.train.get_checkpoint()
+    quiet_weight_loading()
     with (checkpoint or init).as_directory() as model_dir:
         student = SentenceTransformer(model_dir, device=str(device))
         saved = torch.load(Path(model_dir) / TRAIN_STATE, weights_only=True) if checkpoint else None

@@ -120,6 +120,7 @@ def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path, tiny_teacher, 
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     report = run_dir / "evals" / checkpoint.name
     assert (report / "eval.md").is_file()
+    assert f"report: {report / 'eval.md'}\n" in job.stdout  # one line in the job's log
     scores = main_scores(json.loads((report / "eval.json").read_text()))
     before = main_scores(json.loads((run_dir / "eval.json").read_text()))
     assert set(scores) == set(before) and scores["teacher"] == before["teacher"]

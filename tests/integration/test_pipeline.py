@@ -2,12 +2,15 @@
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 from sentence_transformers import SentenceTransformer
 
+from leaf_ray.cli import main
 from leaf_ray.config import LeafConfig, load_config
 from leaf_ray.recipe import distill, eval_models, evaluate_run
 from leaf_ray.run import RunError
@@ -39,7 +42,7 @@ def main_scores(rows: list[dict]) -> dict[str, float]:
     return {r["mode"]: r["score"] for r in rows if r["full"] and r["quantization"] == "float32"}
 
 
-def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
+def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local, capsys, monkeypatch):
     texts = demo_texts[:1200]
     cfg = tiny_run_config(
         tmp_path,
@@ -137,6 +140,17 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local):
     assert (run_dir / "evals" / other.name / "eval.md").is_file()
     assert main_scores(checkpoint.rows)["teacher"] == scores["teacher"]
     assert main_scores(checkpoint.rows)["student"] != scores["student"]
+    # The same through the CLI (`leaf-ray eval`, what jobs/evaluate.py runs): its table is that
+    # report's. In this process, on this Ray, which the CLI's closing shutdown is kept from
+    # stopping; test_jobs runs it as a job of its own.
+    report = run_dir / "evals" / other.name
+    written = json.loads((report / "eval.json").read_text())
+    shutil.rmtree(report)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run_dir), "--student", str(other), *full_float32]) == 0
+    assert f"report: {report / 'eval.md'}\n" in capsys.readouterr().out  # whole, off a terminal
+    assert json.loads((report / "eval.json").read_text()) == written
     with pytest.raises(RunError, match="not a leaf-ray run folder"):
         evaluate_run(tmp_path)
     with pytest.raises(RunError, match="already exists"):
