@@ -39,9 +39,10 @@ class RunError(RuntimeError):
 
 
 def refuse_another_config(trained_with: Location, config_yaml: str) -> None:
-    """A rerun under the same run.name resumes the checkpoints Ray Train finds there. Their step
-    and data position count by the config that wrote them, so resuming under another one would
-    mix two schedules silently: refuse, naming what changed. Where Ray runs (`ray`) and how the
+    """A rerun under the same run.name resumes what an earlier attempt left: the checkpoints Ray
+    Train finds there, or the student it trained (when its evaluation failed). Their steps and
+    data position count by the config they were written under, so going on under another one
+    would mix two runs silently: refuse, naming what changed. Where Ray runs (`ray`) and how the
     finished student is evaluated (`eval`) may change."""
     if not trained_with.exists():
         return
@@ -54,7 +55,7 @@ def refuse_another_config(trained_with: Location, config_yaml: str) -> None:
     )
     if changed:
         raise RunError(
-            f"{trained_with}: this run has checkpoints from another config ({', '.join(changed)} "
+            f"{trained_with}: this run was started under another config ({', '.join(changed)} "
             "changed). Rerun it with that config to resume it, or choose another run.name."
         )
 
