@@ -73,11 +73,12 @@ def _dotted(tree: dict, prefix: str = "") -> dict:
 
 def work_folder(run: Location) -> Path:
     """Where `run` builds: beside it under a hidden name on a local or NFS path (renamed when
-    done); for an object store, a local temporary folder named by the run's whole URI, so that
-    runs of one name in two stores never share one."""
+    done); for an object store, a local temporary folder named by the run's whole URI, endpoint
+    included, so that runs of one name in two stores (or one bucket name on two servers) never
+    share one."""
     if run.is_local:
         return Path(run.path).parent / f".{run.name}.partial"
-    key = hashlib.sha256(str(run).encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{run}{run.endpoint}".encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / "leaf-ray" / f"{run.name}-{key}.partial"
 
 

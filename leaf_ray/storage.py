@@ -52,6 +52,15 @@ class Location:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     @property
+    def endpoint(self) -> str:
+        """The server an object store's path lives on ("" for the provider's own, or local).
+        pyarrow's filesystems say it only through their pickled options."""
+        if self.is_local:
+            return ""
+        options = self.fs.__reduce__()[1][0]
+        return f"{options['scheme']}://{options['endpoint_override']}"
+
+    @property
     def name(self) -> str:
         return posixpath.basename(self.path)
 

@@ -49,9 +49,7 @@ def test_a_pretrained_student_on_s3_and_a_failed_evaluation_that_reruns_alone(
     run built in a local folder, its checkpoints in the bucket) is the one to resume."""
     storage = Location.of(under(s3_uri, "runs"))
     run = storage / "on-s3"
-    # The work folder is named by the run's URI, which leaves out the server's port: one an
-    # interrupted earlier session left would hold a student whose config names another port,
-    # which the rerun guard refuses.
+    # One an interrupted earlier test left on this port would hold a half-built run.
     shutil.rmtree(work_folder(run), ignore_errors=True)
     student = smaller_student(tiny_teacher, tmp_path / "small")
     cfg = tiny_run_config(

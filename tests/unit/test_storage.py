@@ -7,6 +7,7 @@ import json
 import pyarrow.fs as pafs
 import pytest
 
+from leaf_ray.run import work_folder
 from leaf_ray.storage import Location
 from tests.conftest import under
 
@@ -34,3 +35,14 @@ def test_location_writes_whole_files_and_copies_folders(tmp_path, s3_uri, where)
     (root / "copy").download(tmp_path / "back")
     assert (tmp_path / "back" / "sub" / "f.txt").read_text() == "hello"
     assert str(root).startswith("s3://leaf/unit" if where == "s3" else str(tmp_path))
+
+
+def test_runs_of_one_uri_on_two_servers_build_in_two_work_folders():
+    """An object store's run builds in a local folder named by its URI: the same bucket and path
+    on another server (two MinIOs, say) must not find the other's half-built run."""
+    on = "s3://leaf/runs/r?region=us-east-1&scheme=http&endpoint_override="
+    first, again = Location.of(on + "minio-a:9000"), Location.of(on + "minio-a:9000")
+    other = Location.of(on + "minio-b:9000")
+    assert str(first) == str(other)  # the URI Ray and the logs show leaves the server out
+    assert work_folder(first) == work_folder(again)
+    assert work_folder(first) != work_folder(other)
