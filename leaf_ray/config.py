@@ -244,7 +244,10 @@ class TrainConfig(Strict):
         0.1, ge=0, le=1, description="Each cycle decays linearly to lr x this (LEAF: 1e-4 -> 1e-5)."
     )
     head_lr: float | None = Field(
-        None, gt=0, description="The projection's rate (while the encoder trains too); default: lr."
+        None,
+        gt=0,
+        description="The projection's rate: throughout, or only in the head-only phase when "
+        "head_only_ratio > 0 (then lr); default: lr.",
     )
     freeze_projection: bool = Field(
         False,

@@ -34,6 +34,7 @@ class Batching:
     micro_batch: int
     accumulation: int
     micro_per_epoch: int
+    last_rows: int  # in the epoch's last micro-batch, which may be short
     grouping: Grouping = "length"
     window_batches: int = BUCKET_BATCHES  # micro-batches cut from each window of rows
 
@@ -43,17 +44,25 @@ class Batching:
         windows = BUCKET_BATCHES
         if tcfg.batching == "neighbours":
             windows = max(1, tcfg.neighbour_window // micro)
-        per_epoch = batches_per_epoch(num_rows // world, micro, windows)
-        return cls(micro, tcfg.grad_accumulation, per_epoch, tcfg.batching, windows)
+        rows = num_rows // world
+        per_epoch = batches_per_epoch(rows, micro, windows)
+        last = rows - (per_epoch - 1) * micro
+        return cls(micro, tcfg.grad_accumulation, per_epoch, last, tcfg.batching, windows)
 
     @property
     def steps_per_epoch(self) -> int:
         return -(-self.micro_per_epoch // self.accumulation)
 
-    def step_size(self, i: int) -> int:
-        """Micro-batches in the step micro-batch `i` belongs to: an epoch's last may be short."""
+    def loss_weight(self, i: int, rows: int) -> float:
+        """Micro-batch `i`'s share of its step's loss, its `rows` over the step's: every row of
+        a step weighs the same, in the epoch's last step too, which may hold fewer micro-batches
+        and a short one (`bucketed_batches` yields it last)."""
         first = i // self.accumulation * self.accumulation
-        return min(self.accumulation, self.micro_per_epoch - first)
+        size = min(self.accumulation, self.micro_per_epoch - first)
+        step_rows = size * self.micro_batch
+        if first + size == self.micro_per_epoch:
+            step_rows -= self.micro_batch - self.last_rows
+        return rows / step_rows
 
     def ends_step(self, i: int) -> bool:
         return (i + 1) % self.accumulation == 0 or i + 1 == self.micro_per_epoch
@@ -136,6 +145,10 @@ def bucketed_batches(
     """Shuffled, tokenized batches, cut from each window of `window_batches` batches' rows by
     length (little padding) or as teacher neighbours (close candidates for `loss: kl`).
 
+    A window's batches come in a random order, but its short batch, which only the epoch's last
+    window holds, comes last: the step it ends is then known before it starts, and weighted
+    by its rows (`Batching.loss_weight`).
+
     Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`),
     nor one by similarity.
     """
@@ -148,5 +161,5 @@ def bucketed_batches(
         local_shuffle_buffer_size=window * 4,
         local_shuffle_seed=seed,
     ):
-        for idx in rng.permutation(len(batches)):
-            yield batches[idx]
+        order = rng.permutation(len(batches))
+        yield from sorted((batches[i] for i in order), key=lambda b: len(b.targets) < batch)

@@ -138,7 +138,7 @@ class Worker:
                 predicted = sentence_embedding(self.model, features)
             candidates = gather_candidates(targets, self.world) if tcfg.loss == "kl" else None
             loss = leaf_loss(predicted.float(), targets, tcfg.loss, tcfg.kl_temperature, candidates)
-            loss = loss / self.batching.step_size(i)
+            loss = loss * self.batching.loss_weight(i, len(targets))
             loss.backward()
         self.window.add(loss.detach(), len(targets))
         self.step_texts += micro.text_hashes
@@ -269,7 +269,10 @@ def _load_student(
     quiet_weight_loading()
     with (checkpoint or init).as_directory() as model_dir:
         student = SentenceTransformer(model_dir, device=str(device))
-        saved = torch.load(Path(model_dir) / TRAIN_STATE, weights_only=True) if checkpoint else None
+        # On the CPU: the optimiser state moves to each parameter's device as it loads, and a
+        # checkpoint written on GPUs loads where there are none.
+        state = Path(model_dir) / TRAIN_STATE
+        saved = torch.load(state, map_location="cpu", weights_only=True) if checkpoint else None
     student.max_seq_length = max_seq_length
     freeze_unused(student)
     return student, saved

@@ -1,4 +1,4 @@
-"""LEAF's learning-rate schedule: warm-up and cosine cycles, the projection's own phase."""
+"""LEAF's learning-rate schedule: linear warm-up and decay cycles, the projection's own phase."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ class TrainState:
         micro_per_epoch: int,
     ) -> TrainState:
         """Continue the schedule and the data where the checkpoint left them."""
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer(optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = cls(**{f.name: saved[f.name] for f in fields(cls)})
         state.resumes += 1
@@ -41,3 +41,21 @@ class TrainState:
     ) -> dict:
         saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         return saved | asdict(self)
+
+
+# The optimiser options that say how it steps, not what it has learnt.
+HOW_IT_STEPS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """The checkpoint's optimiser state, stepped the way `optimizer` was built to step.
+
+    torch's `load_state_dict` takes the checkpoint's options too, so a run checkpointed with the
+    eager step and resumed where the step is fused (a CPU cluster's run rerun on GPUs) would keep
+    an unfused AdamW that the fast step cannot drive; the checkpoint's own options also decide
+    where its step counts are cast."""
+    groups = [
+        theirs | {key: mine[key] for key in HOW_IT_STEPS if key in mine}
+        for mine, theirs in zip(optimizer.param_groups, saved["param_groups"], strict=True)
+    ]
+    optimizer.load_state_dict(saved | {"param_groups": groups})

@@ -25,7 +25,7 @@ from leaf_ray.cluster import node_amounts, torch_threads
 from leaf_ray.config import LeafConfig
 from leaf_ray.data.sources import SHOWN, locate_texts
 from leaf_ray.progress import on_terminal
-from leaf_ray.run import RAY_TRAIN
+from leaf_ray.run import RAY_TRAIN, RunError
 from leaf_ray.storage import Location
 from leaf_ray.train.dataset import Validation, ordered_ingest
 from leaf_ray.train.loop import train_loop
@@ -36,7 +36,8 @@ from leaf_ray.train.resources import gpus_per_trainer
 # 5 s of system time an epoch on the 2-core test machine), and Ray Train's loop thread gets an
 # arena of its own, which pays more again. One arena (the heap) and a mmap threshold above any
 # buffer keep them in the heap, reused without faults once it has grown: 0 faults an epoch from
-# the third, at the cost of holding the heap's high-water mark (README, Training throughput).
+# the third, at the cost of holding the heap's high-water mark (docs/benchmarks.md, Training
+# throughput).
 # On GPU, CUDA's allocator holds them.
 CPU_WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(4 << 30)}
 
@@ -62,6 +63,11 @@ def train_student(
     """Fit the student on rows with `text` and `embedding` columns (others ride along). Returns
     the latest checkpoint (its history is the whole run's) and the best by validation loss (the
     latest when there is no validation)."""
+    if num_rows < cfg.train.num_workers:  # a worker without a row would train nothing
+        raise RunError(
+            f"{num_rows} training text(s) for train.num_workers={cfg.train.num_workers}: each "
+            "worker needs at least one; add texts or lower train.num_workers"
+        )
     resources = ray.cluster_resources()
     gpus = gpus_per_trainer(cfg, resources.get("GPU", 0))
     # Workers reserve less CPU than they compute with, so Ray Data can always feed them.

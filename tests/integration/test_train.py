@@ -150,7 +150,7 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     tiny_teacher, demo_texts, ray_local
 ):
     """The prefetch threads tokenize each window into batches that do not overlap in length;
-    every row comes once an epoch with its own vector."""
+    every row comes once an epoch with its own vector, the one short batch last."""
     import ray.data
     from sentence_transformers import SentenceTransformer
 
@@ -176,6 +176,8 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     assert len(batches) == batches_per_epoch(len(texts), 8)
     trained = [micro.targets[:, 0].int().tolist() for micro in batches]
     assert sorted(i for batch in trained for i in batch) == list(range(len(texts)))
+    # 300 rows: 37 batches of 8 and the last window's short batch, last of all.
+    assert [len(batch) for batch in trained] == [8] * 37 + [4]
     for (features, _, _), batch in zip(batches, trained, strict=True):
         expected = student.preprocess([texts[i] for i in batch])
         assert torch.equal(features["input_ids"], expected["input_ids"])

@@ -1,7 +1,11 @@
 import numpy as np
+import pytest
 
-from leaf_ray.config import TrainConfig
+from leaf_ray.cli import DEFAULT_CONFIG
+from leaf_ray.config import TrainConfig, load_config
+from leaf_ray.run import RunError
 from leaf_ray.train.batching import Batching, batches_per_epoch, neighbour_batches
+from leaf_ray.train.trainer import train_student
 
 
 def test_neighbour_batches_recover_clusters_of_the_teacher_space():
@@ -31,3 +35,31 @@ def test_neighbour_windows_set_the_micro_batches_per_epoch():
     assert (batching.micro_batch, batching.window_batches) == (16, 128)
     assert batching.micro_per_epoch == 2 * 128 + 57 == batches_per_epoch(5000, 16, 128)
     assert Batching.of(TrainConfig(batch_size=32), 10_000, 2).window_batches == 16
+
+
+@pytest.mark.parametrize("accumulation", [1, 2, 3])
+def test_every_row_of_a_step_weighs_the_same(accumulation):
+    """100 rows a worker in micro-batches of 16: six full ones, then the short one (4 rows) the
+    epoch ends with. Each step's micro-batch weights sum to 1 and give each row the same share,
+    in the epoch's last step too."""
+    cfg = TrainConfig(batch_size=32 * accumulation, grad_accumulation=accumulation, num_workers=2)
+    batching = Batching.of(cfg, 200, 2)
+    sizes = [batching.micro_batch] * (batching.micro_per_epoch - 1) + [batching.last_rows]
+    assert sizes == [16] * 6 + [4]
+    steps = [
+        range(i, min(i + accumulation, len(sizes))) for i in range(0, len(sizes), accumulation)
+    ]
+    assert len(steps) == batching.steps_per_epoch
+    for step in steps:
+        weights = [batching.loss_weight(i, sizes[i]) for i in step]
+        assert sum(weights) == pytest.approx(1.0)
+        per_row = [weight / sizes[i] for weight, i in zip(weights, step, strict=True)]
+        assert per_row == pytest.approx([1 / sum(sizes[i] for i in step)] * len(step))
+
+
+def test_fewer_training_texts_than_workers_are_refused_before_ray():
+    """Two workers and one text: one worker would train on nothing while the other steps."""
+    cfg = load_config(DEFAULT_CONFIG)
+    assert cfg.train.num_workers == 2
+    with pytest.raises(RunError, match="1 training text.*num_workers=2"):
+        train_student(cfg, embedded=None, num_rows=1, init=None, storage=None)

@@ -11,6 +11,7 @@ from leaf_ray.losses import leaf_loss
 from leaf_ray.student import freeze_unused, param_groups
 from leaf_ray.train.loop import NonFiniteGradient, _adamw, optimizer_step
 from leaf_ray.train.schedule import leaf_schedule
+from leaf_ray.train.state import TrainState
 
 CFG = TrainConfig(epochs=1, cycles=1, lr=1e-3, warmup_ratio=0.2)
 TEXTS = ["a small test", "another sentence here", "words", "the last text of four"]
@@ -78,36 +79,57 @@ def test_a_non_finite_step_never_reaches_the_weights(tiny_student, fast):
     assert finite and not all(torch.equal(a, b) for a, b in zip(before, run.weights(), strict=True))
 
 
+def checkpointed_and_resumed(student, tmp_path, steps_before: int, fast: bool, fast_after: bool):
+    """`steps_before` steps, a checkpoint of weights, optimiser and schedule, and a new
+    process's Run (its step `fast_after`) resumed from it as a training worker resumes."""
+    resumed_student = copy.deepcopy(student)
+    first = Run(student, fast=fast)
+    for _ in range(steps_before):
+        first.step()
+    state = TrainState(step=steps_before).to_checkpoint(first.optimizer, first.schedule)
+    torch.save(state | {"model": first.student.state_dict()}, tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)
+    resumed_student.load_state_dict(saved["model"])
+    again = Run(resumed_student, fast=fast_after)
+    again.targets = first.targets
+    assert TrainState.restore(saved, again.optimizer, again.schedule, 8).step == steps_before
+    return again
+
+
 def test_the_fast_step_resumes_exactly(tiny_student, tmp_path):
-    """Three steps, a checkpoint of weights, optimiser and schedule, a new process's objects
-    loaded from it, two more steps: the weights of five uninterrupted steps, bit for bit."""
+    """Three steps, a checkpoint, two more steps in a new process's objects: the weights of
+    five uninterrupted steps, bit for bit."""
     resumed_student = copy.deepcopy(tiny_student)
     torch.manual_seed(2)
     whole = Run(tiny_student, fast=True)
     for _ in range(5):
         whole.step()
-
     torch.manual_seed(2)
-    first = Run(resumed_student, fast=True)
-    for _ in range(3):
-        first.step()
-    state = {
-        "model": first.student.state_dict(),
-        "optimizer": first.optimizer.state_dict(),
-        "scheduler": first.schedule.state_dict(),
-        "targets": first.targets,
-    }
-    torch.save(state, tmp_path / "state.pt")
-    saved = torch.load(tmp_path / "state.pt", weights_only=True)
-    resumed_student.load_state_dict(saved["model"])
-    again = Run(resumed_student, fast=True)
-    again.optimizer.load_state_dict(saved["optimizer"])
-    again.schedule.load_state_dict(saved["scheduler"])
-    again.targets = saved["targets"]
+    again = checkpointed_and_resumed(resumed_student, tmp_path, 3, fast=True, fast_after=True)
     for _ in range(2):
         again.step()
     for a, b in zip(whole.weights(), again.weights(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_checkpoint_resumes_under_the_other_step(tiny_student, tmp_path, fast):
+    """A run checkpointed under one step and resumed under the other (a CPU cluster's run
+    rerun on GPUs, where the step is fused, or back): the resumed optimiser steps as its own
+    device asks, not as the checkpoint's did, and trains as the uninterrupted run does."""
+    resumed_student = copy.deepcopy(tiny_student)
+    torch.manual_seed(3)
+    whole = Run(tiny_student, fast=fast)
+    for _ in range(5):
+        whole.step()
+    torch.manual_seed(3)
+    again = checkpointed_and_resumed(resumed_student, tmp_path, 3, fast=fast, fast_after=not fast)
+    assert bool(again.optimizer.param_groups[0]["fused"]) is not fast
+    for _ in range(2):
+        _, finite = again.step()
+        assert finite
+    for a, b in zip(whole.weights(), again.weights(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_without_a_fused_kernel_the_step_is_eager(tiny_student):
