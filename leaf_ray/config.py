@@ -157,9 +157,15 @@ class TeacherConfig(ModelRef):
         description="CPU actors (one CPU each) tokenizing for the teacher actors; 0: the teacher "
         "actors tokenize. Default: on GPUs up to 16 per teacher actor, as CPUs allow; on CPUs 0.",
     )
-    query_prompt: str | None = Field(None, description="Default: the teacher's own 'query' prompt.")
+    query_prompt: str | None = Field(
+        None,
+        description="Default: the one the teacher's encode_query prepends (its 'query' prompt, "
+        "else its default prompt).",
+    )
     document_prompt: str | None = Field(
-        None, description="Default: the teacher's 'document' prompt."
+        None,
+        description="Default: the one the teacher's encode_document prepends (its 'document', "
+        "'passage' or 'corpus' prompt, else its default prompt).",
     )
     vectors: str | None = Field(
         None, description="Black box: precomputed vectors (Parquet/JSONL: kind, text, embedding)."

@@ -147,7 +147,8 @@ def _local_embedder(
     model.max_seq_length = cfg.max_seq_length
 
     def embed(texts: list[str], side: str) -> np.ndarray:
-        prompt = encoder.prompts.get(side)
+        # "" for none: given None, `encode` would apply the model's default prompt.
+        prompt = encoder.prompts.get(side) or ""
         return model.encode(texts, prompt=prompt, batch_size=cfg.batch_size, convert_to_numpy=True)
 
     return embed, model.get_embedding_dimension()

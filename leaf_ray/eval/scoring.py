@@ -13,7 +13,7 @@ import ray
 from leaf_ray.eval.cache import STREAM_ROWS, EvalCache, Vectors, _joined
 from leaf_ray.eval.compression import int8_ranges, quantize, truncate
 from leaf_ray.eval.models import _LeafSimilarity
-from leaf_ray.eval.tasks import SIDES, STARTS, EvalTask
+from leaf_ray.eval.tasks import SIDES, STARTS, EvalError, EvalTask
 
 if TYPE_CHECKING:
     from mteb.models.model_meta import ModelMeta
@@ -85,10 +85,12 @@ class _CachedVectors(_LeafSimilarity):
     """mteb's encoder protocol over vectors already computed, truncated and quantized as asked.
     It has no model, so it cannot run one.
 
-    The queries are held whole. The documents are read chunk by chunk in the order they were
-    written, which is the order mteb asks for them (its corpus order, 50,000 at a time): a
-    scoring task holds one chunk of a large corpus, not all of it. Asked in another order
-    (e.g. a reranking task), it reads them whole and looks them up by id."""
+    Both sides are served in the order they were written, which is the order mteb asks for
+    them: an id alone can be ambiguous, since a task's subsets or splits may number their texts
+    alike (Q0, Q1, ... in each language). The queries are held whole. The documents are read
+    chunk by chunk (mteb's corpus order, 50,000 at a time): a scoring task holds one chunk of a
+    large corpus, not all of it. Asked in another order (e.g. a reranking task), either side is
+    looked up by id, where its ids are distinct."""
 
     def __init__(
         self,
@@ -106,17 +108,26 @@ class _CachedVectors(_LeafSimilarity):
             if quantization == "int8"
             else None
         )
-        self.queries = dict(zip(queries.ids, range(len(queries.ids)), strict=True))
-        self.query_array = self._compress(queries.array)
+        self.queries = Vectors(queries.ids, self._compress(queries.array))
+        self.queries_asked = 0
+        self.query_rows: Callable[[list[str]], list[int]] | None = None  # asked out of order
         self.in_order: Iterator[Vectors] | None = None
         self.pending: Vectors | None = None  # read past the last chunk mteb asked for
-        self.by_id: tuple[dict[str, int], np.ndarray] | None = None
+        self.by_id: tuple[Callable[[list[str]], list[int]], np.ndarray] | None = None
 
     def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
         ids = list(inputs.dataset["id"])
         if prompt_type.value == "query":
-            return self.query_array[[self.queries[i] for i in ids]]
+            return self._query_vectors(ids)
         return self._compress(self._document_vectors(ids))
+
+    def _query_vectors(self, ids: list[str]) -> np.ndarray:
+        start, end = self.queries_asked, self.queries_asked + len(ids)
+        if self.queries.ids[start:end] == ids:
+            self.queries_asked = end
+            return self.queries.array[start:end]
+        self.query_rows = self.query_rows or _rows_by_id(self.queries.ids, "queries")
+        return self.queries.array[self.query_rows(ids)]
 
     def _document_vectors(self, ids: list[str]) -> np.ndarray:
         if self.by_id is None:
@@ -124,9 +135,9 @@ class _CachedVectors(_LeafSimilarity):
             if chunk.ids == ids:
                 return chunk.array
             whole = _joined(list(self.documents()))  # asked out of order: look them up by id
-            self.by_id = dict(zip(whole.ids, range(len(whole.ids)), strict=True)), whole.array
+            self.by_id = _rows_by_id(whole.ids, "documents"), whole.array
         rows, array = self.by_id
-        return array[[rows[i] for i in ids]]
+        return array[rows(ids)]
 
     def _next_in_order(self, n: int) -> Vectors:
         """The next `n` documents as stored, across the stream's batches."""
@@ -143,3 +154,14 @@ class _CachedVectors(_LeafSimilarity):
 
     def _compress(self, vectors: np.ndarray) -> np.ndarray:
         return quantize(truncate(vectors, self.dimension), self.quantization, self.ranges)
+
+
+def _rows_by_id(stored: list[str], side: str) -> Callable[[list[str]], list[int]]:
+    """ids -> their rows in `stored`, which must name each text once."""
+    rows = {id_: row for row, id_ in enumerate(stored)}
+    if len(rows) < len(stored):
+        raise EvalError(
+            f"mteb asked for {side} out of the order they were embedded in, and their ids repeat "
+            "(subsets or splits numbered alike): their vectors cannot be told apart"
+        )
+    return lambda ids: [rows[i] for i in ids]

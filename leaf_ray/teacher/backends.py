@@ -18,17 +18,25 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 
+# The model's own prompt for each kind, by the names sentence-transformers' `encode_query` and
+# `encode_document` look for, in their order.
+PROMPT_NAMES = {"query": ("query",), "document": ("document", "passage", "corpus")}
+
+
 def teacher_prompts(
     cfg: TeacherConfig, model: SentenceTransformer | None = None
 ) -> dict[str, str | None]:
-    """Config prompts win; otherwise the teacher model's own `query`/`document` prompts, if any."""
+    """Each kind's prompt (None: none). The config's wins; otherwise the one the model's
+    `encode_query` / `encode_document` would prepend: its own for that kind, else its default
+    prompt. Evaluation passes these to `encode` as they are, never leaving the choice to it."""
+    configured = {"query": cfg.query_prompt, "document": cfg.document_prompt}
     own = model.prompts if model is not None else {}
-    return {
-        "query": cfg.query_prompt if cfg.query_prompt is not None else own.get("query"),
-        "document": (
-            cfg.document_prompt if cfg.document_prompt is not None else own.get("document")
-        ),
-    }
+    default = own.get(model.default_prompt_name) if model is not None else None
+    prompts = {}
+    for kind, names in PROMPT_NAMES.items():
+        fallback = next((own[name] for name in names if name in own), default)
+        prompts[kind] = configured[kind] if configured[kind] is not None else fallback
+    return prompts
 
 
 class Teacher(Protocol):

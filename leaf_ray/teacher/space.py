@@ -3,8 +3,11 @@ cache key)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +18,9 @@ from leaf_ray.teacher.backends import HttpTeacher, teacher_prompts
 from leaf_ray.teacher.cache import FORMAT_VERSION
 from leaf_ray.teacher.local import compute_dtype, load_teacher, normalizes
 from leaf_ray.teacher.vectors import read_vectors_file, vector_rows, vectors_normalized
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 PROBE_TEXTS = ["leaf-ray probe: what space do your vectors live in?", "a second probe text"]
 
@@ -40,14 +46,13 @@ def teacher_space(cfg: TeacherConfig, on_gpu: bool) -> TeacherSpace:
     key = {"format": FORMAT_VERSION, "vector_dtype": cfg.vector_dtype}
     if cfg.backend == "sentence_transformers":
         model = load_teacher(cfg, "cpu")
-        weights = cfg.sha256 or _weights_sha256(Path(model[0].auto_model.name_or_path))
         key |= {
-            # The weights, not the name or folder, say which teacher this is.
-            "teacher": (
-                {"weights_sha256": weights}
-                if weights
-                else {"model": cfg.model, "revision": cfg.revision}
-            ),
+            # The weights and vocabulary as loaded, not the name or folder, say which teacher
+            # this is: every module's (a Dense head's too), from a folder or the hub alike.
+            "teacher": {
+                "parameters_sha256": _parameters_sha256(model),
+                "tokenizer_sha256": _tokenizer_sha256(model),
+            },
             "modules": [[type(m).__name__, _module_config(m)] for m in model],
             "prompts": teacher_prompts(cfg, model),
             "max_seq_length": cfg.max_seq_length,
@@ -81,6 +86,22 @@ def _module_config(module: torch.nn.Module) -> dict:
     return get() if get else {}
 
 
-def _weights_sha256(folder: Path) -> str | None:
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    return files_sha256(*files) if files else None
+def _parameters_sha256(model: torch.nn.Module) -> str:
+    """One sha256 over every parameter and buffer: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _tokenizer_sha256(model: SentenceTransformer) -> str | None:
+    """The fast tokenizer's definition (vocabulary, normaliser, special tokens), without the
+    truncation and padding state that each call sets."""
+    backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
+    if backend is None:
+        return None
+    definition = json.loads(backend.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()

@@ -16,9 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.data
+import torch
 import yaml
 from aiohttp import web
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Dense
 
 from leaf_ray.config import TeacherConfig, load_config
 from leaf_ray.data.sources import DataError
@@ -78,15 +80,30 @@ def test_cache_key_changes_with_anything_that_changes_a_vector(tiny_teacher, tmp
         root(compute_dtype="bfloat16"),
     ]
     assert len({base, *changed}) == 5
-    # The weights identify the teacher: a copy in another folder shares the cache.
-    shutil.copytree(tiny_teacher, tmp_path / "copy")
-    copy = TeacherConfig(model=str(tmp_path / "copy"), max_seq_length=64)
-    assert (
-        TeacherCache.open(
-            Location.of(tmp_path), teacher_space(copy, on_gpu=False).key, "x"
+
+    # The weights and vocabulary identify the teacher: a copy in another folder shares the
+    # cache; a Dense head's weights or a changed vocabulary do not.
+    def digest(folder: Path) -> str:
+        cfg = TeacherConfig(model=str(folder), max_seq_length=64)
+        return TeacherCache.open(
+            Location.of(tmp_path), teacher_space(cfg, False).key, "x"
         ).root.name[-16:]
-        == base.name[-16:]
-    )
+
+    shutil.copytree(tiny_teacher, tmp_path / "copy")
+    assert digest(tmp_path / "copy") == base.name[-16:]
+    heads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teacher = SentenceTransformer(str(tiny_teacher), device="cpu")
+        teacher.append(Dense(32, 16))
+        teacher.save_pretrained(str(tmp_path / f"head{seed}"))
+        heads.append(digest(tmp_path / f"head{seed}"))
+    assert heads[0] != heads[1]
+    tokenizer = json.loads((tmp_path / "copy" / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["a-word-of-our-own"] = vocab.pop(max(vocab, key=vocab.get))
+    (tmp_path / "copy" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert digest(tmp_path / "copy") != base.name[-16:]
 
 
 def test_each_distinct_text_is_embedded_once_and_never_again(

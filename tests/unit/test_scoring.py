@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from leaf_ray.cluster import cpu_share
 from leaf_ray.data.beir import load_beir
 from leaf_ray.data.sources import DataError
-from leaf_ray.eval.cache import EvalCache, VectorsFile
+from leaf_ray.eval.cache import EvalCache, Vectors, VectorsFile
 from leaf_ray.eval.compression import int8_ranges, quantize, similarity, truncate
-from leaf_ray.eval.tasks import EvalTask, resolve_tasks
+from leaf_ray.eval.scoring import _CachedVectors
+from leaf_ray.eval.tasks import EvalError, EvalTask, resolve_tasks
 from leaf_ray.storage import Location
 from tests.integration.test_eval import graded_set, whole_corpus
 
@@ -128,3 +131,28 @@ def test_binary_scores_are_minus_the_hamming_distance_of_sign_bits():
 def test_embedding_tasks_off_gpus_share_the_cpus(jobs, cpus, largest, each):
     nodes = [largest] * int(cpus // largest)
     assert max(1, int(cpu_share(cpus, nodes, jobs))) == each
+
+
+def asked(scorer: _CachedVectors, side: str, ids: list[str]) -> np.ndarray:
+    """What the scorer answers when mteb asks it for `ids`' vectors of one side."""
+    inputs = SimpleNamespace(dataset={"id": ids, "text": [""] * len(ids)})
+    return scorer.encode(inputs, prompt_type=SimpleNamespace(value=side))
+
+
+def test_queries_numbered_alike_in_two_subsets_are_served_as_embedded():
+    """A task with two language subsets whose queries are both Q0, Q1: each subset's queries
+    get their own vectors, in the order mteb asked for them when they were embedded. Out of that
+    order their ids are ambiguous, which is an error, not another subset's vectors."""
+    english, french = np.eye(4, dtype=np.float32)[:2], np.eye(4, dtype=np.float32)[2:]
+    queries = Vectors(["Q0", "Q1", "Q0", "Q1"], np.concatenate([english, french]))
+    corpus = [Vectors(["C0", "C1"], np.eye(4, dtype=np.float32)[:2])]
+    scorer = _CachedVectors(None, queries, lambda: iter(corpus), 4, "float32")
+    np.testing.assert_array_equal(asked(scorer, "query", ["Q0", "Q1"]), english)
+    np.testing.assert_array_equal(asked(scorer, "query", ["Q0", "Q1"]), french)
+    np.testing.assert_array_equal(asked(scorer, "document", ["C0", "C1"]), corpus[0].array)
+    with pytest.raises(EvalError, match="ids repeat"):
+        asked(scorer, "query", ["Q1"])
+    distinct = _CachedVectors(
+        None, Vectors(["a", "b"], english), lambda: iter(corpus), 4, "float32"
+    )
+    np.testing.assert_array_equal(asked(distinct, "query", ["b"]), english[1:])  # by id
