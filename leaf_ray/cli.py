@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     emb = commands.add_parser("embed", help="run the teacher stage alone: fill the vector cache")
     cache = commands.add_parser("cache", help="teacher-vector cache tools")
     check = cache.add_subparsers(dest="action", required=True).add_parser(
-        "verify", help="re-read the config's cache: missing, duplicated or corrupt rows"
+        "verify", help="re-read the config's cache: missing or corrupt rows (exit 1), duplicates"
     )
     check.add_argument(
         "--repair",

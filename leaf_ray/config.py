@@ -48,6 +48,18 @@ def _no_credentials(uri: str | None) -> str | None:
 StorageURI = Annotated[str, AfterValidator(_no_credentials)]
 
 
+def _distinct(values: list) -> list:
+    """A list that sets what is scored: a repeat would score (and report) it twice."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        message = "repeats {repeated}: each is scored once"
+        raise PydanticCustomError("repeated", message, {"repeated": ", ".join(repeated)})
+    return values
+
+
+Distinct = AfterValidator(_distinct)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -119,7 +131,10 @@ class ModelRef(Strict):
 class HttpTeacherConfig(Strict):
     """An OpenAI-compatible `/v1/embeddings` endpoint; `teacher.model` is the model it serves."""
 
-    url: str = Field(description="Base URL, e.g. http://host:8000/v1 (POSTs to <url>/embeddings).")
+    # Without its trailing "/": one endpoint, one cache key.
+    url: Annotated[str, AfterValidator(lambda url: url.rstrip("/"))] = Field(
+        description="Base URL, e.g. http://host:8000/v1 (POSTs to <url>/embeddings)."
+    )
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="Environment variable with the key; unset: no key sent."
     )
@@ -341,23 +356,28 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    datasets: list[str] = Field(default_factory=list, description="BEIR-layout folders.")
-    mteb_tasks: list[str] = Field(
+    datasets: Annotated[list[str], Distinct] = Field(
+        default_factory=list, description="BEIR-layout folders."
+    )
+    mteb_tasks: Annotated[list[str], Distinct] = Field(
         default_factory=list,
         description="mteb retrieval tasks or benchmarks by name (NanoBEIR, SciFact; online).",
     )
     cache_dir: StorageURI | None = Field(
         None, description="Eval vectors, reused across runs; default: <run.storage>/eval_cache."
     )
-    split: str = "test"
+    split: str = Field(
+        "test",
+        description="The BEIR folders' qrels/<split>.tsv; mteb tasks score their own eval splits.",
+    )
     batch_size: int = Field(64, gt=0)
     max_seq_length: int = Field(256, gt=0)
     top_k: int = Field(100, gt=0)
-    dimensions: list[int] = Field(
+    dimensions: Annotated[list[Annotated[int, Field(gt=0)]], Distinct] = Field(
         default_factory=list,
         description="Also score at these Matryoshka sizes (first n dims, renormalised).",
     )
-    quantizations: list[Literal["float32", "int8", "binary"]] = Field(
+    quantizations: Annotated[list[Literal["float32", "int8", "binary"]], Distinct] = Field(
         default_factory=lambda: ["float32"],
         description="int8: calibrated on the corpus; binary: sign bits, Hamming distance.",
     )

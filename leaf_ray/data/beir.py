@@ -18,7 +18,8 @@ class RetrievalSet:
 
 
 def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
-    """corpus.jsonl (`_id`, `title`, `text`), queries.jsonl, qrels/<split>.tsv with a header."""
+    """corpus.jsonl (`_id`, `title`, `text`), queries.jsonl, qrels/<split>.tsv (its header
+    line, if any, recognised as not a judgment)."""
     folder = Path(folder)
     corpus = {
         row["_id"]: (f"{row['title']}. {row['text']}" if row.get("title") else row["text"])
@@ -27,9 +28,12 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     queries = {row["_id"]: row["text"] for row in _jsonl(folder / "queries.jsonl", ("_id", "text"))}
     qrels: dict[str, dict[str, int]] = {}
     qrels_file = folder / "qrels" / f"{split}.tsv"
-    for lineno, line in _lines(qrels_file, skip_header=True):
+    for lineno, line in _lines(qrels_file):
         parts = line.split("\t")
-        if len(parts) != 3 or not parts[2].strip().lstrip("-").isdigit():
+        judgment = len(parts) == 3 and parts[2].strip().lstrip("-").isdigit()
+        if lineno == 1 and not judgment:  # BEIR's header (query-id, corpus-id, score)
+            continue
+        if not judgment:
             raise DataError(f"{qrels_file}:{lineno}: expected query-id<TAB>corpus-id<TAB>score")
         qid, did, score = parts[0], parts[1], int(parts[2])
         if qid not in queries or did not in corpus:
@@ -39,12 +43,12 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
     return RetrievalSet(folder.name, corpus, queries, qrels)
 
 
-def _lines(path: Path, skip_header: bool = False):
+def _lines(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
-            if (skip_header and lineno == 1) or not line.strip():
+            if not line.strip():
                 continue
             yield lineno, line.rstrip("\n")
 

@@ -203,7 +203,8 @@ def print_verify(report: VerifyReport, set_aside: list[str]) -> None:
     status = "[green]ok[/]" if report.ok else "[red]FAILED[/]"
     console.print(
         f"[bold]cache verify[/] {status}: {report.rows} rows in {report.shards} shards; "
-        f"{report.missing} missing, {report.duplicated} duplicated, {len(report.corrupt)} corrupt"
+        f"{report.missing} missing, {len(report.corrupt)} corrupt, {report.duplicated} "
+        "duplicated (harmless: read once)"
     )
     for problem in report.corrupt:
         console.print(f"  corrupt: {problem}")

@@ -65,7 +65,7 @@ class HttpEmbedder:
 
     def __init__(self, settings: HttpTeacherConfig, model: str, api_key: str | None = None):
         self.settings, self.model, self.api_key = settings, model, api_key
-        self.endpoint = f"{settings.url.rstrip('/')}/embeddings"
+        self.endpoint = f"{settings.url}/embeddings"
         rps = settings.requests_per_second
         self._interval = 1.0 / rps if rps else 0.0
         self._next_slot = 0.0  # monotonic time the next request may start; kept across calls

@@ -43,6 +43,17 @@ def test_bad_value_is_named_with_its_key_path(tmp_path):
     assert f"{path}:7: train.epochs: Input should be greater than 0 (got 0)" in str(err.value)
 
 
+def test_what_is_scored_is_named_once_and_sizes_are_positive(tmp_path):
+    path = write(tmp_path, MINIMAL + "eval:\n  dimensions: [256, 64, 256, 64]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:7: eval.dimensions: repeats 256, 64: each is scored once" in str(err.value)
+    with pytest.raises(ConfigError, match=r"eval.quantizations: repeats int8"):
+        load_config(path, ["eval.dimensions=[]", "eval.quantizations=[int8,float32,int8]"])
+    with pytest.raises(ConfigError, match=r"eval.dimensions.0: Input should be greater than 0"):
+        load_config(path, ["eval.dimensions=[0]"])
+
+
 def test_a_run_name_is_one_folder(tmp_path):
     path = write(tmp_path, MINIMAL + "run:\n  name: team/run-1\n")
     with pytest.raises(ConfigError, match=r":7: run\.name: String should match pattern"):
@@ -170,3 +181,13 @@ def test_paper_recipes_validate_offline(recipe, teacher, capsys, monkeypatch):
     assert {s.kind for s in cfg.data.sources} == {"query", "document"}  # both, as in LEAF
     for source in cfg.data.sources:
         assert f"hf:{source.hf_dataset}:{source.hf_config}:{source.split}:" in out
+
+
+def test_an_endpoint_with_or_without_its_trailing_slash_is_one_teacher():
+    from leaf_ray.config import TeacherConfig
+
+    slashed, bare = (
+        TeacherConfig(model="e5", http={"url": url})
+        for url in ("http://h:8000/v1/", "http://h:8000/v1")
+    )
+    assert slashed == bare and bare.http.url == "http://h:8000/v1"

@@ -86,6 +86,11 @@ def test_load_beir_reads_the_demo_set_and_names_bad_lines(tmp_path):
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq\tzz\t1\n")
     with pytest.raises(DataError, match=r"test.tsv:2: unknown query or corpus id"):
         load_beir(tmp_path)
+    (tmp_path / "qrels" / "test.tsv").write_text("q\td\t1\n")  # no header: a judgment
+    assert load_beir(tmp_path).qrels == {"q": {"d": 1}}
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq\td\tone\n")
+    with pytest.raises(DataError, match=r"test.tsv:2: expected query-id<TAB>corpus-id<TAB>score"):
+        load_beir(tmp_path)
 
 
 def test_matryoshka_truncation_renormalises_the_first_dimensions():
