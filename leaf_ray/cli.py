@@ -182,7 +182,8 @@ def _stop_watchdog() -> None:
 
 def root_cause(error: BaseException) -> BaseException:
     """The error a user should read, out of Ray's wrappers: a task's error, a Ray Train worker
-    group's first failure, the controller's, and exceptions raised `from` another."""
+    group's first failure, the controller's, and exceptions raised `from` another (not ours:
+    their message already says what the cause meant)."""
     seen: set[int] = set()
     while id(error) not in seen:
         seen.add(id(error))
@@ -192,7 +193,7 @@ def root_cause(error: BaseException) -> BaseException:
             error = error.controller_failure
         elif isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
             error = error.cause
-        elif error.__cause__ is not None:
+        elif error.__cause__ is not None and not isinstance(error, USER_ERRORS):
             error = error.__cause__
     return error
 

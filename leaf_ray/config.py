@@ -61,7 +61,7 @@ Distinct = AfterValidator(_distinct)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RunConfig(Strict):
@@ -428,25 +428,27 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> LeafConfig:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (invalid UTF-8 at byte {e.start})") from e
     try:
         raw = yaml.safe_load(text) or {}
-        lines = _key_lines(yaml.compose(text))
+        lines = _key_lines(yaml.compose(text), path)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for item in overrides:
-        _apply_override(raw, item)
+    overridden = {_apply_override(raw, item): item for item in overrides}
     _resolve_paths(raw, path.resolve().parent)
     raw["source_file"] = str(path.resolve())
     try:
         return LeafConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(path, e, lines)) from None
+        raise ConfigError(_format_errors(path, e, lines, overridden)) from None
 
 
-def _apply_override(raw: dict, item: str) -> None:
-    """`train.epochs=3`, `data.sources.0.limit=100`: the value is parsed as YAML."""
+def _apply_override(raw: dict, item: str) -> tuple:
+    """`train.epochs=3`, `data.sources.0.limit=100`: the value is parsed as YAML. Returns the
+    key path it set (list indices as ints)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key.path=value")
@@ -456,7 +458,9 @@ def _apply_override(raw: dict, item: str) -> None:
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         elif isinstance(node, dict):
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section left empty in the file
+                node[part] = {}
+            node = node[part]
         else:
             raise ConfigError(f"override {item!r}: cannot descend into {part!r}")
     if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
@@ -467,6 +471,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node[leaf] = yaml.safe_load(value)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: invalid value: {e}") from e
+    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
@@ -502,22 +507,31 @@ def _resolve_paths(raw: dict, base: Path) -> None:
                 sec["model"] = str(local.resolve())
 
 
-def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map each key path (with list indices) to its 1-based line in the YAML file."""
+def _key_lines(node: yaml.Node | None, path: Path, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path (with list indices) to its 1-based line in the YAML file. A key given
+    twice in one mapping is refused: YAML would silently keep the last."""
     out: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = prefix + (key_node.value,)
-            out[key] = key_node.start_mark.line + 1
-            out.update(_key_lines(value_node, key))
+            line = key_node.start_mark.line + 1
+            if key in out:
+                dotted = ".".join(str(p) for p in key)
+                raise ConfigError(f"{path}:{line}: {dotted}: given twice (also line {out[key]})")
+            out[key] = line
+            out.update(_key_lines(value_node, path, key))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[prefix + (i,)] = item.start_mark.line + 1
-            out.update(_key_lines(item, prefix + (i,)))
+            out.update(_key_lines(item, path, prefix + (i,)))
     return out
 
 
-def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) -> str:
+def _format_errors(
+    path: Path, err: ValidationError, lines: dict[tuple, int], overridden: dict[tuple, str]
+) -> str:
+    """One line per error: where the value came from (the file and line, or the command-line
+    override that set it), its key path, and what is wrong."""
     msgs = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -528,6 +542,16 @@ def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) ->
         key = ".".join(str(p) for p in loc) or "<top>"
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{path}:{line}" if line else str(path)
+        override = next(
+            (
+                item
+                for k, item in overridden.items()
+                if loc[: len(k)] == k or (k[: len(loc)] == loc and loc not in lines)
+            ),
+            None,
+        )
+        if override is not None:
+            where = f"override {override!r}"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         quiet = ("missing", "extra_forbidden", "value_error_named", "credentials_in_uri")
         got = "" if e["type"] in quiet else f" (got {e['input']!r})"

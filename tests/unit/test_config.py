@@ -121,17 +121,40 @@ def test_overrides_set_single_keys_and_list_items(tmp_path):
     )
     assert cfg.train.epochs == 3
     assert cfg.data.sources[0].limit == 10
-    with pytest.raises(ConfigError, match="train.epochs: Input should be a valid integer"):
-        load_config(write(tmp_path, MINIMAL), ["train.epochs=many"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(write(tmp_path, MINIMAL), ["train.epochs"])
 
 
-def test_invalid_yaml_and_missing_file(tmp_path):
+def test_a_bad_override_is_named_as_the_override_not_as_the_file(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  epochs: 3\neval:\n# dimensions: [64]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.epochs=many"])
+    assert "override 'train.epochs=many': train.epochs: Input should be a valid integer" in str(
+        err.value
+    )
+    with pytest.raises(ConfigError, match=r"override 'nonexistent.key=1': nonexistent: unknown"):
+        load_config(path, ["nonexistent.key=1"])
+    # A section left empty in the file takes an override as an absent one does.
+    assert load_config(path, ["eval.max_seq_length=128"]).eval.max_seq_length == 128
+    with pytest.raises(ConfigError, match=r"train.lr: Input should be a finite number"):
+        load_config(path, ["train.lr=.inf"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path, capsys):
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(write(tmp_path, "data: [unclosed\n"))
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"cfg.yaml:8: train.epochs: given twice \(also line 7\)"):
+        load_config(write(tmp_path, MINIMAL + "train:\n  epochs: 1\n  epochs: 7\n"))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not a text file"):
+        load_config(binary)
+    # From the command line: exit 2, and the line names the file rather than YAML's own error.
+    for config in (tmp_path, tmp_path / "nope.yaml", binary):
+        assert main(["distill", "--config", str(config), "--dry-run"]) == 2
+        assert capsys.readouterr().err.startswith(f"leaf-ray: error: {config}: ")
 
 
 def test_cli_exits_nonzero_with_a_clear_message(tmp_path, capsys):
