@@ -10,9 +10,11 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leaf_ray.config import LeafConfig
@@ -154,6 +156,9 @@ class Cluster:
         return f"{self.nodes}x({self.gpus_per_node} GPU {self.gpu.name})"
 
 
+MAX_GPUS = 100_000  # plans search over GPU splits: a typo's 10^20 GPUs would never finish
+
+
 def parse_cluster(value: str) -> Cluster:
     """`8x(8 GPU H100)`: nodes x (GPUs per node, GPU type)."""
     match = re.fullmatch(r"\s*(\d+)\s*x\s*\(\s*(\d+)\s*GPUs?\s+(\w+)\s*\)\s*", value, re.I)
@@ -163,6 +168,8 @@ def parse_cluster(value: str) -> Cluster:
     nodes, per_node, name = int(match[1]), int(match[2]), match[3].upper()
     if nodes < 1 or per_node < 1:
         raise PlanError(f"--cluster {value!r}: nodes and GPUs per node must be at least 1")
+    if nodes * per_node > MAX_GPUS:
+        raise PlanError(f"--cluster {value!r}: more than {MAX_GPUS:,} GPUs")
     if name not in GPU_TYPES:
         raise PlanError(f"--cluster {value!r}: unknown GPU type {match[3]!r}; types: {types}")
     return Cluster(nodes, per_node, GPU_TYPES[name])
@@ -202,9 +209,16 @@ def count_rows(path: Path) -> int:
     if not path.exists():
         raise PlanError(f"data.sources: {path}: no such file or folder")
     files = data_files(path)
-    if is_parquet(path):
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-    return sum(_count_lines(p) for p in files)
+    try:
+        if is_parquet(path):
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+        else:
+            rows = sum(_count_lines(p) for p in files)
+    except (EOFError, OSError, zlib.error, pa.ArrowException) as e:
+        raise PlanError(f"data.sources: {path}: cannot be read ({e})") from None
+    if not rows:
+        raise PlanError(f"data.sources: {path}: no texts")
+    return rows
 
 
 def _count_lines(path: Path) -> int:

@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         help="<nodes>x(<gpus> GPU <type>), type A100, H100 or H200 (default: 1x(1 GPU H100))",
     )
     plan.add_argument(
-        "--teacher-dim", type=int, help="teacher output size (default: known-teacher table)"
+        "--teacher-dim",
+        type=_positive,
+        help="teacher output size (default: known-teacher table)",
     )
     for sub in (emb, check, plan):
         sub.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML (default: demo)")
@@ -173,6 +175,12 @@ def _interrupt(signum: int, frame: object) -> None:
 def _exit_interrupted() -> None:
     print(INTERRUPTED, file=sys.stderr, flush=True)
     os._exit(130)  # the checkpoints and cache are on disk; a local Ray dies with its driver
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number above 0")
+    return int(value)
 
 
 def _stop_watchdog() -> None:

@@ -498,6 +498,10 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         for src in data["sources"]:
             if isinstance(src, dict) and "path" in src:
                 src["path"] = fix(src["path"])
+            # A dataset folder beside the config, rather than a hub name.
+            hf = src.get("hf_dataset") if isinstance(src, dict) else None
+            if isinstance(hf, str) and (base / hf).exists():
+                src["hf_dataset"] = str((base / hf).resolve())
     for section in ("teacher", "student"):
         sec = raw.get(section)
         # A model given as an existing relative folder is a local model, not a hub name.

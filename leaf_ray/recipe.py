@@ -190,6 +190,8 @@ def evaluate_run(
     run = run if isinstance(run, Location) else Location.of(run)
     if not (run / CONFIG_YAML).is_file():
         raise RunError(f"{run}: not a leaf-ray run folder (no {CONFIG_YAML})")
+    if not (run / STUDENT / "modules.json").is_file():  # a run still building leaves none
+        raise RunError(f"{run}: not a finished run (no {STUDENT}/); rerun its distill to finish it")
     if student is not None and not (student / "modules.json").is_file():
         raise RunError(f"{student}: not a sentence-transformers folder (no modules.json)")
     with tempfile.TemporaryDirectory(prefix="leaf-ray-eval-") as tmp:

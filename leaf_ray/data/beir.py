@@ -46,20 +46,35 @@ def load_beir(folder: str | Path, split: str = "test") -> RetrievalSet:
 def _lines(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            yield lineno, line.rstrip("\n")
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
+            if line.strip():
+                yield lineno, line.rstrip("\r\n")
 
 
 def _jsonl(path: Path, required: tuple[str, ...]):
+    """Each line's object: `_id` a string (a number is taken as one), `text` and `title` (if
+    any) strings."""
     for lineno, line in _lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object")
         missing = [k for k in required if k not in row]
         if missing:
             raise DataError(f"{path}:{lineno}: missing {missing}")
+        if isinstance(row["_id"], int) and not isinstance(row["_id"], bool):
+            row["_id"] = str(row["_id"])
+        if row.get("title") is None:
+            row["title"] = ""
+        for key in ("_id", "text", "title"):
+            if not isinstance(row[key], str):
+                shown = "null" if row[key] is None else f"a {type(row[key]).__name__}"
+                raise DataError(f"{path}:{lineno}: {key}: {shown}, not a string")
         yield row

@@ -63,7 +63,13 @@ def data_files(path: Path) -> list[Path]:
         if p.is_file() and not p.name.startswith(".") and p.name.endswith(DATA_SUFFIXES)
     )
     parquet = [p for p in files if _parquet_name(p)]
-    return parquet or files
+    if parquet and len(parquet) < len(files):  # one would be read and the other left out
+        raise DataError(
+            f"{path}: holds both Parquet and JSON lines files ({parquet[0].name}, "
+            f"{next(p for p in files if not _parquet_name(p)).name}); give each format its own "
+            "source"
+        )
+    return files
 
 
 def is_parquet(path: Path) -> bool:
@@ -162,8 +168,11 @@ def check_source(
 
 def _jsonl_rows(files: list[Path], src: SourceConfig) -> Iterator[tuple[str, dict, Problem]]:
     for file in files:
+        data = file.read_bytes()
+        if file.name.endswith(".gz") and data[:2] != GZIP_MAGIC:  # Ray decompresses by name
+            raise DataError(f"{file}: named .gz but not gzip-compressed; rename or compress it")
         try:
-            data = _decompressed(file.read_bytes())
+            data = _decompressed(data)
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(
                 f"{file}: cannot be decompressed, truncated or not gzip ({e})"
@@ -306,6 +315,11 @@ def row_problem(row: object, src: SourceConfig) -> Problem:
         return f"{field} not a string", f"{field}: a {type(text).__name__}, not a string"
     if not text.strip():
         return f"{field} empty", f"{field}: empty"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. JSON's "\ud800"
+            return f"{field} not Unicode", f"{field}: a lone surrogate at character {e.start}"
     if src.kind is None:
         kind = row.get(src.kind_field, MISSING)
         if kind not in KINDS:

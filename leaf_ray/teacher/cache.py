@@ -31,6 +31,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
 from leaf_ray.hashing import first_of_each, text_hash
+from leaf_ray.run import RunError
 from leaf_ray.storage import Location
 
 FORMAT_VERSION = 1
@@ -58,12 +59,18 @@ class TeacherCache:
     key: dict = field(compare=False)
 
     @classmethod
-    def open(cls, cache_dir: Location, key: dict, label: str) -> TeacherCache:
+    def open(cls, cache_dir: Location, key: dict, label: str, create: bool = True) -> TeacherCache:
         """The cache folder for these teacher settings, created (with key.json) when new. The
-        label (the teacher's name) only names the folder: the key decides which folder."""
+        label (the teacher's name) only names the folder: the key decides which folder. Not
+        `create`: one that is not there is an error (checking a cache makes none)."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(label).name)[:48]
         root = cache_dir / f"{slug}-{digest}"
+        if not create and not (root / KEY_JSON).is_file():
+            raise RunError(
+                f"{root}: no teacher cache for this config's teacher settings; `leaf-ray embed` "
+                "(or distill) fills it"
+            )
         for sub in (SHARDS, MANIFEST):
             (root / sub).mkdir()
         if not (root / KEY_JSON).exists():

@@ -73,7 +73,8 @@ def verify_cache(cfg: LeafConfig, repair: bool = False) -> tuple[VerifyReport, l
     """`leaf-ray cache verify [--repair]`: the config's cache, and which of its texts have no
     vector; with `repair`, shards that fail their check are set aside first (and listed), for
     the next `embed` to embed their texts again."""
-    _, cache, texts, _ = _cache_and_texts(cfg)
+    space, texts, _ = space_and_texts(cfg)
+    cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model, create=False)
     moved = cache.set_aside_bad_shards() if repair else []
     return verify(cache, row_keys(texts)[1]), moved
 

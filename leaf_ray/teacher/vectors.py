@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +51,49 @@ def read_vectors_file(path: str) -> pa.Table:
             table = pq.read_table([str(f) for f in data_files(file)])
         else:
             table = pa.concat_tables(
-                [pyarrow.json.read_json(f) for f in data_files(file)], promote_options="default"
+                [_read_json_lines(f) for f in data_files(file)], promote_options="default"
             )
+    except DataError:
+        raise
     except (pa.ArrowInvalid, OSError, ValueError) as e:  # ValueError: a folder with no files
         raise DataError(f"teacher.vectors: {path}: cannot read: {e}") from None
     absent = {"kind", "text", "embedding"} - set(table.column_names)
     if absent:
         raise DataError(f"teacher.vectors: {path}: missing column(s) {sorted(absent)}")
+    for name in ("kind", "text") if table.num_rows else ():  # none: `vector_rows` says so
+        column = table[name]
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise DataError(f"teacher.vectors: {path}: {name}: a {column.type}, not a string")
+        if column.null_count:
+            row = int(column.is_null().to_numpy(zero_copy_only=False).argmax())
+            raise DataError(f"teacher.vectors: {path}: row {row + 1}: {name}: null")
     return table
+
+
+def _read_json_lines(file: Path) -> pa.Table:
+    """pyarrow's reader (fast); where it fails, the first line Python's parser refuses is named:
+    pyarrow names neither the line nor, often, the real problem."""
+    try:
+        return pyarrow.json.read_json(file)
+    except pa.ArrowInvalid:
+        _refuse_first_bad_line(file)
+        raise
+
+
+def _refuse_first_bad_line(file: Path) -> None:
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"teacher.vectors: {file}:{lineno}"
+            try:
+                row = json.loads(line.strip()) if line.strip() else {}
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise DataError(f"{where}: invalid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a JSON {type(row).__name__}, not an object")
+            for name in ("kind", "text"):
+                if not isinstance(row.get(name, ""), str):
+                    raise DataError(f"{where}: {name}: a {type(row[name]).__name__}, not a string")
 
 
 def vector_rows(table: pa.Table, path: str) -> np.ndarray:
@@ -67,17 +104,26 @@ def vector_rows(table: pa.Table, path: str) -> np.ndarray:
     if table.num_rows == 0:
         raise DataError(f"{where}: no rows")
     column = table["embedding"].combine_chunks()
+    kind = column.type
+    numbers = pa.types.is_integer, pa.types.is_floating
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not any(
+        is_number(kind.value_type) for is_number in numbers
+    ):
+        raise DataError(f"{where}: embedding: a {kind}, not a list of numbers")
     if column.null_count:
         row = column.is_null().to_numpy(zero_copy_only=False).argmax()
         raise DataError(f"{where}: row {row + 1}: embedding: missing")
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if lengths[0] == 0:
+        raise DataError(f"{where}: row 1: embedding: empty")
     odd = np.flatnonzero(lengths != lengths[0])
     if odd.size:
         raise DataError(
             f"{where}: row {odd[0] + 1}: embedding: {lengths[odd[0]]} values where row 1 has "
             f"{lengths[0]}" + _more(odd.size)
         )
-    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32: infinite, refused just below
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
     vectors = values.reshape(len(lengths), int(lengths[0]))
     bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
     if bad.size:

@@ -86,6 +86,21 @@ def spoil_texts(data: bytes, name: str = "texts.jsonl"):
 
 good = [json.dumps(r).encode() for r in GOOD_ROWS]
 
+
+def mixed_folder(root, config):
+    """A source folder with a Parquet file and a JSON lines file: one format would be dropped."""
+    (root / "mixed").mkdir()
+    pq.write_table(pa.Table.from_pylist(GOOD_ROWS[:4]), root / "mixed" / "a.parquet")
+    (root / "mixed" / "b.jsonl").write_bytes(lines(*good[4:]))
+    config["data"]["sources"][0]["path"] = "mixed"
+
+
+def not_a_model(root, config):
+    (root / "notmodel").mkdir()
+    (root / "notmodel" / "README.md").write_text("not a model")
+    config["teacher"]["model"] = "./notmodel"
+
+
 BAD_INPUTS = {
     "malformed JSON": (
         spoil_texts(lines(*good[:2], b'{"id": "x", "text": ', *good[2:])),
@@ -134,6 +149,50 @@ BAD_INPUTS = {
     "eval folder without queries": (
         lambda root, config: (root / "beir" / "queries.jsonl").write_text(""),
         "beir/qrels/test.tsv:2: unknown query or corpus id 'q1'/'d1'",
+    ),
+    "a lone surrogate in a text": (
+        spoil_texts(lines(good[0], b'{"id": "x", "text": "bad \\ud800 x", "kind": "query"}')),
+        "texts.jsonl:2: text: a lone surrogate at character 4",
+    ),
+    "plain text named .gz": (
+        spoil_texts(lines(*good), "texts.jsonl.gz"),
+        "texts.jsonl.gz: named .gz but not gzip-compressed",
+    ),
+    "a folder of Parquet and JSON lines": (
+        mixed_folder,
+        "/mixed: holds both Parquet and JSON lines files (a.parquet, b.jsonl)",
+    ),
+    "a teacher folder that is not a model": (
+        not_a_model,
+        "/notmodel: not a model folder (no modules.json or config.json)",
+    ),
+    "a teacher that does not match its pin": (
+        lambda root, config: config["teacher"].update(sha256="f" * 64),
+        "model.safetensors: sha256",
+    ),
+    "an eval corpus line that is not an object": (
+        lambda root, config: (root / "beir" / "corpus.jsonl").write_text(
+            '{"_id": "d1", "text": "a"}\n5\n'
+        ),
+        "beir/corpus.jsonl:2: a JSON int, not an object",
+    ),
+    "an eval id that is a list": (
+        lambda root, config: (root / "beir" / "corpus.jsonl").write_text(
+            '{"_id": ["d1"], "text": "a"}\n'
+        ),
+        "beir/corpus.jsonl:1: _id: a list, not a string",
+    ),
+    "an eval query that is null": (
+        lambda root, config: (root / "beir" / "queries.jsonl").write_text(
+            '{"_id": "q1", "text": null}\n'
+        ),
+        "beir/queries.jsonl:1: text: null, not a string",
+    ),
+    "an eval file that is not UTF-8": (
+        lambda root, config: (root / "beir" / "queries.jsonl").write_bytes(
+            b'{"_id": "q1", "text": "caf\xe9"}\n'
+        ),
+        "beir/queries.jsonl:1: invalid UTF-8 at byte",
     ),
     "eval qrels naming no query": (
         lambda root, config: (root / "beir" / "qrels" / "test.tsv").write_text("query-id\n"),

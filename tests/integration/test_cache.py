@@ -25,6 +25,7 @@ from sentence_transformers.sentence_transformer.modules import Dense
 from leaf_ray.config import TeacherConfig, load_config
 from leaf_ray.data.sources import DataError
 from leaf_ray.hashing import text_hash
+from leaf_ray.run import RunError
 from leaf_ray.storage import Location
 from leaf_ray.teacher.actors import (
     TOKENS,
@@ -233,6 +234,11 @@ def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
     footer.write_bytes(footer.read_bytes()[:-10])  # a broken footer
     report, moved = verify_cache(cfg)
     assert len(report.corrupt) == 2 and moved == []  # verify alone only reports
+    # A cache_dir with no cache for this teacher (a typo): refused, and none is made there.
+    typo = load_config(tmp_path / "cfg.yaml", [f"teacher.cache_dir={tmp_path / 'typo'}"])
+    with pytest.raises(RunError, match="no teacher cache for this config"):
+        verify_cache(typo)
+    assert not (tmp_path / "typo").exists()
 
     report, moved = verify_cache(cfg, repair=True)
     assert sorted(moved) == sorted(

@@ -153,6 +153,11 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local, capsy
     assert json.loads((report / "eval.json").read_text()) == written
     with pytest.raises(RunError, match="not a leaf-ray run folder"):
         evaluate_run(tmp_path)
+    unfinished = tmp_path / ".unfinished.partial"  # as a run still building leaves it
+    unfinished.mkdir()
+    shutil.copy(run_dir / "config.yaml", unfinished)
+    with pytest.raises(RunError, match="not a finished run"):
+        evaluate_run(unfinished)
     with pytest.raises(RunError, match="already exists"):
         distill(load_config(cfg))
 

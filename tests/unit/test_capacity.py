@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -131,6 +132,7 @@ def test_a100_is_half_an_h100_and_h200_the_same(tmp_path):
         ("2 CPU", "expected <nodes>x(<gpus> GPU <type>)"),
         ("1x(1 GPU V100)", "unknown GPU type 'V100'; types: H100, H200, A100"),
         ("0x(8 GPU H100)", "at least 1"),
+        ("99999999999999999999x(8 GPU H100)", "more than 100,000 GPUs"),
     ],
 )
 def test_bad_cluster_strings_are_named(value, message):
@@ -197,6 +199,22 @@ def test_cli_plans_leaf_ir_on_one_a100(capsys, monkeypatch):
     assert "run it with teacher.num_actors=1 train.num_workers=1" in out
     gib = texts * (768 * 4 + 440) / 2**30
     assert f"= {gib:,.1f} GiB" in out and "18.6 GiB" in out
+
+
+def test_sources_the_plan_cannot_count_are_named(tmp_path):
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(INTERNET.replace("TEACHER", ARCTIC))
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "t"}\n' * 100)[:-20])
+    (tmp_path / "bad.parquet").write_text("hello")
+    for name, message in [
+        ("empty.jsonl", "empty.jsonl: no texts"),
+        ("broken.jsonl.gz", "broken.jsonl.gz: cannot be read"),
+        ("bad.parquet", "bad.parquet: cannot be read"),
+    ]:
+        override = f"data.sources=[{{path: {tmp_path / name}, kind: query}}]"
+        with pytest.raises(PlanError, match=re.escape(message)):
+            corpus_size(load_config(cfg, [override]))
 
 
 def test_cli_bad_cluster_exits_2(capsys):

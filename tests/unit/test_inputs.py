@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -38,6 +39,36 @@ def test_a_bad_row_is_named(tmp_path, edit, message):
         space(path)
     assert str(error.value).startswith(f"teacher.vectors: {path}: ")
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("embedding", "message"),
+    [
+        ('"[0.1, 0.2]"', "embedding: a string, not a list of numbers"),
+        ("0.5", "embedding: a double, not a list of numbers"),
+        ('["a", "b"]', "embedding: a list<item: string>, not a list of numbers"),
+        ("[[0.1, 0.2]]", "embedding: a list<item: list<item: double>>, not a list of numbers"),
+    ],
+)
+def test_vectors_that_are_not_lists_of_numbers_are_named(tmp_path, embedding, message):
+    path = tmp_path / "vectors.jsonl"
+    path.write_text(f'{{"kind": "query", "text": "a text", "embedding": {embedding}}}\n')
+    with pytest.raises(DataError, match=re.escape(f"teacher.vectors: {path}: {message}")):
+        space(str(path))
+
+
+def test_a_vectors_file_that_does_not_parse_names_its_line(tmp_path):
+    path = tmp_path / "vectors.jsonl"
+    good = '{"kind": "query", "text": "t%d", "embedding": [0.6, 0.8]}\n'
+    path.write_text(good % 1 + good % 2 + '{"oops\n' + good % 3)
+    with pytest.raises(DataError, match=rf"{path}:3: invalid JSON: Unterminated string"):
+        space(str(path))
+    path.write_text(good % 1 + '{"kind": "query", "text": 5, "embedding": [0.6, 0.8]}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: text: a int, not a string"):
+        space(str(path))
+    path.write_text(good % 1 + '{"kind": "query", "text": null, "embedding": [0.6, 0.8]}\n')
+    with pytest.raises(DataError, match=rf"{path}: row 2: text: null"):
+        space(str(path))
 
 
 def test_vectors_declared_unit_length_that_are_not_are_refused(tmp_path):
