@@ -214,3 +214,11 @@ def test_an_endpoint_with_or_without_its_trailing_slash_is_one_teacher():
         for url in ("http://h:8000/v1/", "http://h:8000/v1")
     )
     assert slashed == bare and bare.http.url == "http://h:8000/v1"
+
+
+def test_a_datasets_folder_beside_the_config_is_a_folder_not_a_hub_name(tmp_path):
+    (tmp_path / "texts").mkdir()
+    path = write(tmp_path, MINIMAL.replace("path: texts.jsonl", "hf_dataset: texts"))
+    hub = write(tmp_path / "texts", MINIMAL.replace("path: texts.jsonl", "hf_dataset: org/texts"))
+    assert load_config(path).data.sources[0].hf_dataset == str(tmp_path / "texts")
+    assert load_config(hub).data.sources[0].hf_dataset == "org/texts"
