@@ -106,7 +106,8 @@ def vector_rows(table: pa.Table, path: str) -> np.ndarray:
     column = table["embedding"].combine_chunks()
     kind = column.type
     numbers = pa.types.is_integer, pa.types.is_floating
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not any(
+    lists = pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list
+    if not any(is_list(kind) for is_list in lists) or not any(
         is_number(kind.value_type) for is_number in numbers
     ):
         raise DataError(f"{where}: embedding: a {kind}, not a list of numbers")
