@@ -416,9 +416,12 @@ class LeafConfig(Strict):
             else self.storage() / "eval_cache"
         )
 
+    def run_stem(self) -> str:
+        """What a run of this config is named after, without a run.name: the config's file."""
+        return re.sub(r"[^\w.-]+", "_", Path(self.source_file).stem) if self.source_file else "run"
+
     def run_name(self) -> str:
-        stem = re.sub(r"[^\w.-]+", "_", Path(self.source_file).stem) if self.source_file else "run"
-        return self.run.name or f"{stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        return self.run.name or f"{self.run_stem()}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> LeafConfig:

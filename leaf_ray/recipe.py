@@ -35,12 +35,14 @@ from leaf_ray.run import (
     TRAIN_STATE,
     VALIDATION_JSONL,
     RunError,
+    claim,
     fetch_run,
     publish,
     push_reports,
     read_metrics,
     refuse_another_config,
     report_folder,
+    unfinished_run,
     work_folder,
     write_metrics,
 )
@@ -58,7 +60,12 @@ PRETRAINED = "pretrained"  # the evaluation's name for the student model as it w
 
 def distill(cfg: LeafConfig) -> Location:
     """Run every stage; return the finished run folder."""
-    storage, name = cfg.storage(), cfg.run_name()
+    storage = cfg.storage()
+    # Without a run.name, rerunning the same command resumes what an earlier attempt left.
+    name = cfg.run.name or unfinished_run(storage, cfg.run_stem(), kept_config(cfg))
+    if name and not cfg.run.name:
+        print(f"leaf-ray: resuming the unfinished run {storage / name}")
+    name = name or cfg.run_name()
     run = storage / name
     if run.exists() if storage.is_local else (run / CONFIG_YAML).exists():
         raise RunError(f"{run} already exists; choose another run.name")
@@ -107,14 +114,18 @@ def _start(cfg: LeafConfig, run: Location) -> tuple[Path, Location, str]:
     work = work_folder(run)
     checkpoints = Location.of(work) if run.is_local else run
     work.mkdir(parents=True, exist_ok=True)
-    config_yaml = yaml.safe_dump(
-        cfg.model_dump(mode="json", exclude={"source_file"}), sort_keys=False
-    )
-    refuse_another_config(checkpoints / RAY_TRAIN / CONFIG_YAML, config_yaml)
+    written = kept_config(cfg)
+    refuse_another_config(checkpoints / RAY_TRAIN / CONFIG_YAML, written)
     if (work / STUDENT).is_dir():  # trained under work's config, whatever the store still holds
-        refuse_another_config(Location.of(work / CONFIG_YAML), config_yaml)
-    Location.of(work / CONFIG_YAML).write(config_yaml)
-    return work, checkpoints, config_yaml
+        refuse_another_config(Location.of(work / CONFIG_YAML), written)
+    Location.of(work / CONFIG_YAML).write(written)
+    claim(work)
+    return work, checkpoints, written
+
+
+def kept_config(cfg: LeafConfig) -> str:
+    """The resolved config as a run keeps it (config.yaml)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"source_file"}), sort_keys=False)
 
 
 def _teacher_stage(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +32,7 @@ EVAL_JSON, EVAL_MD, MTEB_DIR = "eval.json", "eval.md", "mteb"
 COMPRESSION_PNG, QUANTIZATION_PNG = "eval_compression.png", "eval_quantization.png"
 RAY_TRAIN = "ray_train"  # Ray Train's run name: its folder in the run's storage
 TRAIN_STATE = "train_state.pt"  # in each checkpoint: optimiser, schedule, position, history
+SETTINGS = ("ray.", "eval.")  # config sections that may change between attempts at one run
 
 RunPath = TypeVar("RunPath", Path, Location)  # a run on local disk, or wherever it is stored
 
@@ -51,7 +54,7 @@ def refuse_another_config(trained_with: Location, config_yaml: str) -> None:
     changed = sorted(
         key
         for key in before.keys() | now.keys()
-        if before.get(key) != now.get(key) and not key.startswith(("ray.", "eval."))
+        if before.get(key) != now.get(key) and not key.startswith(SETTINGS)
     )
     if changed:
         raise RunError(
@@ -82,9 +85,54 @@ def work_folder(run: Location) -> Path:
     return Path(tempfile.gettempdir()) / "leaf-ray" / f"{run.name}-{key}.partial"
 
 
+DRIVER = ".driver"  # in a work folder: "<host> <pid>" of the driver building it
+
+
+def claim(work: Path) -> None:
+    """Mark `work` as being built by this process, so a rerun elsewhere does not take it."""
+    (work / DRIVER).write_text(f"{socket.gethostname()} {os.getpid()}")
+
+
+def unfinished_run(storage: Location, stem: str, config_yaml: str) -> str | None:
+    """The newest run named `<stem>-<timestamp>` that an earlier attempt left unfinished in
+    `storage` under this config (its `ray` and `eval` aside), for a rerun without a run.name to
+    resume it; None when there is none. Found by its work folder: beside it (local, NFS), or
+    this machine's (object stores). One whose driver still runs on this machine is not taken."""
+    pattern = re.compile(rf"\.?({re.escape(stem)}-\d{{8}}-\d{{6}})(-[0-9a-f]{{12}})?\.partial")
+    folder = Path(storage.path) if storage.is_local else work_folder(storage / "x").parent
+    wanted = {k: v for k, v in _dotted(yaml.safe_load(config_yaml)).items() if k != "run.name"}
+    found = []
+    for work in folder.glob(f"*{stem}-*.partial") if folder.is_dir() else ():
+        match = pattern.fullmatch(work.name)
+        if not match or work_folder(storage / match[1]) != work or _driving(work):
+            continue
+        if not (work / CONFIG_YAML).is_file():
+            continue
+        before = _dotted(yaml.safe_load((work / CONFIG_YAML).read_text()))
+        if all(before.get(k) == v for k, v in wanted.items() if not k.startswith(SETTINGS)):
+            found.append(match[1])
+    return max(found, default=None)  # names sort by their timestamps
+
+
+def _driving(work: Path) -> bool:
+    """Whether a process on this machine is building `work` now."""
+    driver = work / DRIVER
+    host, _, pid = driver.read_text().partition(" ") if driver.is_file() else ("", "", "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def publish(work: Path, run: Location, uploaded: tuple[str, ...]) -> None:
     """Make the finished run visible at once: a rename, or an upload with config.yaml last.
     `uploaded`: folders of `work` already in an object store's `run` (for workers and tasks)."""
+    (work / DRIVER).unlink(missing_ok=True)
     if run.is_local:
         os.replace(work, run.path)
         return

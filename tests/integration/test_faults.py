@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from leaf_ray.run import DRIVER
 from tests.conftest import REPO, tiny_run_config
 from tests.integration.test_pipeline import small_eval_set
 
@@ -45,6 +46,7 @@ def test_an_interrupted_or_killed_driver_resumes_in_every_stage(tmp_path, tiny_t
         demo_texts[:400],
         tiny_teacher,
         "faults",
+        run={"name": None},  # named <config>-<timestamp> by its first attempt, as by default
         ray={"num_cpus": 2},  # a Ray of its own, as `leaf-ray distill` starts on a laptop
         train={
             "epochs": 2,
@@ -56,12 +58,12 @@ def test_an_interrupted_or_killed_driver_resumes_in_every_stage(tmp_path, tiny_t
         eval={"datasets": [str(small_eval_set(tmp_path / "eval"))], "max_seq_length": 64},
     )
     out = tmp_path / "out"
-    partial = out / ".faults.partial"
 
     # Ctrl-C in the teacher stage: one line, exit 130, Ray shut down.
     code, err = stop_when(start(config), lambda: any(out.glob("teacher_cache/*/key.json")), 2)
     assert code == 130, err[-3000:]
     assert err.strip().endswith("leaf-ray: interrupted; rerun the same command to resume")
+    (partial,) = out.glob(".faults-*.partial")  # every attempt after this one resumes it
 
     # SIGKILL mid-training, once the first checkpoint is written.
     checkpoints = partial / "ray_train"
@@ -74,9 +76,11 @@ def test_an_interrupted_or_killed_driver_resumes_in_every_stage(tmp_path, tiny_t
     trained = (partial / "metrics.jsonl").read_text()
 
     done = start(config)
-    _, err = done.communicate(timeout=600)
+    said, err = done.communicate(timeout=600)
     assert done.returncode == 0, err[-3000:]
-    run = out / "faults"
+    run = out / partial.name.removeprefix(".").removesuffix(".partial")
+    assert f"leaf-ray: resuming the unfinished run {run}\n" in said
+    assert list(out.glob(".faults-*.partial")) == [] and not (run / DRIVER).exists()
     assert (run / "metrics.jsonl").read_text() == trained  # the evaluation alone ran again
     history = [json.loads(line) for line in trained.splitlines()]
     steps = [row["step"] for row in history]
