@@ -99,14 +99,18 @@ class TeacherCache:
         return moved
 
     def shard_paths(self) -> list[str]:
-        return [(self.root / SHARDS / e["shard"]).path for e in self.entries()]
+        """The committed shards in the order of their contents' sha256, not of their names
+        (random): a cache embedded again from scratch is read in the same order, so a run on it
+        trains on the same batches."""
+        entries = sorted(self.entries(), key=lambda entry: entry["sha256"])
+        return [(self.root / SHARDS / e["shard"]).path for e in entries]
 
     def hashes(self) -> np.ndarray:
         """Hashes of every committed row (a text may appear twice if two runs raced)."""
         return self._committed()["text_hash"].to_numpy(zero_copy_only=False)
 
     def later_copies(self) -> dict[str, set[str]]:
-        """Shard name -> the hashes in it that an earlier shard (manifest order) holds too: texts
+        """Shard name -> the hashes in it that an earlier shard (read order) holds too: texts
         two runs embedded at once, both committed. Reads skip them, so a text comes once."""
         committed = self._committed()
         hashes = committed["text_hash"].to_numpy(zero_copy_only=False).astype(str)
@@ -122,7 +126,7 @@ class TeacherCache:
         return copies
 
     def _committed(self) -> pa.Table:
-        """text_hash and shard path of every committed row, shards in manifest order."""
+        """text_hash and shard path of every committed row, shards in read order."""
         paths = self.shard_paths()
         if not paths:
             return pa.table(

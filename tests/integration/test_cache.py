@@ -220,6 +220,24 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(several_shards, tmp_pa
     assert any(f"{entries[2]['shard']}: row 3" in p for p in corrupt), corrupt
 
 
+def test_a_cache_is_read_in_the_order_of_its_contents_not_of_their_names(several_shards, tmp_path):
+    """Shards are named at random when written: the same texts embedded again from scratch get
+    other names, and must still be read (hence trained on) in the same order."""
+    _, vectors = embedded_in_several_shards(several_shards, tmp_path)
+    cache, root = vectors.cache, Path(vectors.cache.root.path)
+    read = [Path(p).read_bytes() for p in cache.shard_paths()]
+    assert len(read) >= 3
+    # New names that sort the other way round from the order the shards are read in.
+    for rank, path in enumerate(cache.shard_paths()):
+        old = Path(path).name
+        new = f"{len(read) - rank:04d}-renamed.parquet"
+        (root / SHARDS / old).rename(root / SHARDS / new)
+        entry = json.loads((root / MANIFEST / f"{old}.json").read_text()) | {"shard": new}
+        (root / MANIFEST / f"{old}.json").unlink()
+        (root / MANIFEST / f"{new}.json").write_text(json.dumps(entry))
+    assert [Path(p).read_bytes() for p in cache.shard_paths()] == read
+
+
 def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
     several_shards, tmp_path
 ):
