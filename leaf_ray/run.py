@@ -49,18 +49,23 @@ def refuse_another_config(trained_with: Location, config_yaml: str) -> None:
     finished student is evaluated (`eval`) may change."""
     if not trained_with.exists():
         return
-    before = _dotted(yaml.safe_load(trained_with.read_text()))
-    now = _dotted(yaml.safe_load(config_yaml))
-    changed = sorted(
-        key
-        for key in before.keys() | now.keys()
-        if before.get(key) != now.get(key) and not key.startswith(SETTINGS)
-    )
+    changed = _changed(trained_with.read_text(), config_yaml)
     if changed:
         raise RunError(
             f"{trained_with}: this run was started under another config ({', '.join(changed)} "
             "changed). Rerun it with that config to resume it, or choose another run.name."
         )
+
+
+def _changed(before_yaml: str, now_yaml: str) -> list[str]:
+    """The keys (`a.b.c`) whose values differ between two configs of one run, beside those that
+    may (its `ray` and `eval` sections)."""
+    before, now = (_dotted(yaml.safe_load(text)) for text in (before_yaml, now_yaml))
+    return sorted(
+        key
+        for key in before.keys() | now.keys()
+        if before.get(key) != now.get(key) and not key.startswith(SETTINGS)
+    )
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:
@@ -100,16 +105,13 @@ def unfinished_run(storage: Location, stem: str, config_yaml: str) -> str | None
     this machine's (object stores). One whose driver still runs on this machine is not taken."""
     pattern = re.compile(rf"\.?({re.escape(stem)}-\d{{8}}-\d{{6}})(-[0-9a-f]{{12}})?\.partial")
     folder = Path(storage.path) if storage.is_local else work_folder(storage / "x").parent
-    wanted = {k: v for k, v in _dotted(yaml.safe_load(config_yaml)).items() if k != "run.name"}
     found = []
     for work in folder.glob(f"*{stem}-*.partial") if folder.is_dir() else ():
         match = pattern.fullmatch(work.name)
         if not match or work_folder(storage / match[1]) != work or _driving(work):
             continue
-        if not (work / CONFIG_YAML).is_file():
-            continue
-        before = _dotted(yaml.safe_load((work / CONFIG_YAML).read_text()))
-        if all(before.get(k) == v for k, v in wanted.items() if not k.startswith(SETTINGS)):
+        kept = work / CONFIG_YAML  # named by its first attempt, where this config has none
+        if kept.is_file() and set(_changed(kept.read_text(), config_yaml)) <= {"run.name"}:
             found.append(match[1])
     return max(found, default=None)  # names sort by their timestamps
 
@@ -125,7 +127,7 @@ def _driving(work: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 
