@@ -76,6 +76,15 @@ def lines(*rows: bytes) -> bytes:
     return b"".join(row + b"\n" for row in rows)
 
 
+def spoil_eval(name: str, data: bytes):
+    """An edit that replaces the eval folder's `name` with `data`."""
+
+    def edit(root, config):
+        (root / "beir" / name).write_bytes(data)
+
+    return edit
+
+
 def spoil_texts(data: bytes, name: str = "texts.jsonl"):
     def edit(root, config):
         (root / name).write_bytes(data)
@@ -147,7 +156,7 @@ BAD_INPUTS = {
         "beir/qrels/test.tsv: no such file",
     ),
     "eval folder without queries": (
-        lambda root, config: (root / "beir" / "queries.jsonl").write_text(""),
+        spoil_eval("queries.jsonl", b""),
         "beir/qrels/test.tsv:2: unknown query or corpus id 'q1'/'d1'",
     ),
     "a lone surrogate in a text": (
@@ -171,31 +180,23 @@ BAD_INPUTS = {
         "model.safetensors: sha256",
     ),
     "an eval corpus line that is not an object": (
-        lambda root, config: (root / "beir" / "corpus.jsonl").write_text(
-            '{"_id": "d1", "text": "a"}\n5\n'
-        ),
+        spoil_eval("corpus.jsonl", b'{"_id": "d1", "text": "a"}\n5\n'),
         "beir/corpus.jsonl:2: a JSON int, not an object",
     ),
     "an eval id that is a list": (
-        lambda root, config: (root / "beir" / "corpus.jsonl").write_text(
-            '{"_id": ["d1"], "text": "a"}\n'
-        ),
+        spoil_eval("corpus.jsonl", b'{"_id": ["d1"], "text": "a"}\n'),
         "beir/corpus.jsonl:1: _id: a list, not a string",
     ),
     "an eval query that is null": (
-        lambda root, config: (root / "beir" / "queries.jsonl").write_text(
-            '{"_id": "q1", "text": null}\n'
-        ),
+        spoil_eval("queries.jsonl", b'{"_id": "q1", "text": null}\n'),
         "beir/queries.jsonl:1: text: null, not a string",
     ),
     "an eval file that is not UTF-8": (
-        lambda root, config: (root / "beir" / "queries.jsonl").write_bytes(
-            b'{"_id": "q1", "text": "caf\xe9"}\n'
-        ),
+        spoil_eval("queries.jsonl", b'{"_id": "q1", "text": "caf\xe9"}\n'),
         "beir/queries.jsonl:1: invalid UTF-8 at byte",
     ),
     "eval qrels naming no query": (
-        lambda root, config: (root / "beir" / "qrels" / "test.tsv").write_text("query-id\n"),
+        spoil_eval("qrels/test.tsv", b"query-id\n"),
         "/beir: no query has a qrels line",
     ),
 }

@@ -82,7 +82,7 @@ def test_a_non_finite_step_never_reaches_the_weights(tiny_student, fast):
 def checkpointed_and_resumed(student, tmp_path, steps_before: int, fast: bool, fast_after: bool):
     """`steps_before` steps, a checkpoint of weights, optimiser and schedule, and a new
     process's Run (its step `fast_after`) resumed from it as a training worker resumes."""
-    resumed_student = copy.deepcopy(student)
+    resumed_student = copy.deepcopy(student)  # the new process's copy, loaded below
     first = Run(student, fast=fast)
     for _ in range(steps_before):
         first.step()
@@ -96,16 +96,22 @@ def checkpointed_and_resumed(student, tmp_path, steps_before: int, fast: bool, f
     return again
 
 
+def whole_and_resumed(student, tmp_path, seed: int, fast: bool, fast_after: bool):
+    """Five uninterrupted steps, and from the same start three steps, a checkpoint and the
+    resumed Run (its step `fast_after`), yet to take its last two."""
+    copied = copy.deepcopy(student)
+    torch.manual_seed(seed)
+    whole = Run(student, fast=fast)
+    for _ in range(5):
+        whole.step()
+    torch.manual_seed(seed)
+    return whole, checkpointed_and_resumed(copied, tmp_path, 3, fast=fast, fast_after=fast_after)
+
+
 def test_the_fast_step_resumes_exactly(tiny_student, tmp_path):
     """Three steps, a checkpoint, two more steps in a new process's objects: the weights of
     five uninterrupted steps, bit for bit."""
-    resumed_student = copy.deepcopy(tiny_student)
-    torch.manual_seed(2)
-    whole = Run(tiny_student, fast=True)
-    for _ in range(5):
-        whole.step()
-    torch.manual_seed(2)
-    again = checkpointed_and_resumed(resumed_student, tmp_path, 3, fast=True, fast_after=True)
+    whole, again = whole_and_resumed(tiny_student, tmp_path, 2, fast=True, fast_after=True)
     for _ in range(2):
         again.step()
     for a, b in zip(whole.weights(), again.weights(), strict=True):
@@ -117,13 +123,7 @@ def test_a_checkpoint_resumes_under_the_other_step(tiny_student, tmp_path, fast)
     """A run checkpointed under one step and resumed under the other (a CPU cluster's run
     rerun on GPUs, where the step is fused, or back): the resumed optimiser steps as its own
     device asks, not as the checkpoint's did, and trains as the uninterrupted run does."""
-    resumed_student = copy.deepcopy(tiny_student)
-    torch.manual_seed(3)
-    whole = Run(tiny_student, fast=fast)
-    for _ in range(5):
-        whole.step()
-    torch.manual_seed(3)
-    again = checkpointed_and_resumed(resumed_student, tmp_path, 3, fast=fast, fast_after=not fast)
+    whole, again = whole_and_resumed(tiny_student, tmp_path, 3, fast=fast, fast_after=not fast)
     assert bool(again.optimizer.param_groups[0]["fused"]) is not fast
     for _ in range(2):
         _, finite = again.step()
