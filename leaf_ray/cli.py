@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "embed":
             v = embed(load_config(args.config, args.overrides))
             ray.shutdown()
-            print_embedded(len(v.hashes), v.unique, v.embedded, v.cache.root, v.skipped)
+            print_embedded(v.plan.rows, v.plan.distinct, v.embedded, v.cache.root, v.skipped)
             return 0
         if args.command == "cache":
             report, set_aside = verify_cache(load_config(args.config, args.overrides), args.repair)

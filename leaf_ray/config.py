@@ -399,6 +399,11 @@ class LeafConfig(Strict):
             raise ValueError(
                 "student.init: a black-box teacher has no layers to copy; use init: pretrained"
             )
+        if self.teacher.backend == "vectors" and self.train.data_mode == "streaming":
+            raise ValueError(
+                "train.data_mode: precomputed vectors are read from the teacher cache they are "
+                "ingested into; use data_mode: cached"
+            )
         return self
 
     def storage(self) -> Location:

@@ -1,8 +1,9 @@
-"""Every input a run names, checked on the driver before any Ray job starts.
+"""Every input a run names, checked before the run writes anything.
 
 A bad row or a missing folder found here stops the run in seconds with the file and line; found
-inside a Ray task it would cost Ray's start-up and the teacher's hashing first, and an eval folder
-without qrels would be found only after training.
+in its stage it would cost the teacher's hashing first, and an eval folder without qrels would be
+found only after training. Sources, models and eval folders are checked here on the driver;
+precomputed vectors, which can be far larger, by a Ray Data job (`check_vectors`).
 
     skipped = check_inputs(cfg)  # raises DataError; else the rows bad_rows=skip drops, by reason
 """
@@ -10,35 +11,31 @@ without qrels would be found only after training.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-from leaf_ray.config import LeafConfig, ModelRef, TeacherConfig
+from leaf_ray.cluster import connect_ray
+from leaf_ray.config import LeafConfig, ModelRef
 from leaf_ray.data.beir import load_beir
 from leaf_ray.data.sources import DataError, check_source
-from leaf_ray.hashing import text_hash
 from leaf_ray.models import bundled_copy, resolve_model
-from leaf_ray.teacher.vectors import read_vectors_file, vector_rows, vectors_normalized
+from leaf_ray.teacher.vectors import check_vectors
 
 
 def check_inputs(cfg: LeafConfig) -> Counter:
-    """Sources (every row up to each source's limit), precomputed vectors, local model folders
-    and eval folders. Returns the bad rows `data.bad_rows: skip` drops, by reason."""
+    """Sources (every row up to each source's limit), precomputed vectors (on the config's Ray),
+    local model folders and eval folders. Returns the bad rows `data.bad_rows: skip` drops, by
+    reason."""
     skipped: Counter = Counter()
-    uncovered = Uncovered(_vector_keys(cfg.teacher) if cfg.teacher.backend == "vectors" else None)
     for index, src in enumerate(cfg.data.sources):
-        check = check_source(src, index, uncovered.see if uncovered.keys is not None else None)
+        check = check_source(src, index)
         if check.bad and cfg.data.bad_rows == "error":
             raise DataError(check.error())
         if src.path is not None and not check.rows:
             raise DataError(f"{check.label}: no usable texts")
         skipped += check.bad
-    if uncovered.rows:
-        raise DataError(
-            f"teacher.vectors: {cfg.teacher.vectors}: no vector for {uncovered.rows} text(s) of "
-            f"the sources (first: {uncovered.first}); a vector's row must have the same text "
-            "and kind"
-        )
+    if cfg.teacher.backend == "vectors":  # which texts they cover: the teacher stage says
+        connect_ray(cfg.ray)
+        check_vectors(cfg.teacher)
     if cfg.teacher.backend == "sentence_transformers":  # the others' model only names it
         check_model("teacher.model", cfg.teacher)
     if cfg.student.model:
@@ -48,28 +45,6 @@ def check_inputs(cfg: LeafConfig) -> Counter:
         if not beir.queries:
             raise DataError(f"eval.datasets.{index}: {folder}: no query has a qrels line")
     return skipped
-
-
-def _vector_keys(cfg: TeacherConfig) -> set[str]:
-    """The (kind, text) hashes of precomputed vectors, once their rows pass their checks."""
-    table = read_vectors_file(cfg.vectors)
-    vectors_normalized(vector_rows(table, cfg.vectors), cfg.vectors, cfg.normalized)
-    kinds, texts = table["kind"].to_pylist(), table["text"].to_pylist()
-    return {text_hash(k, t) for k, t in zip(kinds, texts, strict=True)}
-
-
-@dataclass
-class Uncovered:
-    """Source rows whose text has no precomputed vector: counted, the first one named."""
-
-    keys: set[str] | None
-    rows: int = 0
-    first: str = ""
-
-    def see(self, where: str, kind: str, text: str) -> None:
-        if text_hash(kind, text) not in self.keys:
-            self.rows += 1
-            self.first = self.first or where
 
 
 def check_model(key: str, ref: ModelRef) -> None:

@@ -23,7 +23,6 @@ from typing import Literal
 
 import numpy as np
 import ray
-import ray.data
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense
@@ -53,22 +52,6 @@ def fit_projection(
     return w.T, y_mean - x_mean @ w
 
 
-def fit_sample(rows: ray.data.Dataset, n: int) -> tuple[list[str], np.ndarray]:
-    """The first `n` distinct training texts (rows come sorted by hash: a uniform sample, the
-    same on every rerun) and their teacher vectors. In streaming mode this runs the teacher on
-    just these."""
-    texts, vectors, seen = [], [], set()
-    for batch in rows.select_columns(["text", "embedding"]).iter_batches(batch_format="numpy"):
-        for text, vector in zip(batch["text"], batch["embedding"], strict=True):
-            if text not in seen:
-                seen.add(text)
-                texts.append(str(text))
-                vectors.append(np.asarray(vector, dtype=np.float32))
-        if len(texts) >= n:
-            break
-    return texts[:n], np.stack(vectors[:n])
-
-
 def pooled_vectors(encoder: SentenceTransformer, texts: list[str], batch_size: int) -> np.ndarray:
     """The encoder's pooled vectors (the projection's input), computed in a Ray task on one node
     (a GPU's when the cluster has one): the driver may hold neither."""
@@ -87,10 +70,14 @@ def _pooled(
 
 
 def fit_student_projection(
-    student: SentenceTransformer, rows: ray.data.Dataset, method: Fit, n: int, batch_size: int
+    student: SentenceTransformer,
+    texts: list[str],
+    targets: np.ndarray,
+    method: Fit,
+    batch_size: int,
 ) -> None:
-    """Write the fitted projection into `student`'s Dense layer, in place."""
-    texts, targets = fit_sample(rows, n)
+    """Write the projection fitted on `texts` and their teacher vectors into `student`'s Dense
+    layer, in place."""
     encoder = SentenceTransformer(modules=[student[0], student[1]], device="cpu")
     weight, bias = fit_projection(pooled_vectors(encoder, texts, batch_size), targets, method)
     dense = next(m for m in student if isinstance(m, Dense))

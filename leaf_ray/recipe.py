@@ -12,7 +12,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import ray.data
 import yaml
 from ray.train import Checkpoint
 
@@ -52,7 +51,12 @@ from leaf_ray.teacher.backends import teacher_prompts
 from leaf_ray.teacher.local import load_teacher, load_without_weights
 from leaf_ray.teacher.space import TeacherSpace
 from leaf_ray.teacher.stage import embed
-from leaf_ray.train.dataset import Validation, cached_training_set, streaming_training_set
+from leaf_ray.train.dataset import (
+    TrainingSet,
+    Validation,
+    cached_training_set,
+    streaming_training_set,
+)
 from leaf_ray.train.trainer import train_student
 
 PRETRAINED = "pretrained"  # the evaluation's name for the student model as it was given
@@ -94,14 +98,14 @@ def _teacher_and_student(
     """The teacher stage and the student's training, into `work`."""
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     #    Streaming mode: the actors embed while the student trains, and nothing is cached.
-    space, training_set, training_rows, validation = _teacher_stage(cfg, skipped, work)
+    space, data = _teacher_stage(cfg, skipped, work)
 
     # 2. Student: layer-reduced (or pretrained) encoder + projection (fitted in closed form on a
-    #    sample of the training set), trained on Ray Train. The workers read the untrained
+    #    sample of the training texts), trained on Ray Train. The workers read the untrained
     #    student where every node can: the run's storage.
-    init = _student_init(cfg, space, training_set, work, checkpoints)
+    init = _student_init(cfg, space, data.fit, work, checkpoints)
     (checkpoints / RAY_TRAIN / CONFIG_YAML).write(config_yaml)
-    latest, best = train_student(cfg, training_set, training_rows, init, checkpoints, validation)
+    latest, best = train_student(cfg, data.rows, data.num_rows, init, checkpoints, data.validation)
     _keep_student(latest, best, work, cfg.run.name)
 
 
@@ -130,30 +134,25 @@ def kept_config(cfg: LeafConfig) -> str:
 
 def _teacher_stage(
     cfg: LeafConfig, skipped: Counter, work: Path
-) -> tuple[TeacherSpace, ray.data.Dataset, int, Validation | None]:
-    """The teacher's space, the training set, its rows and the validation texts; the stage's
-    note (cache, rows, skipped) goes into the run folder."""
+) -> tuple[TeacherSpace, TrainingSet]:
+    """The teacher's space and what the student trains on; the stage's note (cache, rows,
+    skipped) goes into the run folder."""
     if cfg.train.data_mode == "cached":
         vectors = embed(cfg, skipped)
-        space = vectors.space
-        training_set, training_rows, validation = cached_training_set(vectors, cfg)
-        note = {"cache": str(vectors.cache.root), "rows": len(vectors.hashes)}
-        note |= {"distinct": vectors.unique, "embedded": vectors.embedded}
+        space, data = vectors.space, cached_training_set(vectors)
+        note = {"cache": str(vectors.cache.root), "rows": vectors.plan.rows}
+        note |= {"distinct": vectors.plan.distinct, "embedded": vectors.embedded}
     else:
-        space, training_set, training_rows, validation = streaming_training_set(cfg, skipped)
+        space, data = streaming_training_set(cfg, skipped)
         note = {"cache": None, "streaming": True}
-    note |= {"training_rows": training_rows, "skipped_rows": dict(skipped)}
-    note |= {"validation_texts": len(validation[0]) if validation else 0}
+    note |= {"training_rows": data.num_rows, "skipped_rows": dict(skipped)}
+    note |= {"validation_texts": len(data.validation[0]) if data.validation else 0}
     Location.of(work / TEACHER_CACHE_JSON).write(json.dumps(note))
-    return space, training_set, training_rows, validation
+    return space, data
 
 
 def _student_init(
-    cfg: LeafConfig,
-    space: TeacherSpace,
-    training_set: ray.data.Dataset,
-    work: Path,
-    checkpoints: Location,
+    cfg: LeafConfig, space: TeacherSpace, fit: Validation, work: Path, checkpoints: Location
 ) -> Checkpoint:
     """The student as training starts, its projection fitted, in the run folder and where the
     workers read it. Only layer reduction needs the teacher here: on the CPU, and not kept, so
@@ -163,9 +162,9 @@ def _student_init(
     student = build_student(cfg.student, space, cfg.run.seed, teacher)
     del teacher
     if cfg.student.projection_init != "random":
-        s = cfg.student
+        texts, targets = fit
         fit_student_projection(
-            student, training_set, s.projection_init, s.projection_fit_texts, cfg.eval.batch_size
+            student, texts, targets, cfg.student.projection_init, cfg.eval.batch_size
         )
     student.save_pretrained(str(work / STUDENT_INIT))
     init = checkpoints / STUDENT_INIT

@@ -1,112 +1,257 @@
-"""Which rows the teacher embeds and the student trains on: one row per distinct text, the sources'
-weights, the held-out validation texts."""
+"""Which rows the teacher embeds and the student trains on: one row per distinct text, the
+sources' weights, the held-out validation texts and the projection's fit sample.
+
+Decided by one Ray task (`plan`) over 16-byte keys: each source row's key and source index
+(`source_keys`, 18 bytes a row in Ray's object store) and the teacher cache's keys
+(`TeacherCache.scan`). Its decisions stay in the object store as sorted key arrays, which the
+Ray Data operations that read sources or the cache search (`select_rows`, `TeacherCache.read`);
+the driver holds object references and counts, never a row per text. At six million texts the
+task holds about 200 MB.
+
+    keys = source_keys(texts)
+    plan = plan_selection(cfg, keys, cache.scan().ordinal_maps())
+    rows = select_rows(texts, plan.todo, plan.repeated)  # each text the cache lacks, once
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 
 from leaf_ray.config import LeafConfig
 from leaf_ray.data.sources import DataError
-from leaf_ray.hashing import first_of_each
+from leaf_ray.hashing import HASH_BYTES, HASH_DTYPE, hashes_of
+
+# A selection in the object store: sorted distinct keys, how many times each is read (None:
+# once) and which cache shard holds each one's first copy (-1: none; None: not looked up).
+Chosen = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
-def mixture_counts(
-    hashes: np.ndarray, sources: np.ndarray, weights: list[float], seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Times each distinct text is trained on per epoch, from its source's weight (a text in
-    several sources takes the first listed one's). A fractional part picks exactly that fraction
-    of the source's texts for one more pass, seeded, from the texts in hash order: the rows'
-    order (which Ray Data does not fix) leaves the choice alone, so every worker and rerun sees
-    the same set. Returns the distinct hashes, sorted, and their counts."""
-    by_hash = np.lexsort((sources, hashes.astype(str)))  # each text's lowest source first
-    hashes, sources = hashes[by_hash], sources[by_hash]
-    first = first_of_each(hashes)
+@dataclass(frozen=True)
+class Selected:
+    """Texts the plan chose, kept in the object store (`Chosen`), and how many."""
+
+    ref: ray.ObjectRef
+    texts: int  # distinct texts
+    rows: int  # rows, counting each text as many times as it is read
+    repeated: int  # of the texts, those that more than one source row holds
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the teacher embeds and the student trains on, decided over every row's key."""
+
+    rows: int  # source rows
+    distinct: int  # distinct texts
+    duplicated: int  # cache rows whose text an earlier shard holds: reads skip them
+    todo: Selected  # texts the cache lacks
+    training: Selected  # texts trained on, each as often as its source's weight says
+    lowest: Selected  # the held-out texts, then the projection's fit sample: the lowest keys
+    held: int  # of `lowest`, the first `held` are held out for validation
+    highest: bytes | None  # the largest of the `lowest` keys
+    repeated: ray.ObjectRef  # sorted keys that more than one source row holds
+    first_missing: bytes | None  # a text the cache lacks, to name it
+
+
+def source_keys(texts: ray.data.Dataset) -> list[ray.ObjectRef]:
+    """Each source row's key and source index, materialised in the object store; the texts
+    themselves are not kept."""
+    keys = texts.select_columns(["text_hash", "source"]).materialize()
+    return keys.to_arrow_refs()
+
+
+def plan_selection(
+    cfg: LeafConfig, keys: list[ray.ObjectRef], cache: list[tuple[ray.ObjectRef, np.ndarray]]
+) -> Plan:
+    """Run `plan` in a Ray task over the sources' `keys` and the `cache`'s (each scan task's
+    keys, with the read-order ordinals of the shards it read); only counts come back here."""
+    weights = [src.weight for src in cfg.data.sources]
+    fit = cfg.student.projection_fit_texts if cfg.student.projection_init != "random" else 0
+    params = {"weights": weights, "seed": cfg.run.seed, "held": cfg.train.validation_texts}
+    params["fit"] = fit
+    task = ray.remote(plan).options(num_returns=5)
+    summary, todo, training, lowest, repeated = task.remote(params, keys, cache)
+    s = ray.get(summary)
+    if not s["rows"]:
+        raise DataError("data.sources: no texts to embed (every source is empty)")
+    return Plan(
+        rows=s["rows"],
+        distinct=s["distinct"],
+        duplicated=s["duplicated"],
+        todo=Selected(todo, **s["todo"]),
+        training=Selected(training, **s["training"]),
+        lowest=Selected(lowest, **s["lowest"]),
+        held=s["held"],
+        repeated=repeated,
+        first_missing=s["first_missing"],
+        highest=s["highest"],
+    )
+
+
+def plan(params: dict, keys: list[ray.ObjectRef], cache: list[tuple]) -> tuple:
+    """The plan's Ray task: `decide` over the keys it reads from the object store."""
+    tables = ray.get(keys)
+    hashes = np.concatenate([hashes_of(t["text_hash"]) for t in tables] or [_no_keys()])
+    sources = np.concatenate(
+        [t["source"].to_numpy().astype(np.int16) for t in tables] or [np.empty(0, np.int16)]
+    )
+    del tables
+    found = ray.get([ref for ref, _ in cache])
+    cached = np.concatenate([h for h, _ in found] or [_no_keys()])
+    places = [ordinals for _, ordinals in cache]
+    shards = np.concatenate(
+        [place[local] for (_, local), place in zip(found, places, strict=True)]
+        or [np.empty(0, np.int32)]
+    )
+    del found
+    return decide(hashes, sources, cached, shards, params)
+
+
+def decide(
+    hashes: np.ndarray, sources: np.ndarray, cached: np.ndarray, shards: np.ndarray, params: dict
+) -> tuple[dict, Chosen, Chosen, Chosen, np.ndarray]:
+    """(summary, todo, training, lowest, repeated) from every source row's key and source, and
+    every cache row's key and shard (read order); see `Plan`. `params`: the sources' weights,
+    the seed, the validation texts and the fit sample's size."""
+    order = np.lexsort((sources, hashes))  # by key, then source: each text's first source
+    hashes, sources = hashes[order], sources[order]
+    first = _firsts(hashes)
     distinct, source = hashes[first], sources[first]
+    repeated = np.unique(hashes[~first])
+    rows = len(hashes)
+    del hashes, sources, order
+
+    cached, shard, duplicated = _first_copies(cached, shards)
+    found, first_shard = _look_up(cached, shard, distinct)
+    missing = distinct[~found]
+
+    held = min(params["held"], distinct.size // 10)  # at most a tenth
+    training, counts = distinct[held:], _mixture_counts(source[held:], params)
+    keep = counts > 0
+    lowest = distinct[: held + params["fit"]]
+    chosen = {
+        "todo": (missing, None, None),
+        "training": (training[keep], counts[keep], first_shard[held:][keep]),
+        "lowest": (lowest, None, first_shard[: lowest.size]),
+    }
+    summary = {
+        "rows": rows,
+        "distinct": int(distinct.size),
+        "duplicated": duplicated,
+        "held": held,
+        "first_missing": _whole(missing[0]) if missing.size else None,
+        "highest": _whole(lowest[-1]) if lowest.size else None,
+    }
+    for name, (keys_, counts_, _) in chosen.items():
+        summary[name] = {
+            "texts": int(keys_.size),
+            "rows": int(counts_.sum()) if counts_ is not None else int(keys_.size),
+            "repeated": int(_isin_sorted(repeated, keys_).sum()),
+        }
+    return summary, chosen["todo"], chosen["training"], chosen["lowest"], repeated
+
+
+def _whole(key: np.bytes_) -> bytes:
+    """A key as its 16 bytes: numpy drops an `S16` item's trailing zero bytes."""
+    return bytes(key).ljust(HASH_BYTES, b"\0")
+
+
+def _no_keys() -> np.ndarray:
+    return np.empty(0, HASH_DTYPE)
+
+
+def _firsts(hashes: np.ndarray) -> np.ndarray:
+    """In sorted keys, whether each row is its key's first."""
+    first = np.ones(len(hashes), dtype=bool)
+    first[1:] = hashes[1:] != hashes[:-1]
+    return first
+
+
+def _first_copies(hashes: np.ndarray, shards: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The cache's distinct keys, sorted, each with the first shard (read order) holding it,
+    and how many rows repeat a key an earlier shard holds."""
+    order = np.lexsort((shards, hashes))
+    hashes, shards = hashes[order], shards[order]
+    first = _firsts(hashes)
+    return hashes[first], shards[first], int((~first).sum())
+
+
+def _look_up(cached: np.ndarray, shards: np.ndarray, wanted: np.ndarray):
+    """Whether each wanted key is cached, and its first shard (-1 where it is not)."""
+    if not cached.size:
+        return np.zeros(wanted.size, bool), np.full(wanted.size, -1, np.int32)
+    at = np.minimum(np.searchsorted(cached, wanted), cached.size - 1)
+    found = cached[at] == wanted
+    return found, np.where(found, shards[at], -1).astype(np.int32)
+
+
+def _isin_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if not sorted_keys.size:
+        return np.zeros(keys.size, bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return sorted_keys[at] == keys
+
+
+def _mixture_counts(source: np.ndarray, params: dict) -> np.ndarray:
+    """Times each distinct text (in key order, with its first source) is trained on per epoch,
+    from its source's weight. A fractional part picks exactly that fraction of the source's
+    texts for one more pass, seeded, from the texts in key order: the rows' order (which Ray
+    Data does not fix) leaves the choice alone, so every worker and rerun sees the same set."""
+    weights = params["weights"]
     counts = np.floor(np.asarray(weights)[source]).astype(np.int64)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(params["seed"])
     for index, weight in enumerate(weights):
         members = np.flatnonzero(source == index)
         extra = round((weight % 1) * members.size)
         counts[rng.choice(members, size=extra, replace=False)] += 1
-    return distinct, counts
+    return counts
 
 
-def row_keys(texts: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's id, text hash and source index: only these small columns come to the driver;
-    the texts stay in Ray."""
-    keys = ("id", "text_hash", "source")
-    parts: dict[str, list] = {key: [] for key in keys}
-    for batch in texts.select_columns(list(keys)).iter_batches(batch_format="numpy"):
-        for key in keys:
-            parts[key].append(batch[key])
-    if not parts["id"]:
-        raise DataError("data.sources: no texts to embed (every source is empty)")
-    ids, hashes, sources = (np.concatenate(parts[key]) for key in keys)
-    return ids.astype(str), hashes.astype(str), sources.astype(np.int64)
-
-
-def first_ids(ids: np.ndarray, hashes: np.ndarray) -> dict[str, str]:
-    """text_hash -> the id of its first row: the one row that stands for the text."""
-    first = first_of_each(hashes)
-    return dict(zip(hashes[first].tolist(), ids[first].tolist(), strict=True))
-
-
-def first_rows_missing(ids: np.ndarray, hashes: np.ndarray, cached: np.ndarray) -> dict:
-    """text_hash -> (id of its first row, 1), for each distinct text not in the cache."""
-    cached = set(cached.astype(str).tolist())
-    return {h: (i, 1) for h, i in first_ids(ids, hashes).items() if h not in cached}
-
-
-def shared_rows(ids: np.ndarray, hashes: np.ndarray) -> set[tuple[str, str]]:
-    """(text_hash, id) pairs more than one row has: a text repeated in a source without ids,
-    whose id is its content hash."""
-    pairs, counts = np.unique(np.char.add(np.char.add(hashes, "\n"), ids), return_counts=True)
-    return {tuple(pair.split("\n", 1)) for pair in pairs[counts > 1].tolist()}
-
-
-def chosen_rows(
-    texts: ray.data.Dataset, plan: dict, shared: set[tuple[str, str]]
+def select_rows(
+    texts: ray.data.Dataset, chosen: Selected, repeated: ray.ObjectRef
 ) -> ray.data.Dataset:
-    """The rows `plan` names (text_hash -> (id, times)), each repeated `times` times. Rows that
-    name the same pair (`shared_rows`) are one text: kept once, through Ray Data's group-by,
-    which runs only when the plan names such a pair."""
-    if not any(h in plan and plan[h][0] == i for h, i in shared):
-        return texts.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
-    once = {h: (i, 1) for h, (i, _) in plan.items()}
-    named_rows = texts.map_batches(_repeat_rows, fn_args=(once,), batch_format="numpy")
-    distinct = named_rows.groupby("text_hash").map_groups(_first_row, batch_format="numpy")
-    return distinct.map_batches(_repeat_rows, fn_args=(plan,), batch_format="numpy")
-
-
-def _first_row(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {column: values[:1] for column, values in group.items()}
-
-
-def _repeat_rows(batch: dict[str, np.ndarray], plan: dict) -> dict[str, np.ndarray]:
-    """Keep the rows `plan` names (text_hash -> (id, times)), each repeated `times` times."""
-    times = np.array(
-        [
-            plan[h][1] if h in plan and plan[h][0] == i else 0
-            for h, i in zip(batch["text_hash"], batch["id"], strict=True)
-        ],
-        dtype=np.int64,
+    """The source rows of the texts `chosen` names, each text as many times as it says. A text
+    that several rows hold is kept once: those few rows are gathered by one task, which runs
+    only when the plan chose such a text."""
+    rows = texts.map_batches(
+        _keep_rows, fn_args=(chosen.ref, repeated, False), batch_format="pyarrow"
     )
-    rows = np.repeat(np.arange(len(times)), times)
-    return {column: values[rows] for column, values in batch.items()}
+    if not chosen.repeated:
+        return rows
+    several = texts.map_batches(
+        _keep_rows, fn_args=(chosen.ref, repeated, True), batch_format="pyarrow"
+    )
+    once = ray.remote(_one_row_each).remote(chosen.ref, several.materialize().to_arrow_refs())
+    return rows.union(ray.data.from_arrow_refs([once]))
 
 
-def training_selection(
-    cfg: LeafConfig, hashes: np.ndarray, sources: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The distinct hashes held out for validation (the first in sorted order: hashes are
-    uniform, so a random sample that stays the same across runs; at most a tenth), then the
-    other distinct hashes, sorted, with the times each is trained on per epoch (the sources'
-    weights)."""
-    distinct = np.unique(hashes)
-    held = distinct[: min(cfg.train.validation_texts, distinct.size // 10)]
-    training = ~np.isin(hashes, held)
-    weights = [src.weight for src in cfg.data.sources]
-    wanted, counts = mixture_counts(hashes[training], sources[training], weights, cfg.run.seed)
-    return held, wanted, counts
+def _keep_rows(
+    table: pa.Table, chosen: ray.ObjectRef, repeated: ray.ObjectRef, only_repeated: bool
+) -> pa.Table:
+    """A source batch's rows whose text `chosen` names: those no other row shares, each as many
+    times as it says; or (`only_repeated`) the others, once each."""
+    # Ray Data passes object references in fn_args as they are: read here, without a copy.
+    (wanted, counts, _), repeated = ray.get([chosen, repeated])
+    hashes = hashes_of(table["text_hash"])
+    hit = _isin_sorted(wanted, hashes)
+    hit &= _isin_sorted(repeated, hashes) == only_repeated
+    rows = np.flatnonzero(hit)
+    if counts is not None and not only_repeated:
+        rows = np.repeat(rows, counts[np.searchsorted(wanted, hashes[rows])])
+    return table.take(rows)
+
+
+def _one_row_each(chosen: Chosen, parts: list[ray.ObjectRef]) -> pa.Table:
+    """One row for each text among rows that share it, repeated as `chosen` says."""
+    wanted, counts, _ = chosen
+    table = pa.concat_tables(ray.get(parts))
+    _, first = np.unique(hashes_of(table["text_hash"]), return_index=True)
+    table = table.take(np.sort(first))
+    if counts is None:
+        return table
+    hashes = hashes_of(table["text_hash"])
+    return table.take(np.repeat(np.arange(table.num_rows), counts[np.searchsorted(wanted, hashes)]))

@@ -352,7 +352,7 @@ def locate_texts(cfg: DataConfig, hashes: list[str]) -> list[str]:
     wanted, found = set(hashes), {}
 
     def note(where: str, kind: str, text: str) -> None:
-        key = text_hash(kind, text)
+        key = text_hash(kind, text).hex()
         if key in wanted and key not in found:
             found[key] = where
 

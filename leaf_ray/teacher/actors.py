@@ -16,7 +16,6 @@ from leaf_ray.config import TeacherConfig
 from leaf_ray.data.sources import KINDS
 from leaf_ray.teacher.backends import HttpTeacher, Teacher, teacher_prompts
 from leaf_ray.teacher.layout import StageLayout
-from leaf_ray.teacher.vectors import VectorsTeacher
 
 TOKENS = "_teacher_tokens."  # column prefix for token values between the tokenizer and teacher
 
@@ -80,12 +79,11 @@ class TeacherEmbedder:
 
 
 def open_teacher(cfg: TeacherConfig, torch_threads: int) -> Teacher:
-    """The config's backend. The local one is imported only here: Ray Train's controller and Ray
-    Data's coordinators unpickle this module's actor classes with the pipeline, and an HTTP or
-    vectors teacher runs no model; none of them needs torch or sentence-transformers (seconds of
-    imports and hundreds of MB in each process)."""
-    if cfg.backend == "vectors":
-        return VectorsTeacher(cfg)
+    """The config's backend (precomputed vectors never reach an actor: they are ingested into the
+    cache). The local one is imported only here: Ray Train's controller and Ray Data's
+    coordinators unpickle this module's actor classes with the pipeline, and an HTTP teacher runs
+    no model; none of them needs torch or sentence-transformers (seconds of imports and hundreds
+    of MB in each process)."""
     if cfg.backend == "http":
         return HttpTeacher(cfg)
     from leaf_ray.teacher.local import local_teacher

@@ -1,21 +1,28 @@
 """The persistent teacher-embedding cache: a folder per teacher setting, Parquet shards + manifest.
 
-    <cache_dir>/<teacher>-<key>/key.json                      everything that changes a vector
-                                /shards/<uuid>.parquet             text_hash, kind, text, embedding
-                                /manifest/<uuid>.parquet.json      rows and sha256 of one shard
-                                /set_aside/                        shards that failed their check
+    <cache_dir>/<teacher>-<key>/key.json                 everything that changes a vector
+                                /shards/<uuid>.parquet        text_hash, kind, text, embedding
+                                /manifest/<uuid>.json         a list of committed shards' entries
+                                /set_aside/                   shards that failed their check
 
 The cache may sit on a local or NFS path or in an object store (`leaf_ray.storage`). A shard is
-written whole (a temporary name then a rename, or one object PUT), then its manifest entry the
-same way: a shard counts only once its entry exists, so a run killed at any point leaves a cache
-that the next run extends (it embeds only the texts whose hash is missing). Rows are keyed by a
-hash of (kind, text), so a text is embedded once however many runs, sources or students use it."""
+written whole (a temporary name then a rename, or one object PUT), then an entry file naming it
+the same way: a shard counts only once an entry names it, so a run killed at any point leaves a
+cache that the next run extends (it embeds only the texts whose hash is missing). When a write
+has finished, its entries are merged into one manifest file, so that a reader opens a file per
+write, not per shard. Rows are keyed by a 16-byte hash of (kind, text), so a text is embedded
+once however many runs, sources or students use it; each shard holds its rows sorted by it, in
+small row groups, so the texts with the lowest hashes (the held-out and projection-fit samples)
+are read without the rest of the vectors.
+
+Nothing here holds a row per text in one process: shards are checked by the Ray tasks that read
+them (`scan`), which leave their keys in Ray's object store for the selection
+(`leaf_ray.data.selection`), and reads keep rows by searching a sorted key array there."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 import re
 import uuid
 from collections.abc import Iterable
@@ -24,17 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import ray
 import ray.data
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
+from ray.data.datasource.datasink import WriteResult
 
-from leaf_ray.hashing import first_of_each, text_hash
+from leaf_ray.hashing import HASH_DTYPE, hashes_of, hashes_to_arrow, text_hashes
 from leaf_ray.run import RunError
 from leaf_ray.storage import Location
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 KEY_JSON, SHARDS, MANIFEST, SET_ASIDE = "key.json", "shards", "manifest", "set_aside"
@@ -43,14 +51,66 @@ KEY_JSON, SHARDS, MANIFEST, SET_ASIDE = "key.json", "shards", "manifest", "set_a
 TEXT_COLUMNS = ("text_hash", "kind", "text")
 
 
+# Rows per Parquet row group: a read of the lowest hashes opens one group per shard, ~100 KB of
+# 384-d float16 vectors, rather than the whole shard.
+ROW_GROUP_ROWS = 128
+
+
+# Shards checked by one Ray task: enough to amortise a task's start, few enough to spread.
+SHARDS_PER_SCAN = 16
+
+
 def embedding_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
     """One fixed-size list per row: how both caches store vectors in Parquet."""
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
 
 
-def add_text_hash(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    hashes = [text_hash(k, t) for k, t in zip(batch["kind"], batch["text"], strict=True)]
-    return {**batch, "text_hash": np.array(hashes, dtype=object)}
+def add_text_hash(table: pa.Table) -> pa.Table:
+    """A `text_hash` column for rows with `kind` and `text` (a Ray Data batch function)."""
+    hashes = text_hashes(table["kind"].to_pylist(), table["text"].to_pylist())
+    return table.append_column("text_hash", hashes_to_arrow(hashes))
+
+
+@dataclass(frozen=True)
+class CacheKeys:
+    """What `TeacherCache.scan` found: the committed shards in read order, those that failed
+    their check (shard -> why), and, in Ray's object store, each scan task's keys: a pair of
+    (hashes, the index of each row's shard among the shards that task read), with those shards'
+    names."""
+
+    entries: list[dict]
+    problems: dict[str, str]
+    row_problems: list[str]
+    rows: int
+    parts: list[tuple[ray.ObjectRef, list[str]]]
+
+    @property
+    def good(self) -> list[dict]:
+        return [e for e in self.entries if e["shard"] not in self.problems]
+
+    def ordinals(self) -> dict[str, int]:
+        """Each shard's place in read order: the shard ordinals that selections name."""
+        return {e["shard"]: i for i, e in enumerate(self.entries)}
+
+    def ordinal_maps(self) -> list[tuple[ray.ObjectRef, np.ndarray]]:
+        """Each scan task's keys, with the read-order ordinal of each shard it read."""
+        place = self.ordinals()
+        return [(ref, np.array([place[n] for n in names], np.int32)) for ref, names in self.parts]
+
+    def __add__(self, later: CacheKeys) -> CacheKeys:
+        """This scan and a later one of the shards committed since."""
+        by_shard = {e["shard"]: e for e in self.entries + later.entries}
+        return CacheKeys(
+            sorted(by_shard.values(), key=_read_order),
+            self.problems | later.problems,
+            self.row_problems + later.row_problems,
+            self.rows + later.rows,
+            self.parts + later.parts,
+        )
+
+
+def _read_order(entry: dict) -> tuple[str, str]:
+    return entry["keys_sha256"], entry["shard"]
 
 
 @dataclass(frozen=True)
@@ -78,109 +138,164 @@ class TeacherCache:
         return cls(root, key)
 
     def entries(self) -> list[dict]:
-        return [json.loads(f.read_text()) for f in (self.root / MANIFEST).files(".json")]
+        """The committed shards' entries in read order: by the sha256 of the keys they hold, so
+        the order follows the texts, not the vectors' last bits (which differ between CPUs) nor
+        the shards' random names."""
+        by_shard: dict[str, dict] = {}
+        for file in (self.root / MANIFEST).files(".json"):
+            for entry in json.loads(file.read_text()):
+                by_shard.setdefault(entry["shard"], entry)
+        return sorted(by_shard.values(), key=_read_order)
 
-    def set_aside_bad_shards(self) -> list[str]:
-        """Check every committed shard against its manifest entry (there, same sha256, a
-        readable Parquet file) before its rows are trusted. A shard that fails is moved to
-        set_aside/ with its entry, entry first (from then on it is not committed), so its texts
-        count as missing and the next `embed` embeds them again. Returns each one, with why."""
+    def scan(self, entries: list[dict] | None = None, rows: bool = False) -> CacheKeys:
+        """Check committed shards (`entries`, default all) in Ray tasks that read them: there,
+        the manifest's sha256, a readable footer, and with `rows` every row's hash and vector
+        (`cache verify`). Each task leaves the keys of the shards that pass in the object store;
+        only the problems come back."""
+        entries = self.entries() if entries is None else entries
+        dim, normalized = self.key.get("dimension"), self.key.get("normalized")
+        scan = ray.remote(_scan_shards).options(num_returns=2)
+        reports, parts = [], []
+        for start in range(0, len(entries), SHARDS_PER_SCAN):
+            part = entries[start : start + SHARDS_PER_SCAN]
+            report, keys = scan.remote(self.root, part, rows, dim, normalized)
+            reports.append(report)
+            parts.append((keys, [e["shard"] for e in part]))
+        problems, row_problems, count = {}, [], 0
+        for report in ray.get(reports):
+            problems |= report["problems"]
+            row_problems += report["row_problems"]
+            count += report["rows"]
+        return CacheKeys(entries, problems, row_problems, count, parts)
+
+    def set_aside(self, problems: dict[str, str]) -> list[str]:
+        """Move shards that failed their check to set_aside/, their entries first (from then on
+        they are not committed), so their texts count as missing and the next `embed` embeds
+        them again. Returns each one, with why."""
         moved = []
-        for entry in self.entries():
-            shard = self.root / SHARDS / entry["shard"]
-            problem = shard_problem(shard.read_bytes() if shard.is_file() else None, entry)
-            if problem is None:
-                continue
-            name = f"{entry['shard']}.json"
-            (self.root / MANIFEST / name).move_to(self.root / SET_ASIDE / name)
-            if shard.is_file():
-                shard.move_to(self.root / SET_ASIDE / entry["shard"])
-            moved.append(f"{entry['shard']}: {problem}")
+        for file in (self.root / MANIFEST).files(".json"):
+            kept = [e for e in json.loads(file.read_text()) if e["shard"] not in problems]
+            if len(kept) < len(json.loads(file.read_text())):
+                (self.root / SET_ASIDE / file.name).write(file.read_text())
+                if kept:
+                    file.write(json.dumps(kept))
+                else:
+                    file.fs.delete_file(file.path)
+        for shard, problem in sorted(problems.items()):
+            path = self.root / SHARDS / shard
+            if path.is_file():
+                path.move_to(self.root / SET_ASIDE / shard)
+            moved.append(f"{shard}: {problem}")
         return moved
 
-    def shard_paths(self) -> list[str]:
-        """The committed shards in the order of their contents' sha256, not of their names
-        (random): a cache embedded again from scratch is read in the same order, so a run on it
-        trains on the same batches."""
-        entries = sorted(self.entries(), key=lambda entry: entry["sha256"])
+    def shard_paths(self, entries: list[dict]) -> list[str]:
         return [(self.root / SHARDS / e["shard"]).path for e in entries]
-
-    def hashes(self) -> np.ndarray:
-        """Hashes of every committed row (a text may appear twice if two runs raced)."""
-        return self._committed()["text_hash"].to_numpy(zero_copy_only=False)
-
-    def later_copies(self) -> dict[str, set[str]]:
-        """Shard name -> the hashes in it that an earlier shard (read order) holds too: texts
-        two runs embedded at once, both committed. Reads skip them, so a text comes once."""
-        committed = self._committed()
-        hashes = committed["text_hash"].to_numpy(zero_copy_only=False).astype(str)
-        later = np.ones(len(hashes), dtype=bool)
-        later[first_of_each(hashes)] = False
-        copies: dict[str, set[str]] = {}
-        for path, h in zip(
-            committed["__filename"].to_numpy(zero_copy_only=False)[later],
-            hashes[later],
-            strict=True,
-        ):
-            copies.setdefault(posixpath.basename(path), set()).add(h)
-        return copies
-
-    def _committed(self) -> pa.Table:
-        """text_hash and shard path of every committed row, shards in read order."""
-        paths = self.shard_paths()
-        if not paths:
-            return pa.table(
-                {"text_hash": pa.array([], pa.string()), "__filename": pa.array([], pa.string())}
-            )
-        shards = pads.dataset(paths, format="parquet", filesystem=self.root.fs)
-        return shards.to_table(columns=["text_hash", "__filename"])
 
     def sink(self, vector_dtype: str, rows_per_shard: int) -> CacheSink:
         return CacheSink(self.root, vector_dtype, rows_per_shard)
 
-    def read(
-        self,
-        wanted: np.ndarray,
-        counts: np.ndarray | None = None,
-        copies: dict[str, set[str]] | None = None,
-    ) -> ray.data.Dataset:
-        """The committed rows whose hash is in `wanted`: each once, or `counts[i]` times for
-        `wanted[i]` (then `wanted` must be sorted and distinct, as `mixture_counts` gives)."""
-        if counts is None:
-            wanted, counts = np.unique(wanted.astype(str)), None
-        if copies is None:  # callers reading twice pass `later_copies()` once
-            copies = self.later_copies()  # usually none: then rows need not say their shard
+    def read(self, keys: CacheKeys, selected: ray.ObjectRef) -> ray.data.Dataset:
+        """The rows `selected` names, from its (hashes, counts, shard ordinals) in the object
+        store (`leaf_ray.data.selection`): each `counts[i]` times, from the shard that holds
+        its first copy, in read order."""
         shards = ray.data.read_parquet(
-            self.shard_paths(), filesystem=self.root.fs, include_paths=bool(copies)
+            self.shard_paths(keys.good), filesystem=self.root.fs, include_paths=True
         )
+        ordinals = keys.ordinals()
         return shards.map_batches(
-            _keep_wanted, fn_args=(wanted.astype(str), counts, copies), batch_format="pyarrow"
+            _keep_selected, fn_args=(selected, ordinals), batch_format="pyarrow"
         )
 
-
-def _keep_wanted(
-    table: pa.Table, wanted: np.ndarray, counts: np.ndarray | None, copies: dict[str, set[str]]
-) -> pa.Table:
-    if copies:  # a block may hold several shards' rows: drop each row another shard holds first
-        paths = table.column("path").to_pylist()
-        hashes = table.column("text_hash").to_pylist()
-        first = [
-            h not in copies.get(posixpath.basename(p), ())
-            for p, h in zip(paths, hashes, strict=True)
+    def read_lowest(
+        self, keys: CacheKeys, selected: ray.ObjectRef, below: bytes
+    ) -> pa.Table | None:
+        """The rows `selected` names, all of whose hashes are at most `below`: gathered here
+        from each shard's first row groups only (rows are sorted by hash within a shard), so a
+        few thousand held-out texts do not read every vector of the cache."""
+        read = ray.remote(_read_lowest)
+        place = keys.ordinals()
+        good = [(place[e["shard"]], e) for e in keys.good]
+        parts = [
+            read.remote(self.root, good[start : start + SHARDS_PER_SCAN], selected, below)
+            for start in range(0, len(good), SHARDS_PER_SCAN)
         ]
-        table = table.filter(pa.array(first)).drop_columns(["path"])
+        tables = [t for t in ray.get(parts) if t.num_rows]
+        return pa.concat_tables(tables) if tables else None
+
+
+def _scan_shards(
+    root: Location, entries: list[dict], rows: bool, dim: int | None, normalized: bool | None
+) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """One scan task: each shard's check, and the hashes of those that pass with the index of
+    their shard in `entries`."""
+    report: dict = {"problems": {}, "row_problems": [], "rows": 0}
+    hashes, ordinals = [], []
+    for ordinal, entry in enumerate(entries):
+        shard = root / SHARDS / entry["shard"]
+        data = shard.read_bytes() if shard.is_file() else None
+        problem = shard_problem(data, entry)
+        columns = None if rows else ["text_hash"]
+        table = None if problem else pq.read_table(pa.BufferReader(data), columns=columns)
+        if table is not None and table.num_rows != entry["rows"]:
+            problem = f"{table.num_rows} rows, the manifest says {entry['rows']}"
+        if problem:
+            report["problems"][entry["shard"]] = problem
+            continue
+        if rows:
+            report["row_problems"] += _check_rows(entry["shard"], table, dim, normalized)
+        report["rows"] += table.num_rows
+        hashes.append(hashes_of(table["text_hash"]))
+        ordinals.append(np.full(table.num_rows, ordinal, dtype=np.int32))
+    keys = (
+        np.concatenate(hashes) if hashes else np.empty(0, HASH_DTYPE),
+        np.concatenate(ordinals) if ordinals else np.empty(0, np.int32),
+    )
+    return report, keys
+
+
+def _keep_selected(
+    table: pa.Table, selected: ray.ObjectRef | tuple, ordinals: dict[str, int]
+) -> pa.Table:
+    """A read batch's rows that `selected` names and whose shard holds the first copy, each
+    repeated as many times as it says."""
+    # Ray Data passes an object reference in fn_args as it is; the arrays it names are read
+    # from the object store without a copy.
+    selected = ray.get(selected) if isinstance(selected, ray.ObjectRef) else selected
+    wanted, counts, first_in = selected
+    shard = np.array([ordinals[p.rsplit("/", 1)[-1]] for p in table["path"].to_pylist()])
+    table = table.drop_columns(["path"])
     if not len(wanted):
         return table.slice(0, 0)
-    hashes = table.column("text_hash").to_numpy(zero_copy_only=False).astype(str)
-    first = first_of_each(hashes)  # a hash written twice is read once
-    at = np.minimum(np.searchsorted(wanted, hashes[first]), len(wanted) - 1)
-    hit = wanted[at] == hashes[first]
-    rows = first[hit]
+    hashes = hashes_of(table["text_hash"])
+    at = np.minimum(np.searchsorted(wanted, hashes), len(wanted) - 1)
+    hit = (wanted[at] == hashes) & (first_in[at] == shard)
+    rows = np.flatnonzero(hit)
     return table.take(rows if counts is None else np.repeat(rows, counts[at[hit]]))
 
 
+def _read_lowest(
+    root: Location, entries: list[tuple[int, dict]], selected: tuple, below: bytes
+) -> pa.Table:
+    parts = []
+    for ordinal, entry in entries:
+        with root.fs.open_input_file((root / SHARDS / entry["shard"]).path) as f:
+            shard = pq.ParquetFile(f)
+            groups = [
+                g
+                for g in range(shard.num_row_groups)
+                if shard.metadata.row_group(g).column(0).statistics.min <= below
+            ]
+            if not groups:
+                continue
+            table = shard.read_row_groups(groups)
+        table = table.append_column("path", pa.array([entry["shard"]] * table.num_rows))
+        parts.append(_keep_selected(table, selected, {entry["shard"]: ordinal}))
+    return pa.concat_tables(parts) if parts else pa.table({})
+
+
 class CacheSink(Datasink):
-    """Ray Data sink: each write task commits one shard, then its manifest entry."""
+    """Ray Data sink: each write task commits one shard, then an entry file naming it; the
+    finished write merges its entries into one manifest file."""
 
     def __init__(self, root: Location, vector_dtype: str, rows_per_shard: int):
         self.root, self.vector_dtype, self.rows_per_shard = root, vector_dtype, rows_per_shard
@@ -189,29 +304,57 @@ class CacheSink(Datasink):
     def min_rows_per_write(self) -> int:
         return self.rows_per_shard
 
-    def write(self, blocks: Iterable[Block], ctx) -> int:
-        batches = [BlockAccessor.for_block(b).to_batch_format("numpy") for b in blocks]
-        batches = [b for b in batches if len(b["text_hash"])]
-        if not batches:
-            return 0
-        columns = {c: np.concatenate([b[c] for b in batches]) for c in TEXT_COLUMNS}
-        vectors = np.concatenate([b["embedding"] for b in batches]).astype(self.vector_dtype)
-        # A text listed twice with the same id reaches the sink twice: keep one.
-        first = first_of_each(columns["text_hash"].astype(str))
+    def write(self, blocks: Iterable[Block], ctx) -> list[dict]:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        rows = pa.concat_tables(tables, promote_options="default")
+        hashes = hashes_of(rows["text_hash"])
+        # A text listed twice reaches the sink twice: keep one; rows sorted by their key.
+        distinct, first = np.unique(hashes, return_index=True)
+        rows = rows.take(first)
+        vectors = vector_matrix(rows["embedding"]).astype(self.vector_dtype)
         shard = pa.table(
             {
-                **{c: pa.array(v[first].astype(str), pa.string()) for c, v in columns.items()},
-                "embedding": embedding_column(vectors[first]),
+                "text_hash": hashes_to_arrow(distinct),
+                "kind": rows["kind"].cast(pa.string()),
+                "text": rows["text"].cast(pa.string()),
+                "embedding": embedding_column(vectors),
             }
         )
-        sink = pa.BufferOutputStream()
-        pq.write_table(shard, sink)
-        data = sink.getvalue().to_pybytes()
+        out = pa.BufferOutputStream()
+        pq.write_table(shard, out, row_group_size=ROW_GROUP_ROWS)
+        data = out.getvalue().to_pybytes()
         name = f"{uuid.uuid4().hex}.parquet"
         (self.root / SHARDS / name).write(data)
-        entry = {"shard": name, "rows": shard.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
-        (self.root / MANIFEST / f"{name}.json").write(json.dumps(entry))
-        return shard.num_rows
+        entry = {
+            "shard": name,
+            "rows": shard.num_rows,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "keys_sha256": hashlib.sha256(distinct.tobytes()).hexdigest(),
+        }
+        (self.root / MANIFEST / f"{name}.json").write(json.dumps([entry]))
+        return [entry]
+
+    def on_write_complete(self, write_result: WriteResult[list[dict]]) -> None:
+        """One manifest file for the whole write; then the per-shard ones it replaces."""
+        entries = [e for written in write_result.write_returns for e in written]
+        if not entries:
+            return
+        (self.root / MANIFEST / f"{uuid.uuid4().hex}.json").write(json.dumps(entries))
+        for entry in entries:
+            single = self.root / MANIFEST / f"{entry['shard']}.json"
+            single.fs.delete_file(single.path)
+
+
+def vector_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of equal-length vectors (lists, or Ray's tensor type) as a matrix."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column.type, pa.ExtensionType):  # Ray Data's tensors, from numpy batches
+        return np.asarray(column.to_numpy())
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), -1)
 
 
 @dataclass
@@ -230,37 +373,10 @@ class VerifyReport:
         return not (self.missing or self.corrupt)
 
 
-def verify(cache: TeacherCache, wanted: np.ndarray | None = None) -> VerifyReport:
-    """Re-read every committed shard: checksum, row count, hash of (kind, text), vector sanity,
-    duplicates across shards; and, given the hashes a dataset needs, what is missing."""
-    report = VerifyReport()
-    dim, normalized = cache.key.get("dimension"), cache.key.get("normalized")
-    seen: set[str] = set()
-    committed = set()
-    for entry in cache.entries():
-        shard = cache.root / SHARDS / entry["shard"]
-        committed.add(entry["shard"])
-        report.shards += 1
-        data = shard.read_bytes() if shard.is_file() else None
-        problem = shard_problem(data, entry)
-        if problem:
-            report.corrupt.append(f"{entry['shard']}: {problem}")
-            continue
-        table = pq.read_table(pa.BufferReader(data))
-        if table.num_rows != entry["rows"]:
-            report.corrupt.append(
-                f"{entry['shard']}: {table.num_rows} rows, the manifest says {entry['rows']}"
-            )
-        report.corrupt += _check_rows(entry["shard"], table, dim, normalized)
-        for h in table.column("text_hash").to_pylist():
-            report.duplicated += h in seen
-            seen.add(h)
-        report.rows += table.num_rows
-    shards = (cache.root / SHARDS).files(".parquet")
-    report.orphans = [s.name for s in shards if s.name not in committed]
-    if wanted is not None:
-        report.missing = int(np.setdiff1d(np.unique(wanted.astype(str)), list(seen)).size)
-    return report
+def orphans(cache: TeacherCache, entries: list[dict]) -> list[str]:
+    """Shard files no entry names: written by a task killed before its entry (harmless)."""
+    committed = {e["shard"] for e in entries}
+    return [s.name for s in (cache.root / SHARDS).files(".parquet") if s.name not in committed]
 
 
 def shard_problem(data: bytes | None, entry: dict) -> str | None:
@@ -279,12 +395,10 @@ def shard_problem(data: bytes | None, entry: dict) -> str | None:
 
 def _check_rows(shard: str, table: pa.Table, dim: int | None, normalized: bool | None) -> list:
     problems = []
-    rows = table.to_pydict()
-    triples = zip(rows["text_hash"], rows["kind"], rows["text"], strict=True)
-    for i, (h, kind, text) in enumerate(triples):
-        if text_hash(kind, text) != h:
-            problems.append(f"{shard}: row {i}: text_hash does not match its kind and text")
-    vectors = np.asarray(rows["embedding"], dtype=np.float32)
+    expected = text_hashes(table["kind"].to_pylist(), table["text"].to_pylist())
+    for i in np.flatnonzero(expected != hashes_of(table["text_hash"])):
+        problems.append(f"{shard}: row {i}: text_hash does not match its kind and text")
+    vectors = vector_matrix(table["embedding"]).astype(np.float32)
     if dim is not None and vectors.shape[1:] != (dim,):
         problems.append(f"{shard}: vectors of shape {vectors.shape[1:]}, expected ({dim},)")
         return problems

@@ -6,18 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from leaf_ray.config import TeacherConfig
-from leaf_ray.hashing import files_sha256
 from leaf_ray.teacher.backends import HttpTeacher, teacher_prompts
 from leaf_ray.teacher.cache import FORMAT_VERSION
 from leaf_ray.teacher.local import compute_dtype, load_teacher, normalizes
-from leaf_ray.teacher.vectors import read_vectors_file, vector_rows, vectors_normalized
+from leaf_ray.teacher.vectors import check_vectors, fingerprint
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -62,12 +60,9 @@ def teacher_space(cfg: TeacherConfig, on_gpu: bool) -> TeacherSpace:
         }
         return TeacherSpace(key)
     if cfg.backend == "vectors":
-        vectors = vector_rows(read_vectors_file(cfg.vectors), cfg.vectors)
-        key["teacher"] = {"vectors_sha256": files_sha256(Path(cfg.vectors))}
-        key |= {
-            "dimension": int(vectors.shape[1]),
-            "normalized": vectors_normalized(vectors, cfg.vectors, cfg.normalized),
-        }
+        checked = check_vectors(cfg)  # a Ray Data job over the file, once per version
+        key["teacher"] = {"vectors": fingerprint(cfg.vectors)}
+        key |= {"dimension": checked.dimension, "normalized": checked.normalized}
         return TeacherSpace(key)
     probe = HttpTeacher(cfg).embed(PROBE_TEXTS, "query")
     http = cfg.http

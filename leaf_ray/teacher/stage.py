@@ -6,43 +6,35 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import ray
 import ray.data
 
 from leaf_ray.cluster import connect_ray
 from leaf_ray.config import LeafConfig
-from leaf_ray.data.selection import (
-    chosen_rows,
-    first_rows_missing,
-    row_keys,
-    shared_rows,
-)
-from leaf_ray.data.sources import read_texts
+from leaf_ray.data.selection import Plan, plan_selection, select_rows, source_keys
+from leaf_ray.data.sources import DataError, locate_texts, read_texts
 from leaf_ray.inputs import check_inputs
 from leaf_ray.run import RunError
 from leaf_ray.teacher.actors import embed_texts, teacher_calls
-from leaf_ray.teacher.cache import TeacherCache, VerifyReport, add_text_hash, verify
+from leaf_ray.teacher.cache import CacheKeys, TeacherCache, VerifyReport, add_text_hash, orphans
 from leaf_ray.teacher.layout import cluster_stage_layout
 from leaf_ray.teacher.space import TeacherSpace, teacher_space
+from leaf_ray.teacher.vectors import ingest_vectors
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TeacherVectors:
-    """The teacher's vectors for one config's texts, as committed in the cache."""
+    """The teacher's vectors for one config's texts, as committed in the cache, and the plan
+    of what the student trains on."""
 
     cache: TeacherCache
     space: TeacherSpace
-    hashes: np.ndarray  # one per input row (duplicates included)
-    sources: np.ndarray  # each row's index in data.sources
+    keys: CacheKeys  # the cache's shards, checked, and their keys in the object store
+    plan: Plan
     embedded: int  # texts this call embedded; 0 when the cache had them all
     skipped: dict[str, int]  # bad rows dropped (data.bad_rows: skip), by reason
-
-    @property
-    def unique(self) -> int:
-        return int(np.unique(self.hashes).size)
 
 
 def embed(cfg: LeafConfig, skipped: Counter | None = None) -> TeacherVectors:
@@ -53,30 +45,65 @@ def embed(cfg: LeafConfig, skipped: Counter | None = None) -> TeacherVectors:
     settings and texts, a second run embeds nothing.
     """
     space, cache, texts, skipped = _cache_and_texts(cfg, skipped)
-    for shard in cache.set_aside_bad_shards():  # their texts are embedded again below
-        logger.warning("teacher cache: set aside %s", shard)
-    ids, hashes, sources = row_keys(texts)
-    todo = first_rows_missing(ids, hashes, cache.hashes())
+    if cfg.teacher.backend == "vectors":
+        ingest_vectors(cfg.teacher, cache)
+    keys = source_keys(texts)
+    scanned = _checked(cache, cache.entries())
+    plan = plan_selection(cfg, keys, scanned.ordinal_maps())
+    todo = plan.todo.texts
+    if todo and cfg.teacher.backend == "vectors":
+        raise DataError(_uncovered(cfg, plan))
     if todo:
-        chosen = chosen_rows(texts, todo, shared_rows(ids, hashes))
-        layout = cluster_stage_layout(cfg.teacher, len(todo))
+        layout = cluster_stage_layout(cfg.teacher, todo)
         sink = cache.sink(cfg.teacher.vector_dtype, layout.rows_per_call)
-        calls = teacher_calls(chosen, layout)
+        calls = teacher_calls(select_rows(texts, plan.todo, plan.repeated), layout)
         embed_texts(calls, cfg.teacher, layout).write_datasink(sink)
-    missing = np.setdiff1d(np.unique(hashes.astype(str)), cache.hashes().astype(str))
-    if missing.size:
-        raise RunError(f"{cache.root}: {missing.size} texts still have no vector after the stage")
-    return TeacherVectors(cache, space, hashes, sources, len(todo), dict(skipped))
+        known = {e["shard"] for e in scanned.entries}
+        scanned += _checked(cache, [e for e in cache.entries() if e["shard"] not in known])
+        plan = plan_selection(cfg, keys, scanned.ordinal_maps())
+    if plan.todo.texts:
+        missing = plan.todo.texts
+        raise RunError(f"{cache.root}: {missing} texts still have no vector after the stage")
+    return TeacherVectors(cache, space, scanned, plan, todo, dict(skipped))
+
+
+def _uncovered(cfg: LeafConfig, plan: Plan) -> str:
+    """Texts of the sources with no precomputed vector: counted, the first one found named."""
+    where = locate_texts(cfg.data, [plan.first_missing.hex()])
+    first = f" (first: {where[0]})" if where else ""
+    return (
+        f"teacher.vectors: {cfg.teacher.vectors}: no vector for {plan.todo.texts} text(s) of the "
+        f"sources{first}; a vector's row must have the same text and kind"
+    )
+
+
+def _checked(cache: TeacherCache, entries: list[dict]) -> CacheKeys:
+    """`entries`' shards checked by the tasks that read them; those that fail are set aside
+    (their texts are embedded again)."""
+    scanned = cache.scan(entries)
+    for shard in cache.set_aside(scanned.problems):
+        logger.warning("teacher cache: set aside %s", shard)
+    return scanned
 
 
 def verify_cache(cfg: LeafConfig, repair: bool = False) -> tuple[VerifyReport, list[str]]:
-    """`leaf-ray cache verify [--repair]`: the config's cache, and which of its texts have no
-    vector; with `repair`, shards that fail their check are set aside first (and listed), for
-    the next `embed` to embed their texts again."""
+    """`leaf-ray cache verify [--repair]`: the config's cache, row by row in Ray tasks, and
+    which of its texts have no vector; with `repair`, shards that fail their check are set aside
+    first (and listed), for the next `embed` to embed their texts again."""
     space, texts, _ = space_and_texts(cfg)
     cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model, create=False)
-    moved = cache.set_aside_bad_shards() if repair else []
-    return verify(cache, row_keys(texts)[1]), moved
+    scanned = cache.scan(rows=True)
+    moved = cache.set_aside(scanned.problems) if repair else []
+    plan = plan_selection(cfg, source_keys(texts), scanned.ordinal_maps())
+    report = VerifyReport(
+        rows=scanned.rows,
+        shards=len(scanned.entries),
+        missing=plan.todo.texts,
+        duplicated=plan.duplicated,
+        corrupt=[f"{s}: {p}" for s, p in scanned.problems.items()] + scanned.row_problems,
+        orphans=orphans(cache, scanned.entries),
+    )
+    return report, moved
 
 
 def _cache_and_texts(
@@ -98,5 +125,5 @@ def space_and_texts(
     skipped = check_inputs(cfg) if skipped is None else skipped
     connect_ray(cfg.ray)
     space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
-    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="numpy")
+    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="pyarrow")
     return space, texts, skipped

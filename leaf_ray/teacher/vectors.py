@@ -1,9 +1,25 @@
-"""A black-box teacher that is a file of precomputed vectors: reading, checking and serving them."""
+"""A black-box teacher that is a file (or folder) of precomputed vectors, Parquet or JSON lines
+with `kind`, `text` and `embedding` columns.
+
+Two Ray Data jobs over its pieces (a Parquet row group, or a JSON lines file), read in parallel
+wherever the job's tasks run: `check_vectors` checks every row (strings, one dimension, finite,
+unit length or not) and brings back only a summary; `ingest_vectors` writes the rows into the
+teacher cache, once per version of the file, after which the vectors are read like any cache.
+No process holds the whole file.
+
+    checked = check_vectors(cfg.teacher)        # DataError naming the file and row, or
+    checked.dimension, checked.normalized       # the teacher's space
+    ingest_vectors(cfg.teacher, cache)          # into the cache, unless it holds them already
+"""
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,63 +27,270 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json
 import pyarrow.parquet as pq
+import ray
+import ray.data
 
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data.sources import DataError, data_files, is_parquet
-from leaf_ray.hashing import text_hash
+from leaf_ray.teacher.cache import TeacherCache, add_text_hash
+
+# Rows a reading task handles at once: bounded memory whatever the row groups' size.
+CHUNK_ROWS = 8192
 
 
-class VectorsTeacher:
-    """Precomputed vectors, matched to texts by the hash of (kind, text)."""
-
-    def __init__(self, cfg: TeacherConfig):
-        self.path = cfg.vectors
-        table = read_vectors_file(cfg.vectors)
-        hashes = [
-            text_hash(k, t)
-            for k, t in zip(table["kind"].to_pylist(), table["text"].to_pylist(), strict=True)
-        ]
-        self.row = {h: i for i, h in enumerate(hashes)}
-        self.vectors = vector_rows(table, cfg.vectors)
-
-    def embed(self, texts: list[str], kind: str) -> np.ndarray:
-        rows = [self.row.get(text_hash(kind, t)) for t in texts]
-        missing = [t for t, r in zip(texts, rows, strict=True) if r is None]
-        if missing:
-            raise DataError(
-                f"teacher.vectors: {self.path}: no vector for {len(missing)} {kind} text(s), "
-                f"e.g. {missing[0][:80]!r}"
-            )
-        return self.vectors[rows]
+SHARD_ROWS = 8192  # rows per cache shard the ingest writes
 
 
-def read_vectors_file(path: str) -> pa.Table:
-    """Parquet or JSON lines with `kind`, `text` and `embedding` (other columns are ignored)."""
+INGESTED = "ingested.json"  # in a cache folder: the vectors file is in it, whole
+
+
+COLUMNS = ("kind", "text", "embedding")
+
+
+@dataclass(frozen=True)
+class VectorsCheck:
+    """What `check_vectors` found in a vectors file with no bad row."""
+
+    rows: int
+    dimension: int
+    normalized: bool
+    not_unit: str = ""  # the first row that is not unit length, and its norm
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a vectors file one task reads: a Parquet row group, or a JSON lines file."""
+
+    file: str
+    group: int | None  # None: the whole file (JSON lines)
+    first_row: int  # of the piece in its file, from 0
+
+
+def fingerprint(path: str) -> str:
+    """Which version of the vectors file this is: each file's name, size and modification
+    time, not its bytes, which a run would read whole just to name it."""
+    digest = hashlib.sha256()
+    for file in data_files(Path(path)):
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def pieces(path: str) -> list[Piece]:
+    """The file's pieces, from the Parquet footers (read here: a few KB a file)."""
+    where = f"teacher.vectors: {path}"
     file = Path(path)
     if not file.exists():
-        raise DataError(f"teacher.vectors: {path}: no such file or folder")
-    try:
-        if is_parquet(file):
-            table = pq.read_table([str(f) for f in data_files(file)])
-        else:
-            table = pa.concat_tables(
-                [_read_json_lines(f) for f in data_files(file)], promote_options="default"
-            )
-    except DataError:
-        raise
-    except (pa.ArrowInvalid, OSError, ValueError) as e:  # ValueError: a folder with no files
-        raise DataError(f"teacher.vectors: {path}: cannot read: {e}") from None
-    absent = {"kind", "text", "embedding"} - set(table.column_names)
+        raise DataError(f"{where}: no such file or folder")
+    files = data_files(file)
+    if not files:
+        raise DataError(f"{where}: no Parquet or JSON lines files")
+    if not is_parquet(file):
+        return [Piece(str(f), None, 0) for f in files]
+    found = []
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"teacher.vectors: {f}: not a readable Parquet file ({e})") from None
+        first = 0
+        for group in range(meta.num_row_groups):
+            found.append(Piece(str(f), group, first))
+            first += meta.row_group(group).num_rows
+    return found
+
+
+def check_vectors(cfg: TeacherConfig) -> VectorsCheck:
+    """Every row of the vectors file checked by a Ray Data job; the first bad row named, with
+    its file and row (from 1), or the file's dimension and whether its vectors are unit length.
+    Once per file version and process: the distill's input check and its teacher stage share it."""
+    checked = _check(cfg.vectors, fingerprint(cfg.vectors))
+    if cfg.normalized and not checked.normalized:
+        raise DataError(
+            f"teacher.vectors: {cfg.vectors}: teacher.normalized is true, but the vectors are not "
+            f"unit length ({checked.not_unit})"
+        )
+    if cfg.normalized is None:
+        return checked
+    return VectorsCheck(checked.rows, checked.dimension, cfg.normalized, checked.not_unit)
+
+
+@functools.lru_cache(maxsize=4)
+def _check(path: str, version: str) -> VectorsCheck:
+    """`check_vectors` measured: `version` (the fingerprint) keys the memo."""
+    parts = pieces(path)
+    dim = _first_dimension(path, parts)
+    summaries = _over_pieces(parts).map_batches(
+        _check_piece, fn_args=(dim,), batch_size=1, batch_format="pyarrow"
+    )
+    rows = pa.concat_tables(ray.get(summaries.to_arrow_refs())).to_pylist()
+    bad = sorted((r for r in rows if r["problem"]), key=lambda r: (r["file"], r["row"]))
+    if bad:
+        more = sum(r["bad"] for r in rows) - 1
+        first = bad[0]
+        extra = f" (and {more} more rows)" if more else ""
+        raise DataError(f"teacher.vectors: {first['file']}: {first['problem']}{extra}")
+    total, unit = sum(r["rows"] for r in rows), sum(r["unit"] for r in rows)
+    if not total:
+        raise DataError(f"teacher.vectors: {path}: no rows")
+    off = sorted((r for r in rows if r["off_row"] > 0), key=lambda r: (r["file"], r["off_row"]))
+    not_unit = ""
+    if off:
+        where = "" if off[0]["file"] == path else f"{off[0]['file']}: "
+        not_unit = f"{where}row {off[0]['off_row']}: norm {off[0]['off_norm']:.3f}"
+    if 0 < unit < total:  # one stray row would otherwise decide whether the student normalises
+        raise DataError(
+            f"teacher.vectors: {path}: {not_unit.replace(': norm', ': embedding: norm')} where "
+            f"{unit} of {total} rows are unit length; fix the row, or normalise them all"
+        )
+    return VectorsCheck(total, dim, unit == total, not_unit)
+
+
+def ingest_vectors(cfg: TeacherConfig, cache: TeacherCache) -> bool:
+    """Write the (checked) vectors file into `cache`, unless an earlier run did; True when it
+    wrote them now. A run killed during the ingest writes them again: reads skip the copies."""
+    done = cache.root / INGESTED
+    if done.is_file():
+        return False
+    rows = _over_pieces(pieces(cfg.vectors)).map_batches(
+        _read_piece, batch_size=1, batch_format="pyarrow"
+    )
+    rows.write_datasink(cache.sink(cfg.vector_dtype, SHARD_ROWS))
+    done.write(json.dumps({"vectors": cfg.vectors, "version": fingerprint(cfg.vectors)}))
+    return True
+
+
+def _over_pieces(parts: list[Piece]) -> ray.data.Dataset:
+    """A dataset of the pieces, a block each, for the jobs to read in parallel."""
+    # A bad row surfaces as our DataError (naming the file), not as Ray's generic UDF failure.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    items = [
+        {"file": p.file, "group": -1 if p.group is None else p.group, "first": p.first_row}
+        for p in parts
+    ]
+    return ray.data.from_items(items, override_num_blocks=len(items))
+
+
+def _first_dimension(path: str, parts: list[Piece]) -> int:
+    """The first row's vector length, which every row must have (0 when it has none: the
+    check names it)."""
+    for part in parts:
+        for chunk in _chunks(part):
+            if chunk.num_rows:
+                _check_type(part.file, chunk["embedding"].type)
+                first = chunk["embedding"][0].as_py()
+                return len(first) if first is not None else 0
+    raise DataError(f"teacher.vectors: {path}: no rows")
+
+
+def _piece(batch: pa.Table) -> Piece:
+    row = batch.to_pylist()[0]
+    group = int(row["group"])
+    return Piece(str(row["file"]), None if group < 0 else group, int(row["first"]))
+
+
+def _chunks(piece: Piece) -> Iterator[pa.Table]:
+    """The piece's rows, `CHUNK_ROWS` at a time, with the three columns."""
+    if piece.group is None:
+        table = _read_json_lines(Path(piece.file))
+        _check_columns(piece.file, table.column_names)
+        for batch in table.select(list(COLUMNS)).to_batches(CHUNK_ROWS):
+            yield pa.Table.from_batches([batch])
+        return
+    parquet = pq.ParquetFile(piece.file)
+    _check_columns(piece.file, parquet.schema_arrow.names)
+    for batch in parquet.iter_batches(CHUNK_ROWS, row_groups=[piece.group], columns=COLUMNS):
+        yield pa.Table.from_batches([batch])
+
+
+def _check_columns(file: str, names: list[str]) -> None:
+    absent = sorted(set(COLUMNS) - set(names))
     if absent:
-        raise DataError(f"teacher.vectors: {path}: missing column(s) {sorted(absent)}")
-    for name in ("kind", "text") if table.num_rows else ():  # none: `vector_rows` says so
-        column = table[name]
+        raise DataError(f"teacher.vectors: {file}: missing column(s) {absent}")
+
+
+def _check_piece(batch: pa.Table, dim: int) -> pa.Table:
+    """A Ray Data batch of one piece: its summary row (rows, unit-length rows, the first bad
+    row and why, the first row that is not unit length and its norm)."""
+    piece = _piece(batch)
+    summary = {"file": piece.file, "rows": 0, "unit": 0, "bad": 0, "row": 0, "problem": ""}
+    summary |= {"off_row": 0, "off_norm": 0.0}
+    start = piece.first_row
+    for chunk in _chunks(piece):
+        problem, bad, unit, off = _check_chunk(piece.file, chunk, dim, start)
+        if problem and not summary["problem"]:
+            summary["row"], summary["problem"] = problem
+        if off and not summary["off_row"]:
+            summary["off_row"], summary["off_norm"] = off
+        summary["bad"] += bad
+        summary["rows"] += chunk.num_rows
+        summary["unit"] += unit
+        start += chunk.num_rows
+    return pa.Table.from_pylist([summary])
+
+
+def _check_chunk(
+    file: str, chunk: pa.Table, dim: int, start: int
+) -> tuple[tuple[int, str] | None, int, int, tuple[int, float] | None]:
+    """(the first bad row and why, bad rows, unit-length rows, the first row not of unit length
+    with its norm) of `chunk`, whose first row is row `start` (from 0) of `file`."""
+    for name in ("kind", "text"):
+        column = chunk[name]
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise DataError(f"teacher.vectors: {path}: {name}: a {column.type}, not a string")
-        if column.null_count:
-            row = int(column.is_null().to_numpy(zero_copy_only=False).argmax())
-            raise DataError(f"teacher.vectors: {path}: row {row + 1}: {name}: null")
-    return table
+            if column.null_count < len(column):  # all null: named as null below
+                raise DataError(f"teacher.vectors: {file}: {name}: a {column.type}, not a string")
+    column = chunk["embedding"].combine_chunks()
+    _check_type(file, column.type)
+    bad = np.zeros(chunk.num_rows, dtype=bool)
+    why = np.full(chunk.num_rows, "", dtype=object)
+    for name in ("kind", "text"):
+        null = chunk[name].is_null().to_numpy(zero_copy_only=False)
+        why[null & ~bad] = f"{name}: null"
+        bad |= null
+    missing = column.is_null().to_numpy(zero_copy_only=False)
+    why[missing & ~bad] = "embedding: missing"
+    bad |= missing
+    lengths = pc.fill_null(pc.list_value_length(column), dim).to_numpy(zero_copy_only=False)
+    empty, odd = lengths == 0, lengths != dim
+    why[empty & ~bad] = "embedding: empty"
+    for i in np.flatnonzero(odd & ~empty & ~bad):
+        why[i] = f"embedding: {lengths[i]} values where row 1 has {dim}"
+    bad |= odd
+    vectors = np.zeros((chunk.num_rows, dim), np.float32)
+    good = np.flatnonzero(~bad)
+    if good.size:
+        with np.errstate(over="ignore"):  # beyond float32: infinite, refused just below
+            values = pc.list_flatten(column.take(good)).to_numpy(zero_copy_only=False)
+            vectors[good] = values.astype(np.float32).reshape(good.size, dim)
+    finite = np.isfinite(vectors).all(axis=1)
+    why[~finite & ~bad] = "embedding: not finite (NaN or infinity)"
+    bad |= ~finite
+    norms = np.linalg.norm(vectors, axis=1)
+    unit = np.isclose(norms, 1.0, atol=1e-2) & ~bad
+    problem = None
+    if bad.any():
+        row = int(np.argmax(bad))
+        problem = (start + row + 1, f"row {start + row + 1}: {why[row]}")
+    off_rows = np.flatnonzero(~unit & ~bad)
+    off = (start + int(off_rows[0]) + 1, float(norms[off_rows[0]])) if off_rows.size else None
+    return problem, int(bad.sum()), int(unit.sum()), off
+
+
+def _check_type(file: str, kind: pa.DataType) -> None:
+    numbers = pa.types.is_integer, pa.types.is_floating
+    lists = pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list
+    if not any(is_list(kind) for is_list in lists) or not any(
+        is_number(kind.value_type) for is_number in numbers
+    ):
+        raise DataError(f"teacher.vectors: {file}: embedding: a {kind}, not a list of numbers")
+
+
+def _read_piece(batch: pa.Table) -> Iterator[pa.Table]:
+    """A Ray Data batch of one (checked) piece: its rows with their key, `CHUNK_ROWS` at a
+    time, vectors as float32 lists, as the cache's sink takes them."""
+    for chunk in _chunks(_piece(batch)):
+        vectors = chunk["embedding"].combine_chunks().cast(pa.list_(pa.float32()))
+        yield add_text_hash(chunk.set_column(2, "embedding", vectors))
 
 
 def _read_json_lines(file: Path) -> pa.Table:
@@ -94,65 +317,3 @@ def _refuse_first_bad_line(file: Path) -> None:
             for name in ("kind", "text"):
                 if not isinstance(row.get(name, ""), str):
                     raise DataError(f"{where}: {name}: a {type(row[name]).__name__}, not a string")
-
-
-def vector_rows(table: pa.Table, path: str) -> np.ndarray:
-    """The `embedding` column as a float32 matrix, refused with the first bad row named: no
-    rows, a missing vector, a vector of another length than the first's, or a value that is
-    not finite (a NaN would train the student to NaN)."""
-    where = f"teacher.vectors: {path}"
-    if table.num_rows == 0:
-        raise DataError(f"{where}: no rows")
-    column = table["embedding"].combine_chunks()
-    kind = column.type
-    numbers = pa.types.is_integer, pa.types.is_floating
-    lists = pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list
-    if not any(is_list(kind) for is_list in lists) or not any(
-        is_number(kind.value_type) for is_number in numbers
-    ):
-        raise DataError(f"{where}: embedding: a {kind}, not a list of numbers")
-    if column.null_count:
-        row = column.is_null().to_numpy(zero_copy_only=False).argmax()
-        raise DataError(f"{where}: row {row + 1}: embedding: missing")
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    if lengths[0] == 0:
-        raise DataError(f"{where}: row 1: embedding: empty")
-    odd = np.flatnonzero(lengths != lengths[0])
-    if odd.size:
-        raise DataError(
-            f"{where}: row {odd[0] + 1}: embedding: {lengths[odd[0]]} values where row 1 has "
-            f"{lengths[0]}" + _more(odd.size)
-        )
-    with np.errstate(over="ignore"):  # beyond float32: infinite, refused just below
-        values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
-    vectors = values.reshape(len(lengths), int(lengths[0]))
-    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-    if bad.size:
-        raise DataError(
-            f"{where}: row {bad[0] + 1}: embedding: not finite (NaN or infinity)" + _more(bad.size)
-        )
-    return vectors
-
-
-def _more(rows: int) -> str:
-    return f" (and {rows - 1} more rows)" if rows > 1 else ""
-
-
-def vectors_normalized(vectors: np.ndarray, path: str, declared: bool | None) -> bool:
-    """Whether precomputed vectors are unit length: measured on every row, and refused when only
-    some are (one stray row would otherwise decide whether the student normalises) or when
-    `teacher.normalized: true` says they are and they are not."""
-    unit = np.isclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-2)
-    if unit.any() and not unit.all():
-        row = int(np.flatnonzero(~unit)[0])
-        raise DataError(
-            f"teacher.vectors: {path}: row {row + 1}: embedding: norm "
-            f"{np.linalg.norm(vectors[row]):.3f} where {unit.sum()} of {len(unit)} rows are unit "
-            "length; fix the row, or normalise them all"
-        )
-    if declared and not unit.all():
-        raise DataError(
-            f"teacher.vectors: {path}: teacher.normalized is true, but the vectors are not unit "
-            f"length (row 1: norm {np.linalg.norm(vectors[0]):.3f})"
-        )
-    return bool(unit.all()) if declared is None else declared

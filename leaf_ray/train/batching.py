@@ -17,6 +17,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import Grouping, TrainConfig
+from leaf_ray.hashing import HASH_DTYPE, hex_of
 
 # Texts per length-sorting window, in batches: batches then carry little padding.
 BUCKET_BATCHES = 16
@@ -105,7 +106,7 @@ class TokenizedBuckets(NumpyBatchCollateFn):
             MicroBatch(
                 self.student.preprocess(texts[rows].tolist()),
                 torch.from_numpy(vectors[rows]),
-                [] if hashes is None else hashes[rows].astype(str).tolist(),
+                [] if hashes is None else hex_of(np.asarray(hashes[rows], HASH_DTYPE)),
             )
             for rows in batches
         ]

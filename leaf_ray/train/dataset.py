@@ -4,22 +4,20 @@ from the teacher's actors, and the held-out validation texts."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 import ray.train
 import ray.train.torch
 
 from leaf_ray.config import LeafConfig
-from leaf_ray.data.selection import (
-    chosen_rows,
-    first_ids,
-    row_keys,
-    shared_rows,
-    training_selection,
-)
+from leaf_ray.data.selection import Plan, plan_selection, select_rows, source_keys
+from leaf_ray.hashing import hashes_of
 from leaf_ray.teacher.actors import embed_texts, teacher_calls
+from leaf_ray.teacher.cache import vector_matrix
 from leaf_ray.teacher.layout import cluster_stage_layout
 from leaf_ray.teacher.space import TeacherSpace
 from leaf_ray.teacher.stage import TeacherVectors, space_and_texts
@@ -27,52 +25,69 @@ from leaf_ray.train.batching import TEXT_BYTES
 from leaf_ray.train.resources import trainer_resources
 
 
-def validation_set(rows: ray.data.Dataset) -> Validation:
-    """The held-out texts and their teacher vectors, gathered on the driver (a few hundred)."""
-    rows = rows.take_all()
-    texts = [r["text"] for r in rows]
-    return texts, np.stack([r["embedding"] for r in rows]).astype(np.float32)
+@dataclass(frozen=True)
+class TrainingSet:
+    """What the student trains on: one epoch's rows (text, teacher vector), their number, the
+    held-out validation texts and the projection's fit sample, both with their vectors."""
+
+    rows: ray.data.Dataset
+    num_rows: int
+    validation: Validation | None
+    fit: Validation
 
 
-def cached_training_set(
-    vectors: TeacherVectors, cfg: LeafConfig
-) -> tuple[ray.data.Dataset, int, Validation | None]:
-    """Rows (text_hash, kind, text, embedding) for one epoch from the teacher cache, each distinct
-    text as many times as its source's weight says, and their number; and the held-out
-    validation texts with their vectors: the first hashes in sorted order (uniform, and stable
-    across runs), at most a tenth of the texts."""
-    held, wanted, counts = training_selection(cfg, vectors.hashes, vectors.sources)
-    cache = vectors.cache
-    copies = cache.later_copies()  # one scan of the cache's hashes for both reads
-    validation = validation_set(cache.read(held, copies=copies)) if held.size else None
-    rows, num_rows = cache.read(wanted, counts, copies), int(counts.sum())
-    return held_for_epochs(rows, num_rows, vectors.space.dimension), num_rows, validation
+def cached_training_set(vectors: TeacherVectors) -> TrainingSet:
+    """Rows (text_hash, kind, text, embedding) for one epoch from the teacher cache, each
+    distinct text as many times as its source's weight says; the held-out texts and the fit
+    sample, the texts with the lowest keys (uniform over every source, and stable across runs),
+    read from the first row groups of each shard only."""
+    plan, cache, keys = vectors.plan, vectors.cache, vectors.keys
+    lowest = None
+    if plan.lowest.texts:
+        lowest = cache.read_lowest(keys, plan.lowest.ref, plan.highest)
+    validation, fit = _split_lowest(lowest, plan)
+    rows = held_for_epochs(
+        cache.read(keys, plan.training.ref), plan.training.rows, vectors.space.dimension
+    )
+    return TrainingSet(rows, plan.training.rows, validation, fit)
 
 
 def streaming_training_set(
     cfg: LeafConfig, skipped: Counter | None = None
-) -> tuple[TeacherSpace, ray.data.Dataset, int, Validation | None]:
+) -> tuple[TeacherSpace, TrainingSet]:
     """Streaming mode: teacher actors embed the texts while the trainers consume them, every
-    epoch; nothing is cached. The texts (not vectors) are gathered first, so reading and hashing
-    are done before the trainers hold their CPUs; the teacher's actors share what the trainers
-    leave (on GPUs: the GPUs they leave, fractions when fewer than actors; none: the CPUs)."""
+    epoch; nothing is cached. The held-out texts and the fit sample are embedded first, before
+    the trainers hold their CPUs; the teacher's actors share what the trainers leave (on GPUs:
+    the GPUs they leave, fractions when fewer than actors; none: the CPUs)."""
     space, texts, _ = space_and_texts(cfg, skipped)
-    ids, hashes, sources = row_keys(texts)
-    held, wanted, counts = training_selection(cfg, hashes, sources)
-    id_of, shared = first_ids(ids, hashes), shared_rows(ids, hashes)
-    validation = None
-    if held.size:
-        plan = {h: (id_of[h], 1) for h in held.tolist()}
-        layout = cluster_stage_layout(cfg.teacher, held.size)
-        calls = teacher_calls(chosen_rows(texts, plan, shared), layout)
-        validation = validation_set(embed_texts(calls, cfg.teacher, layout))
-    plan = {h: (id_of[h], c) for h, c in zip(wanted.tolist(), counts.tolist(), strict=True) if c}
-    num_rows = int(counts.sum())
-    chosen = chosen_rows(texts, plan, shared)
+    plan = plan_selection(cfg, source_keys(texts), [])
+    lowest = None
+    if plan.lowest.texts:
+        layout = cluster_stage_layout(cfg.teacher, plan.lowest.texts)
+        calls = teacher_calls(select_rows(texts, plan.lowest, plan.repeated), layout)
+        embedded = embed_texts(calls, cfg.teacher, layout).to_arrow_refs()
+        lowest = pa.concat_tables(ray.get(embedded))
+    validation, fit = _split_lowest(lowest, plan)
+    chosen = select_rows(texts, plan.training, plan.repeated)
+    num_rows = plan.training.rows
     layout = cluster_stage_layout(cfg.teacher, num_rows, held_elsewhere=trainer_resources(cfg))
     calls = teacher_calls(chosen, layout).materialize()
     stream = embed_texts(calls, cfg.teacher, layout)
-    return space, stream, num_rows, validation
+    return space, TrainingSet(stream, num_rows, validation, fit)
+
+
+def _split_lowest(lowest: pa.Table | None, plan: Plan) -> tuple[Validation | None, Validation]:
+    """The held-out texts (the `plan.held` lowest keys) and the fit sample (the rest), each in
+    key order, with their vectors."""
+    empty = ([], np.empty((0, 0), np.float32))
+    if lowest is None or not lowest.num_rows:
+        return None, empty
+    order = np.argsort(hashes_of(lowest["text_hash"]), kind="stable")
+    texts = [lowest["text"][int(i)].as_py() for i in order]
+    vectors = vector_matrix(lowest["embedding"]).astype(np.float32)[order]
+    held = plan.held
+    validation = (texts[:held], vectors[:held]) if held else None
+    return validation, (texts[held:], vectors[held:])
 
 
 Validation = tuple[list[str], np.ndarray]  # held-out texts and their teacher vectors

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from leaf_ray.cli import DEFAULT_CONFIG, main
-from leaf_ray.config import ConfigError, load_config
+from leaf_ray.config import ConfigError, LeafConfig, load_config
 
 MINIMAL = """\
 data:
@@ -222,3 +222,18 @@ def test_a_datasets_folder_beside_the_config_is_a_folder_not_a_hub_name(tmp_path
     hub = write(tmp_path / "texts", MINIMAL.replace("path: texts.jsonl", "hf_dataset: org/texts"))
     assert load_config(path).data.sources[0].hf_dataset == str(tmp_path / "texts")
     assert load_config(hub).data.sources[0].hf_dataset == "org/texts"
+
+
+def test_precomputed_vectors_are_not_streamed():
+    """Precomputed vectors are ingested into the teacher cache: a streaming run would have no
+    teacher to stream from."""
+    config = {
+        "data": {"sources": [{"path": "texts.jsonl"}]},
+        "teacher": {"model": "m", "vectors": "v.parquet"},
+        "student": {"init": "pretrained", "model": "s"},
+        "train": {"data_mode": "streaming"},
+    }
+    with pytest.raises(ValueError, match="train.data_mode: precomputed vectors are read from"):
+        LeafConfig.model_validate(config)
+    config["train"]["data_mode"] = "cached"
+    assert LeafConfig.model_validate(config).teacher.backend == "vectors"

@@ -39,7 +39,7 @@ def test_schedule_restarts_each_cycle_and_decays_to_the_final_ratio(tmp_path):
         ({"data_mode": "streaming"}, {}, 1, 0.5),  # one GPU: the teacher takes the other half
         ({"data_mode": "streaming", "num_workers": 8}, {}, 8, 0.5),
         ({"data_mode": "streaming", "num_workers": 4}, {}, 8, 1.0),  # 4 GPUs left to the teacher
-        ({"data_mode": "streaming"}, {"vectors": "v.parquet"}, 1, 1.0),  # needs no GPU
+        ({"data_mode": "streaming"}, {"http": {"url": "http://h/v1"}}, 1, 1.0),  # needs no GPU
         ({"data_mode": "streaming", "use_gpu": False}, {}, 1, 0.0),
     ],
 )
