@@ -34,7 +34,7 @@ def main() -> None:
     actors = list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
     report = {
         "embedded": vectors.embedded,
-        "shards": vectors.cache.shard_paths(),
+        "shards": vectors.cache.shard_paths(vectors.cache.entries()),
         "actors": [
             {"class": a.class_name, "resources": a.required_resources}
             for a in actors

@@ -172,15 +172,19 @@ class TeacherCache:
         """Move shards that failed their check to set_aside/, their entries first (from then on
         they are not committed), so their texts count as missing and the next `embed` embeds
         them again. Returns each one, with why."""
-        moved = []
         for file in (self.root / MANIFEST).files(".json"):
-            kept = [e for e in json.loads(file.read_text()) if e["shard"] not in problems]
-            if len(kept) < len(json.loads(file.read_text())):
-                (self.root / SET_ASIDE / file.name).write(file.read_text())
-                if kept:
-                    file.write(json.dumps(kept))
-                else:
-                    file.fs.delete_file(file.path)
+            entries = json.loads(file.read_text())
+            kept = [e for e in entries if e["shard"] not in problems]
+            if len(kept) == len(entries):
+                continue
+            for entry in entries:
+                if entry["shard"] in problems:
+                    (self.root / SET_ASIDE / f"{entry['shard']}.json").write(json.dumps([entry]))
+            if kept:
+                file.write(json.dumps(kept))
+            else:
+                file.fs.delete_file(file.path)
+        moved = []
         for shard, problem in sorted(problems.items()):
             path = self.root / SHARDS / shard
             if path.is_file():

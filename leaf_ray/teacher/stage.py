@@ -100,9 +100,11 @@ def verify_cache(cfg: LeafConfig, repair: bool = False) -> tuple[VerifyReport, l
         shards=len(scanned.entries),
         missing=plan.todo.texts,
         duplicated=plan.duplicated,
-        corrupt=[f"{s}: {p}" for s, p in scanned.problems.items()] + scanned.row_problems,
+        # Shards the repair set aside are no longer committed: their texts count as missing.
+        corrupt=[] if repair else [f"{s}: {p}" for s, p in scanned.problems.items()],
         orphans=orphans(cache, scanned.entries),
     )
+    report.corrupt += scanned.row_problems
     return report, moved
 
 

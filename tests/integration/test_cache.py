@@ -34,7 +34,7 @@ from leaf_ray.teacher.actors import (
     embed_texts,
     teacher_calls,
 )
-from leaf_ray.teacher.cache import MANIFEST, SHARDS, TeacherCache, verify
+from leaf_ray.teacher.cache import MANIFEST, SHARDS, TeacherCache
 from leaf_ray.teacher.layout import StageLayout
 from leaf_ray.teacher.local import LocalTeacher
 from leaf_ray.teacher.space import teacher_space
@@ -58,8 +58,8 @@ def write_config(root, texts: list[dict], teacher: dict, **sections) -> object:
     return path
 
 
-def cache_rows(vectors) -> dict[str, np.ndarray]:
-    table = pq.read_table(vectors.cache.shard_paths())
+def cache_rows(vectors) -> dict[bytes, np.ndarray]:
+    table = pq.read_table(vectors.cache.shard_paths(vectors.cache.entries()))
     hashes = table.column("text_hash").to_pylist()
     return dict(zip(hashes, np.asarray(table.column("embedding").to_pylist()), strict=True))
 
@@ -120,10 +120,10 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
     cfg = load_config(write_config(tmp_path, texts + repeats + other_kind, teacher))
 
     first = embed(cfg)
-    assert (len(first.hashes), first.unique, first.embedded) == (360, 320, 320)
+    assert (first.plan.rows, first.plan.distinct, first.embedded) == (360, 320, 320)
     rows = cache_rows(first)
     assert len(rows) == 320  # no hash written twice
-    assert verify(first.cache, first.hashes).ok
+    assert verify_cache(cfg)[0].ok
 
     # Every text got exactly its own vector: the teacher's, with its kind's prompt.
     model = SentenceTransformer(str(tiny_teacher), device="cpu")
@@ -135,19 +135,19 @@ def test_each_distinct_text_is_embedded_once_and_never_again(
 
     # One epoch's training rows: each distinct text once, or as often as its source's weight,
     # less a tenth held out for validation (with the teacher's vectors).
-    data, count, validation = cached_training_set(first, cfg)
-    trained = data.take_all()
-    hashes = [r["text_hash"] for r in trained]
-    assert count == len(hashes) == len(set(hashes)) == 320 - 32 and set(hashes) <= set(rows)
-    texts_held, vectors_held = validation
+    data = cached_training_set(first)
+    hashes = [r["text_hash"] for r in data.rows.take_all()]
+    assert data.num_rows == len(hashes) == len(set(hashes)) == 320 - 32
+    assert set(hashes) <= set(rows)
+    texts_held, vectors_held = data.validation
     assert len(texts_held) == 32 and vectors_held.shape == (32, 32)
     untrained = sorted(set(rows) - set(hashes))  # the held-out texts carry their own vectors
     held = np.sort(vectors_held[:, 0])
     np.testing.assert_allclose(held, np.sort([rows[h][0] for h in untrained]), atol=1e-6)
     weighted = load_config(cfg.source_file, ["data.sources.0.weight=2.5"])
-    data, count, _ = cached_training_set(first, weighted)
-    times = Counter(r["text_hash"] for r in data.take_all())
-    assert count == sum(times.values()) == 2 * 288 + 144
+    data = cached_training_set(embed(weighted))
+    times = Counter(r["text_hash"] for r in data.rows.take_all())
+    assert data.num_rows == sum(times.values()) == 2 * 288 + 144
     assert set(times) == set(hashes) and Counter(times.values()) == {2: 144, 3: 144}
 
     again = embed(cfg)
@@ -176,34 +176,48 @@ def embedded_in_several_shards(several_shards: Path, tmp_path: Path):
     return cfg, vectors
 
 
+def rewrite_entry(root: Path, name: str, **changes) -> None:
+    """Change shard `name`'s entry in the manifest file that holds it."""
+    for file in (root / MANIFEST).glob("*.json"):
+        entries = json.loads(file.read_text())
+        if any(e["shard"] == name for e in entries):
+            entries = [e | changes if e["shard"] == name else e for e in entries]
+            file.write_text(json.dumps(entries))
+
+
 def test_verify_finds_missing_duplicated_and_corrupt_rows(several_shards, tmp_path):
     cfg, vectors = embedded_in_several_shards(several_shards, tmp_path)
     cache = vectors.cache
-    assert verify(cache, vectors.hashes).ok
-    assert not verify(cache, np.append(vectors.hashes, "0" * 32)).ok  # a text with no vector
+    assert verify_cache(cfg)[0].ok
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": "no vector", "kind": "query"}))
+    more = load_config(
+        cfg.source_file, ['data.sources=[{"path": "texts.jsonl"}, {"path": "more.jsonl"}]']
+    )
+    assert verify_cache(more)[0].missing == 1  # a text with no vector
 
     entries = cache.entries()
     assert len(entries) >= 3
+    assert len(list((tmp_path / "cache").glob(f"*/{MANIFEST}/*.json"))) == 1  # one per write
     # A shard committed twice: every one of its rows is a duplicate, counted but not a failure.
     root = Path(cache.root.path)
     shard = root / SHARDS / entries[0]["shard"]
     shutil.copy(shard, root / SHARDS / "copy.parquet")
     (root / MANIFEST / "copy.parquet.json").write_text(
-        json.dumps({**entries[0], "shard": "copy.parquet"})
+        json.dumps([{**entries[0], "shard": "copy.parquet"}])
     )
-    report = verify(cache)
+    report = verify_cache(cfg)[0]
     assert report.duplicated == entries[0]["rows"] and report.ok
     # Training reads skip the later copy: each text comes once an epoch, as planned.
-    data, count, _ = cached_training_set(vectors, cfg)
-    trained = Counter(r["text_hash"] for r in data.take_all())
-    assert count == trained.total() and set(trained.values()) == {1}
+    data = cached_training_set(embed(cfg))
+    trained = Counter(r["text_hash"] for r in data.rows.take_all())
+    assert data.num_rows == trained.total() and set(trained.values()) == {1}
 
     # Bytes changed on disk after commit: the checksum catches it.
     other = root / SHARDS / entries[1]["shard"]
     data = bytearray(other.read_bytes())
     data[len(data) // 2] ^= 0xFF
     other.write_bytes(bytes(data))
-    assert any(entries[1]["shard"] in p for p in verify(cache).corrupt)
+    assert any(entries[1]["shard"] in p for p in verify_cache(cfg)[0].corrupt)
 
     # A row whose text no longer matches its hash, or whose vector is not unit length.
     third = root / SHARDS / entries[2]["shard"]
@@ -212,30 +226,43 @@ def test_verify_finds_missing_duplicated_and_corrupt_rows(several_shards, tmp_pa
     texts[3] = texts[3] + " (edited)"
     table = table.set_column(2, "text", pa.array(texts))
     pq.write_table(table, third)
-    manifest = root / MANIFEST / f"{entries[2]['shard']}.json"
-    manifest.write_text(
-        json.dumps({**entries[2], "sha256": hashlib.sha256(third.read_bytes()).hexdigest()})
-    )
-    corrupt = verify(cache).corrupt
+    rewrite_entry(root, entries[2]["shard"], sha256=hashlib.sha256(third.read_bytes()).hexdigest())
+    corrupt = verify_cache(cfg)[0].corrupt
     assert any(f"{entries[2]['shard']}: row 3" in p for p in corrupt), corrupt
 
 
-def test_a_cache_is_read_in_the_order_of_its_contents_not_of_their_names(several_shards, tmp_path):
-    """Shards are named at random when written: the same texts embedded again from scratch get
-    other names, and must still be read (hence trained on) in the same order."""
-    _, vectors = embedded_in_several_shards(several_shards, tmp_path)
+def test_a_cache_is_read_in_the_order_of_its_texts_not_of_names_or_vector_bits(
+    several_shards, tmp_path
+):
+    """Shards are named at random when written, and another CPU computes other last bits of the
+    same vectors: the same texts embedded again from scratch must still be read (hence trained
+    on) in the same order."""
+    cfg, vectors = embedded_in_several_shards(several_shards, tmp_path)
     cache, root = vectors.cache, Path(vectors.cache.root.path)
-    read = [Path(p).read_bytes() for p in cache.shard_paths()]
-    assert len(read) >= 3
-    # New names that sort the other way round from the order the shards are read in.
-    for rank, path in enumerate(cache.shard_paths()):
+
+    def texts_in_read_order() -> list:
+        return pq.read_table(cache.shard_paths(cache.entries()))["text"].to_pylist()
+
+    read = texts_in_read_order()
+    trained = [r["text"] for r in cached_training_set(vectors).rows.take_all()]
+    paths = cache.shard_paths(cache.entries())
+    assert len(paths) >= 3
+    # New names that sort the other way round from the order the shards are read in, and each
+    # vector's last bit flipped.
+    for rank, path in enumerate(paths):
         old = Path(path).name
-        new = f"{len(read) - rank:04d}-renamed.parquet"
-        (root / SHARDS / old).rename(root / SHARDS / new)
-        entry = json.loads((root / MANIFEST / f"{old}.json").read_text()) | {"shard": new}
-        (root / MANIFEST / f"{old}.json").unlink()
-        (root / MANIFEST / f"{new}.json").write_text(json.dumps(entry))
-    assert [Path(p).read_bytes() for p in cache.shard_paths()] == read
+        new = f"{len(paths) - rank:04d}-renamed.parquet"
+        table = pq.read_table(path)
+        values = np.asarray(table["embedding"].combine_chunks().flatten())
+        bits = values.view(f"u{values.itemsize}") ^ 1
+        flipped = pa.FixedSizeListArray.from_arrays(pa.array(bits.view(values.dtype)), 32)
+        pq.write_table(table.set_column(3, "embedding", flipped), root / SHARDS / new)
+        Path(path).unlink()
+        sha = hashlib.sha256((root / SHARDS / new).read_bytes()).hexdigest()
+        rewrite_entry(root, old, shard=new, sha256=sha)
+    assert texts_in_read_order() == read
+    again = [r["text"] for r in cached_training_set(embed(cfg)).rows.take_all()]
+    assert again == trained
 
 
 def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
@@ -275,7 +302,7 @@ def test_a_shard_failing_its_check_is_set_aside_and_its_texts_embedded_again(
     again = embed(cfg)
     assert again.embedded == sum(entries[i]["rows"] for i in (0, 1, 2))
     assert (root / "set_aside" / entries[2]["shard"]).is_file()
-    assert verify(cache, vectors.hashes).ok
+    assert verify_cache(cfg)[0].ok
 
 
 @pytest.mark.cluster
@@ -302,12 +329,13 @@ def test_a_killed_embed_resumes_and_embeds_each_text_exactly_once(demo_texts, tm
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert committed, "no shard was committed before the kill"
-    rows_before = sum(json.loads(p.read_text())["rows"] for p in committed)
+    rows = {e["shard"]: e["rows"] for p in committed for e in json.loads(p.read_text())}
+    rows_before = sum(rows.values())
     assert 0 < rows_before < len(texts)
 
     resumed = embed(load_config(path))
     assert resumed.embedded == len(texts) - rows_before  # only what was missing
-    report = verify(resumed.cache, resumed.hashes)
+    report = verify_cache(load_config(path))[0]
     assert report.ok and report.rows == len(texts), report
     assert embed(load_config(path)).embedded == 0
 
@@ -396,20 +424,20 @@ def test_a_text_repeated_in_a_source_without_ids_is_one_text(
     cfg = load_config(write_config(tmp_path, texts, teacher, train={"validation_texts": 5}))
 
     vectors = embed(cfg)
-    assert (len(vectors.hashes), vectors.unique, vectors.embedded) == (120, 100, 100)
+    assert (vectors.plan.rows, vectors.plan.distinct, vectors.embedded) == (120, 100, 100)
     cached = cache_rows(vectors)
-    assert len(cached) == 100 and verify(vectors.cache, vectors.hashes).ok
-    data, count, _ = cached_training_set(vectors, cfg)
-    assert count == data.count() == 95
+    assert len(cached) == 100 and verify_cache(cfg)[0].ok
+    data = cached_training_set(vectors)
+    assert data.num_rows == data.rows.count() == 95
 
     # Streaming mode (none held out here: no second teacher pass for them) streams each
     # distinct text once, with the vector the cache holds.
     no_validation = load_config(cfg.source_file, ["train.validation_texts=0"])
-    _, stream, num_rows, validation = streaming_training_set(no_validation)
-    streamed = stream.select_columns(["text_hash", "embedding"]).take_all()
+    _, data = streaming_training_set(no_validation)
+    streamed = data.rows.select_columns(["text_hash", "embedding"]).take_all()
     hashes = Counter(r["text_hash"] for r in streamed)
-    assert num_rows == sum(hashes.values()) == 100 and set(hashes.values()) == {1}
-    assert validation is None
+    assert data.num_rows == sum(hashes.values()) == 100 and set(hashes.values()) == {1}
+    assert data.validation is None
     for row in streamed:
         np.testing.assert_allclose(row["embedding"], cached[row["text_hash"]], atol=1e-5)
 
