@@ -118,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "distill" and args.dry_run:
             cfg = load_config(args.config, args.overrides)
-            print_dry_run(cfg, check_inputs(cfg))
+            inputs = check_inputs(cfg)
+            print_dry_run(cfg, inputs.rows, inputs.skipped)
             return 0
         if args.command == "plan":
             show_capacity(load_config(args.config, args.overrides), args.cluster, args.teacher_dim)
@@ -146,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
             raise
         cause = root_cause(e)
         if isinstance(cause, USER_ERRORS + (TrainingDiverged,)):
-            print(f"leaf-ray: error: {cause}", file=sys.stderr)
+            print(f"leaf-ray: error: {_own_words(cause)}", file=sys.stderr)
             return 2 if isinstance(cause, USER_ERRORS) else 1
         first = str(cause).strip().splitlines()[:1] or [""]
         print(f"leaf-ray: error: {type(cause).__name__}: {first[0]}", file=sys.stderr)
@@ -186,6 +187,15 @@ def _positive(value: str) -> int:
 def _stop_watchdog() -> None:
     while _watchdog:
         _watchdog.pop().cancel()
+
+
+# Ray Data appends its retry advice to the error of every failed map task ("Failed to apply UDF
+# transform after 1/1 attempts ..."): for our own errors (bad input), it is not advice.
+RAY_RETRY_NOTE = "\nFailed to apply UDF transform after "
+
+
+def _own_words(error: BaseException) -> str:
+    return str(error).split(RAY_RETRY_NOTE, 1)[0]
 
 
 def root_cause(error: BaseException) -> BaseException:

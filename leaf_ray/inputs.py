@@ -1,41 +1,57 @@
 """Every input a run names, checked before the run writes anything.
 
-A bad row or a missing folder found here stops the run in seconds with the file and line; found
-in its stage it would cost the teacher's hashing first, and an eval folder without qrels would be
-found only after training. Sources, models and eval folders are checked here on the driver;
-precomputed vectors, which can be far larger, by a Ray Data job (`check_vectors`).
+A bad row or a missing folder found here stops the run with the file and line; found in its
+stage it would cost the teacher's hashing first, and an eval folder without qrels would be found
+only after training. Paths, models and eval folders are checked on the driver; the sources' rows
+by a Ray task per file piece (`scan_piece`), whose reports are merged here into one error (the
+first few bad rows named, the rest counted) and whose keys stay in the object store for the
+teacher stage; precomputed vectors by a Ray Data job (`check_vectors`).
 
-    skipped = check_inputs(cfg)  # raises DataError; else the rows bad_rows=skip drops, by reason
+    inputs = check_inputs(cfg)  # raises DataError; else the keys, and the rows bad_rows=skip drops
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+
+import ray
 
 from leaf_ray.cluster import connect_ray
 from leaf_ray.config import LeafConfig, ModelRef
 from leaf_ray.data.beir import load_beir
-from leaf_ray.data.sources import DataError, check_source
+from leaf_ray.data.sources import (
+    SHOWN,
+    DataError,
+    Piece,
+    PieceScan,
+    SourceCheck,
+    check_source,
+    hub_texts,
+    scan_piece,
+    source_pieces,
+)
 from leaf_ray.models import bundled_copy, resolve_model
 from leaf_ray.teacher.vectors import check_vectors
 
 
-def check_inputs(cfg: LeafConfig) -> Counter:
-    """Sources (every row up to each source's limit), precomputed vectors (on the config's Ray),
-    local model folders and eval folders. Returns the bad rows `data.bad_rows: skip` drops, by
-    reason."""
-    skipped: Counter = Counter()
-    for index, src in enumerate(cfg.data.sources):
-        check = check_source(src, index)
-        if check.bad and cfg.data.bad_rows == "error":
-            raise DataError(check.error())
-        if src.path is not None and not check.rows:
-            raise DataError(f"{check.label}: no usable texts")
-        skipped += check.bad
-    if cfg.teacher.backend == "vectors":  # which texts they cover: the teacher stage says
-        connect_ray(cfg.ray)
-        check_vectors(cfg.teacher)
+@dataclass(frozen=True)
+class Inputs:
+    """The checked inputs: what each file piece keeps (the good rows up to its source's
+    `limit`), every kept row's key in the object store (with the rows of it that count), and
+    the rows `data.bad_rows: skip` drops, by reason."""
+
+    kept: dict[int, int]  # piece -> good rows kept, from its first
+    keys: list[tuple[ray.ObjectRef, int]]  # (keys, how many of them count; -1: all)
+    rows: int  # rows kept, every source's
+    skipped: Counter
+
+
+def check_inputs(cfg: LeafConfig) -> Inputs:
+    """Sources (every row up to each source's limit), precomputed vectors, local model folders
+    and eval folders, on the config's Ray."""
+    pieces = source_pieces(cfg.data)  # paths, names and footers: before Ray starts
     if cfg.teacher.backend == "sentence_transformers":  # the others' model only names it
         check_model("teacher.model", cfg.teacher)
     if cfg.student.model:
@@ -44,6 +60,76 @@ def check_inputs(cfg: LeafConfig) -> Counter:
         beir = load_beir(folder)  # raises on missing files and ids that do not resolve
         if not beir.queries:
             raise DataError(f"eval.datasets.{index}: {folder}: no query has a qrels line")
+    skipped = _check_hub_sources(cfg)
+    if pieces or cfg.teacher.backend == "vectors":  # a hub-only dry run starts no Ray
+        connect_ray(cfg.ray)
+    inputs = _scan_files(cfg, pieces)
+    if cfg.teacher.backend == "vectors":  # which texts they cover: the teacher stage says
+        check_vectors(cfg.teacher)
+    return Inputs(inputs.kept, inputs.keys, inputs.rows, inputs.skipped + skipped)
+
+
+def with_hub_keys(cfg: LeafConfig, inputs: Inputs) -> Inputs:
+    """`inputs` with the keys of the Hugging Face datasets' rows, read as the teacher stage
+    reads them (downloaded, where they are the hub's: a dry run does not ask for them)."""
+    hub = hub_texts(cfg.data)
+    if hub is None:
+        return inputs
+    refs = hub.select_columns(["text_hash", "source"]).materialize().to_arrow_refs()
+    keys, rows = inputs.keys + [(ref, -1) for ref in refs], inputs.rows + hub.count()
+    return Inputs(inputs.kept, keys, rows, inputs.skipped)
+
+
+def _scan_files(cfg: LeafConfig, pieces: list[Piece]) -> Inputs:
+    """Every file piece scanned by a Ray task; the reports merged, source by source, into the
+    rows each piece keeps and the bad rows within them."""
+    if not pieces:
+        return Inputs({}, [], 0, Counter())
+    scan = ray.remote(scan_piece).options(num_returns=2)
+    started = [scan.remote(i, p, cfg.data.sources[p.source]) for i, p in enumerate(pieces)]
+    reports: list[PieceScan] = ray.get([report for report, _ in started])
+    kept: dict[int, int] = {}
+    skipped: Counter = Counter()
+    lines: Counter = Counter()  # of each file, in the pieces before
+    checks = {p.source: SourceCheck(_label(cfg, p.source)) for p in pieces}
+    for piece, report in zip(pieces, reports, strict=True):
+        src, check = cfg.data.sources[piece.source], checks[piece.source]
+        room = src.limit - check.rows if src.limit else report.good
+        keep = max(0, min(report.good, room))
+        kept[report.piece] = keep
+        for reason, before in zip(report.reasons, report.good_before, strict=True):
+            if not src.limit or check.rows + before < src.limit:
+                check.bad[reason] += 1
+        for before, at, why in report.examples:
+            if (not src.limit or check.rows + before < src.limit) and len(check.examples) < SHOWN:
+                check.examples.append(f"{piece.where(at, lines[piece.file])}: {why}")
+        check.rows += keep
+        lines[piece.file] += report.lines
+    for check in checks.values():
+        if check.bad and cfg.data.bad_rows == "error":
+            raise DataError(check.error())
+        if not check.rows:
+            raise DataError(f"{check.label}: no usable texts")
+        skipped += check.bad
+    keys = [(ref, kept[i]) for i, (_, ref) in enumerate(started)]
+    return Inputs(kept, keys, sum(kept.values()), skipped)
+
+
+def _label(cfg: LeafConfig, source: int) -> str:
+    src = cfg.data.sources[source]
+    return f"data.sources.{source} ({src.path or src.hf_dataset})"
+
+
+def _check_hub_sources(cfg: LeafConfig) -> Counter:
+    """Hugging Face datasets' rows, on the driver; the bad rows skip drops, by reason."""
+    skipped: Counter = Counter()
+    for index, src in enumerate(cfg.data.sources):
+        if src.hf_dataset is None:
+            continue
+        check = check_source(src, index)
+        if check.bad and cfg.data.bad_rows == "error":
+            raise DataError(check.error())
+        skipped += check.bad
     return skipped
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -19,7 +18,7 @@ from leaf_ray.cluster import connect_ray
 from leaf_ray.config import LeafConfig, ModelRef, load_config
 from leaf_ray.eval.models import EvalModel
 from leaf_ray.eval.runner import EvalOutcome, evaluate
-from leaf_ray.inputs import check_inputs
+from leaf_ray.inputs import Inputs, check_inputs
 from leaf_ray.models import resolve_model
 from leaf_ray.projection import fit_student_projection
 from leaf_ray.report.eval_report import write_eval
@@ -73,14 +72,14 @@ def distill(cfg: LeafConfig) -> Location:
     run = storage / name
     if run.exists() if storage.is_local else (run / CONFIG_YAML).exists():
         raise RunError(f"{run} already exists; choose another run.name")
-    skipped = check_inputs(cfg)  # before anything is written or started
+    inputs = check_inputs(cfg)  # before anything is written
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     work, checkpoints, config_yaml = _start(cfg, run)
     connect_ray(cfg.ray)
     # A student already in `work` (it appears whole, `_keep_student`) was trained by an earlier
     # attempt that failed in its evaluation: straight to the evaluation, no worker started again.
     if not (work / STUDENT).is_dir():
-        _teacher_and_student(cfg, skipped, work, checkpoints, config_yaml)
+        _teacher_and_student(cfg, inputs, work, checkpoints, config_yaml)
 
     # 3 + 4. Evaluation and report. A run in an object store has its student there first: eval
     #    tasks on nodes that cannot see the driver's disk fetch it (and student_init) from it.
@@ -93,12 +92,12 @@ def distill(cfg: LeafConfig) -> Location:
 
 
 def _teacher_and_student(
-    cfg: LeafConfig, skipped: Counter, work: Path, checkpoints: Location, config_yaml: str
+    cfg: LeafConfig, inputs: Inputs, work: Path, checkpoints: Location, config_yaml: str
 ) -> None:
     """The teacher stage and the student's training, into `work`."""
     # 1. Teacher: actors embed every text the cache lacks; the vectors are read from the cache.
     #    Streaming mode: the actors embed while the student trains, and nothing is cached.
-    space, data = _teacher_stage(cfg, skipped, work)
+    space, data = _teacher_stage(cfg, inputs, work)
 
     # 2. Student: layer-reduced (or pretrained) encoder + projection (fitted in closed form on a
     #    sample of the training texts), trained on Ray Train. The workers read the untrained
@@ -132,20 +131,18 @@ def kept_config(cfg: LeafConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"source_file"}), sort_keys=False)
 
 
-def _teacher_stage(
-    cfg: LeafConfig, skipped: Counter, work: Path
-) -> tuple[TeacherSpace, TrainingSet]:
+def _teacher_stage(cfg: LeafConfig, inputs: Inputs, work: Path) -> tuple[TeacherSpace, TrainingSet]:
     """The teacher's space and what the student trains on; the stage's note (cache, rows,
     skipped) goes into the run folder."""
     if cfg.train.data_mode == "cached":
-        vectors = embed(cfg, skipped)
+        vectors = embed(cfg, inputs)
         space, data = vectors.space, cached_training_set(vectors)
         note = {"cache": str(vectors.cache.root), "rows": vectors.plan.rows}
         note |= {"distinct": vectors.plan.distinct, "embedded": vectors.embedded}
     else:
-        space, data = streaming_training_set(cfg, skipped)
+        space, data = streaming_training_set(cfg, inputs)
         note = {"cache": None, "streaming": True}
-    note |= {"training_rows": data.num_rows, "skipped_rows": dict(skipped)}
+    note |= {"training_rows": data.num_rows, "skipped_rows": dict(inputs.skipped)}
     note |= {"validation_texts": len(data.validation[0]) if data.validation else 0}
     Location.of(work / TEACHER_CACHE_JSON).write(json.dumps(note))
     return space, data

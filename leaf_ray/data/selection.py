@@ -2,14 +2,13 @@
 sources' weights, the held-out validation texts and the projection's fit sample.
 
 Decided by one Ray task (`plan`) over 16-byte keys: each source row's key and source index
-(`source_keys`, 18 bytes a row in Ray's object store) and the teacher cache's keys
+(`leaf_ray.inputs`, 18 bytes a row in Ray's object store) and the teacher cache's keys
 (`TeacherCache.scan`). Its decisions stay in the object store as sorted key arrays, which the
 Ray Data operations that read sources or the cache search (`select_rows`, `TeacherCache.read`);
 the driver holds object references and counts, never a row per text. At six million texts the
 task holds about 200 MB.
 
-    keys = source_keys(texts)
-    plan = plan_selection(cfg, keys, cache.scan().ordinal_maps())
+    plan = plan_selection(cfg, inputs.keys, cache.scan().ordinal_maps())
     rows = select_rows(texts, plan.todo, plan.repeated)  # each text the cache lacks, once
 """
 
@@ -57,18 +56,14 @@ class Plan:
     first_missing: bytes | None  # a text the cache lacks, to name it
 
 
-def source_keys(texts: ray.data.Dataset) -> list[ray.ObjectRef]:
-    """Each source row's key and source index, materialised in the object store; the texts
-    themselves are not kept."""
-    keys = texts.select_columns(["text_hash", "source"]).materialize()
-    return keys.to_arrow_refs()
-
-
 def plan_selection(
-    cfg: LeafConfig, keys: list[ray.ObjectRef], cache: list[tuple[ray.ObjectRef, np.ndarray]]
+    cfg: LeafConfig,
+    keys: list[tuple[ray.ObjectRef, int]],
+    cache: list[tuple[ray.ObjectRef, np.ndarray]],
 ) -> Plan:
-    """Run `plan` in a Ray task over the sources' `keys` and the `cache`'s (each scan task's
-    keys, with the read-order ordinals of the shards it read); only counts come back here."""
+    """Run `plan` in a Ray task over the sources' `keys` (`Inputs.keys`) and the `cache`'s (each
+    scan task's keys, with the read-order ordinals of the shards it read); only counts come back
+    here."""
     weights = [src.weight for src in cfg.data.sources]
     fit = cfg.student.projection_fit_texts if cfg.student.projection_init != "random" else 0
     params = {"weights": weights, "seed": cfg.run.seed, "held": cfg.train.validation_texts}
@@ -92,14 +87,15 @@ def plan_selection(
     )
 
 
-def plan(params: dict, keys: list[ray.ObjectRef], cache: list[tuple]) -> tuple:
+def plan(params: dict, keys: list[tuple[ray.ObjectRef, int]], cache: list[tuple]) -> tuple:
     """The plan's Ray task: `decide` over the keys it reads from the object store."""
-    tables = ray.get(keys)
-    hashes = np.concatenate([hashes_of(t["text_hash"]) for t in tables] or [_no_keys()])
-    sources = np.concatenate(
-        [t["source"].to_numpy().astype(np.int16) for t in tables] or [np.empty(0, np.int16)]
-    )
-    del tables
+    parts = [
+        _source_keys(value, count)
+        for value, (_, count) in zip(ray.get([r for r, _ in keys]), keys, strict=True)
+    ]
+    hashes = np.concatenate([h for h, _ in parts] or [_no_keys()])
+    sources = np.concatenate([s for _, s in parts] or [np.empty(0, np.int16)])
+    del parts
     found = ray.get([ref for ref, _ in cache])
     cached = np.concatenate([h for h, _ in found] or [_no_keys()])
     places = [ordinals for _, ordinals in cache]
@@ -153,6 +149,14 @@ def decide(
             "repeated": int(_isin_sorted(repeated, keys_).sum()),
         }
     return summary, chosen["todo"], chosen["training"], chosen["lowest"], repeated
+
+
+def _source_keys(value: tuple | pa.Table, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A piece's (keys, sources), or a dataset block's columns, its first `count` (-1: all)."""
+    if isinstance(value, pa.Table):
+        value = hashes_of(value["text_hash"]), value["source"].to_numpy().astype(np.int16)
+    hashes, sources = value
+    return (hashes, sources) if count < 0 else (hashes[:count], sources[:count])
 
 
 def _whole(key: np.bytes_) -> bytes:

@@ -1,5 +1,11 @@
-"""Training texts as a Ray Dataset of (id, text, kind, source), every row checked: JSON lines,
-Parquet, Hugging Face datasets."""
+"""Training texts: JSON lines, Parquet, Hugging Face datasets, every row checked.
+
+Files are read in pieces, each by its own Ray task wherever it runs: a plain JSON lines file in
+byte ranges of `PIECE_BYTES` (a line belongs to the piece it starts in), a compressed one whole,
+streamed, a Parquet file by row group. `scan_piece` checks a piece's rows and leaves their keys in
+the object store (`leaf_ray.inputs` merges the pieces' reports into the user's error lines);
+`read_texts` reads the rows as a Ray Dataset of (id, text, kind, source, text_hash), keeping
+each piece's first rows up to its source's `limit`. No process holds a whole file."""
 
 from __future__ import annotations
 
@@ -8,17 +14,18 @@ import hashlib
 import json
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import ray.data
 
 from leaf_ray.config import BadRows, DataConfig, SourceConfig
-from leaf_ray.hashing import text_hash
+from leaf_ray.hashing import HASH_DTYPE, hashes_to_arrow, text_hash, text_hashes
 
 KINDS = ("query", "document")
 
@@ -32,6 +39,10 @@ GZIP_MAGIC = b"\x1f\x8b"
 SHOWN = 5  # bad rows named in an error; the rest are counted
 
 
+# A plain JSON lines file is read in byte ranges of this size, by as many tasks.
+PIECE_BYTES = 64 << 20
+
+
 MISSING = object()
 
 
@@ -42,13 +53,219 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the file (and line where known)."""
 
 
-def read_texts(cfg: DataConfig) -> ray.data.Dataset:
-    """All configured sources, normalised to columns id, text, kind, source (its index); rows
-    `row_problem` finds bad are dropped (`check_source` has refused them unless bad_rows: skip)."""
+@dataclass(frozen=True)
+class Piece:
+    """A part of a source file that one task reads: a byte range of a plain JSON lines file, a
+    whole compressed one, or a Parquet row group."""
+
+    source: int  # its index in data.sources
+    file: str
+    parquet: bool
+    start: int  # JSON lines: the byte its lines start from; Parquet: the row group
+    end: int  # JSON lines: the byte the next piece starts at (-1: the end); Parquet: the
+    # group's first row in the file
+
+    def where(self, line_or_row: int, lines_before: int = 0) -> str:
+        """A row's place as messages name it: file:line, or file: row (both from 1)."""
+        if self.parquet:
+            return f"{self.file}: row {self.end + line_or_row}"
+        return f"{self.file}:{lines_before + line_or_row}"
+
+
+def source_pieces(cfg: DataConfig) -> list[Piece]:
+    """Every file source's pieces, in source and file order; a source that is not there, holds
+    no data file, or a file that cannot be what its name says, refused here (a few bytes and
+    the Parquet footers are read)."""
+    pieces = []
+    for index, src in enumerate(cfg.sources):
+        if src.path is None:
+            continue
+        path = Path(src.path)
+        if not path.exists():
+            raise DataError(f"data.sources.{index}: {path}: no such file or folder")
+        files = data_files(path)
+        if not files:
+            raise DataError(f"data.sources.{index}: {path}: no {', '.join(DATA_SUFFIXES)} files")
+        parquet = is_parquet(path)
+        for file in files:
+            pieces += _parquet_pieces(index, file, src) if parquet else _json_pieces(index, file)
+    return pieces
+
+
+def _json_pieces(index: int, file: Path) -> list[Piece]:
+    with open(file, "rb") as f:
+        compressed = f.read(2) == GZIP_MAGIC
+    if file.name.endswith(".gz") and not compressed:  # Ray decompresses by name
+        raise DataError(f"{file}: named .gz but not gzip-compressed; rename or compress it")
+    size = file.stat().st_size
+    if compressed or size <= PIECE_BYTES:
+        return [Piece(index, str(file), False, 0, -1)]
+    starts = range(0, size, PIECE_BYTES)
+    return [Piece(index, str(file), False, s, min(s + PIECE_BYTES, size)) for s in starts]
+
+
+def _parquet_pieces(index: int, file: Path, src: SourceConfig) -> list[Piece]:
+    try:
+        parquet = pq.ParquetFile(file)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{file}: not a readable Parquet file ({e})") from None
+    present = set(parquet.schema_arrow.names)
+    absent = [c for c in _required_fields(src) if c not in present]
+    if absent:
+        raise DataError(f"{file}: no column(s) {absent} (columns: {sorted(present)})")
+    pieces, first = [], 1
+    for group in range(parquet.metadata.num_row_groups):
+        pieces.append(Piece(index, str(file), True, group, first - 1))
+        first += parquet.metadata.row_group(group).num_rows
+    return pieces
+
+
+def read_texts(cfg: DataConfig, kept: dict[int, int] | None = None) -> ray.data.Dataset:
+    """All configured sources as rows (id, text, kind, source, text_hash); rows `row_problem`
+    finds bad are dropped (the input check has refused them unless bad_rows: skip). `kept`:
+    the good rows each file piece keeps (its source's `limit`), as the input check found them;
+    None: every row."""
     # Bad rows surface as DataError (naming the file), not as Ray's generic UDF failure.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    datasets = [_read_source(src, i, cfg.bad_rows) for i, src in enumerate(cfg.sources)]
+    pieces = source_pieces(cfg)
+    datasets = []
+    if pieces:
+        items = [
+            {"piece": i, "keep": -1 if kept is None else kept.get(i, 0)} for i in range(len(pieces))
+        ]
+        datasets.append(
+            ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                _read_pieces, fn_args=(pieces, cfg), batch_size=1, batch_format="pyarrow"
+            )
+        )
+    hub = hub_texts(cfg)
+    datasets += [hub] if hub is not None else []
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def hub_texts(cfg: DataConfig) -> ray.data.Dataset | None:
+    """The Hugging Face datasets' rows, as `read_texts` reads them; None without one."""
+    hub = [
+        _read_hf(src, index, cfg.bad_rows)
+        for index, src in enumerate(cfg.sources)
+        if src.hf_dataset is not None
+    ]
+    return hub[0].union(*hub[1:]) if len(hub) > 1 else hub[0] if hub else None
+
+
+def _read_pieces(batch: pa.Table, pieces: list[Piece], cfg: DataConfig) -> Iterator[pa.Table]:
+    """A Ray Data batch naming one piece: its good rows (the first `keep`, unless -1)."""
+    item = batch.to_pylist()[0]
+    piece, keep = pieces[item["piece"]], item["keep"]
+    src = cfg.sources[piece.source]
+    rows: list[tuple[str, str, str]] = []
+    kept = 0
+    for at, row, problem in piece_rows(piece, src):
+        if keep >= 0 and kept >= keep:
+            break
+        if problem is None:
+            rows.append(_normalised_row(row, src))
+            kept += 1
+        elif cfg.bad_rows == "error":  # the input check refuses these before any read
+            where = piece.where(at) if piece.start == 0 else f"{piece.file} (byte {piece.start}+)"
+            raise DataError(f"{where}: {problem[1]}")
+        if len(rows) >= CHUNK_ROWS:
+            yield _with_hashes(_columns(rows, piece.source))
+            rows = []
+    if rows:
+        yield _with_hashes(_columns(rows, piece.source))
+
+
+CHUNK_ROWS = 8192  # rows a reading task hands on at a time
+
+
+def _with_hashes(columns: dict[str, np.ndarray]) -> pa.Table:
+    table = pa.table(columns)
+    hashes = text_hashes(columns["kind"], columns["text"])
+    return table.append_column("text_hash", hashes_to_arrow(hashes))
+
+
+def piece_rows(
+    piece: Piece, src: SourceConfig, lines: Counter | None = None
+) -> Iterator[tuple[int, dict | None, Problem]]:
+    """(line or row in the piece, from 1; row; problem) for each of the piece's rows. `lines`:
+    counts the piece's lines, blank ones too, under its file's name (for the pieces after)."""
+    if piece.parquet:
+        parquet = pq.ParquetFile(piece.file)
+        columns = [
+            c for c in (*_required_fields(src), src.id_field) if c in parquet.schema_arrow.names
+        ]
+        row = 0
+        for batch in parquet.iter_batches(CHUNK_ROWS, row_groups=[piece.start], columns=columns):
+            for values in batch.to_pylist():
+                row += 1
+                yield row, values, row_problem(values, src)
+        return
+    yield from parse_lines(_counted(_piece_lines(piece), lines, piece.file), src)
+
+
+def _counted(lines: Iterator[bytes], counter: Counter | None, key: str) -> Iterator[bytes]:
+    for line in lines:
+        if counter is not None:
+            counter[key] += 1
+        yield line
+
+
+def _piece_lines(piece: Piece) -> Iterator[bytes]:
+    """The lines that start inside the piece's byte range (a compressed file: all of them)."""
+    with open(piece.file, "rb") as raw:
+        if piece.start == 0 and piece.end < 0:
+            stream = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == GZIP_MAGIC else raw
+            try:
+                yield from stream
+            except (EOFError, OSError, zlib.error) as e:
+                raise DataError(
+                    f"{piece.file}: cannot be decompressed, truncated or not gzip ({e})"
+                ) from None
+            return
+        if piece.start:
+            raw.seek(piece.start - 1)
+            raw.readline()  # the rest of a line the piece before holds
+        position = raw.tell()
+        for line in iter(raw.readline, b""):
+            if piece.end >= 0 and position >= piece.end:
+                return
+            yield line
+            position += len(line)
+
+
+@dataclass
+class PieceScan:
+    """What `scan_piece` found in one piece: its rows, its bad ones (each with the good rows
+    before it, for its source's `limit`), the first few named, and the lines it spans."""
+
+    piece: int
+    good: int = 0
+    lines: int = 0
+    reasons: list[str] = field(default_factory=list)  # of each bad row
+    good_before: list[int] = field(default_factory=list)  # of each bad row
+    examples: list[tuple[int, int, str]] = field(default_factory=list)  # (good_before, at, why)
+
+
+def scan_piece(
+    index: int, piece: Piece, src: SourceConfig
+) -> tuple[PieceScan, tuple[np.ndarray, np.ndarray]]:
+    """One piece's check (a Ray task): its report, and its good rows' keys in row order with
+    their source, left in the object store for the plan."""
+    scan, lines = PieceScan(index), Counter()
+    hashes = []
+    for at, row, problem in piece_rows(piece, src, lines):
+        if problem is None:
+            hashes.append(text_hash(src.kind or row[src.kind_field], row[src.text_field]))
+            scan.good += 1
+            continue
+        scan.reasons.append(problem[0])
+        scan.good_before.append(scan.good)
+        if len(scan.examples) < SHOWN:
+            scan.examples.append((scan.good, at, problem[1]))
+    scan.lines = lines[piece.file]
+    keys = np.frombuffer(b"".join(hashes), dtype=HASH_DTYPE)
+    return scan, (keys, np.full(keys.size, piece.source, np.int16))
 
 
 def data_files(path: Path) -> list[Path]:
@@ -81,36 +298,6 @@ def _parquet_name(file: Path) -> bool:
     return ".parquet" in "".join(file.suffixes)
 
 
-def _read_source(src: SourceConfig, index: int, bad_rows: BadRows) -> ray.data.Dataset:
-    if src.path is not None:
-        label = src.path
-        path = Path(src.path)
-        if not path.exists():
-            raise DataError(f"data.sources: {path}: no such file or folder")
-        files = [str(f) for f in data_files(path)]
-        if not files:
-            raise DataError(f"data.sources: {path}: no {', '.join(DATA_SUFFIXES)} files")
-        if is_parquet(path):
-            ds = ray.data.read_parquet(files)
-        else:  # parsed here, a line at a time: see `parse_lines`
-            ds = ray.data.read_binary_files(files, include_paths=True).map_batches(
-                _parse_files,
-                fn_kwargs={"src": src, "index": index, "bad_rows": bad_rows},
-                batch_format="numpy",
-            )
-            return _first_rows(ds, src.limit) if src.limit else ds
-    else:
-        label = src.hf_dataset
-        ds = _from_hugging_face(_load_hf(src), local=Path(src.hf_dataset).exists())
-    _check_fields(label, src, ds.columns() or [])
-    ds = ds.map_batches(
-        _normalise,
-        fn_kwargs={"src": src, "index": index, "label": label, "bad_rows": bad_rows},
-        batch_format="pyarrow",
-    )
-    return _first_rows(ds, src.limit) if src.limit and src.path else ds
-
-
 @dataclass
 class SourceCheck:
     """What `check_source` found in one source: its bad rows, by reason, the first few named."""
@@ -137,24 +324,14 @@ class SourceCheck:
 def check_source(
     src: SourceConfig, index: int, each_row: Callable[[str, str, str], None] | None = None
 ) -> SourceCheck:
-    """Read a local source's rows on the driver before any Ray job, as `read_texts` will, so a
-    bad row stops a run in seconds, named by file and line (Parquet and local `datasets`
-    folders: row), rather than from inside a Ray task minutes in. `each_row(where, kind, text)`
-    sees every good row."""
-    check = SourceCheck(f"data.sources.{index} ({src.path or src.hf_dataset})")
-    if src.path is None:
-        if not Path(src.hf_dataset).exists():  # a hub name: checked as it is read, so that a
-            return check  # dry run (offline, or of a corpus of millions) downloads nothing
-        rows = _hf_rows(src)
-    else:
-        path = Path(src.path)
-        if not path.exists():
-            raise DataError(f"data.sources.{index}: {path}: no such file or folder")
-        files = data_files(path)
-        if not files:
-            raise DataError(f"data.sources.{index}: {path}: no {', '.join(DATA_SUFFIXES)} files")
-        rows = _parquet_rows(files, src) if is_parquet(path) else _jsonl_rows(files, src)
-    for where, row, problem in rows:
+    """Read a Hugging Face dataset's rows on the driver before any Ray job, as `read_texts` will,
+    so a bad row stops a run in seconds, named by its row. A hub name is checked as it is read:
+    a dry run (offline, or of a corpus of millions) downloads nothing. `each_row(where, kind,
+    text)` sees every good row."""
+    check = SourceCheck(f"data.sources.{index} ({src.hf_dataset})")
+    if not Path(src.hf_dataset).exists():
+        return check
+    for where, row, problem in _hf_rows(src):
         if problem is None:
             if each_row is not None:
                 each_row(where, src.kind or row[src.kind_field], row[src.text_field])
@@ -164,47 +341,6 @@ def check_source(
         else:
             check.add(where, problem)
     return check
-
-
-def _jsonl_rows(files: list[Path], src: SourceConfig) -> Iterator[tuple[str, dict, Problem]]:
-    for file in files:
-        data = file.read_bytes()
-        if file.name.endswith(".gz") and data[:2] != GZIP_MAGIC:  # Ray decompresses by name
-            raise DataError(f"{file}: named .gz but not gzip-compressed; rename or compress it")
-        try:
-            data = _decompressed(data)
-        except (EOFError, OSError, zlib.error) as e:
-            raise DataError(
-                f"{file}: cannot be decompressed, truncated or not gzip ({e})"
-            ) from None
-        for lineno, row, problem in parse_lines(data, src):
-            yield f"{file}:{lineno}", row, problem
-
-
-def _parquet_rows(files: list[Path], src: SourceConfig) -> Iterator[tuple[str, dict, Problem]]:
-    for file in files:
-        try:
-            parquet = pq.ParquetFile(file)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{file}: not a readable Parquet file ({e})") from None
-        present = set(parquet.schema_arrow.names)
-        needed = [src.text_field] + ([] if src.kind else [src.kind_field])
-        absent = [c for c in needed if c not in present]
-        if absent:
-            raise DataError(f"{file}: no column(s) {absent} (columns: {sorted(present)})")
-        row = 0
-        for batch in parquet.iter_batches(columns=needed):
-            for values in batch.to_pylist():
-                row += 1
-                yield f"{file}: row {row}", values, row_problem(values, src)
-
-
-def _first_rows(ds: ray.data.Dataset, limit: int) -> ray.data.Dataset:
-    """The first `limit` rows in file order, read once. Ray's `limit` over several files keeps
-    whichever rows arrive first, so passes over the texts (planning, then embedding) and reruns
-    would disagree. The ordered read is kept apart: the stages downstream run unordered."""
-    ds.context.execution_options.preserve_order = True
-    return ray.data.from_arrow_refs(ds.limit(limit).to_arrow_refs())
 
 
 def _load_hf(src: SourceConfig):
@@ -239,6 +375,16 @@ def _check_fields(label: str, src: SourceConfig, columns: list[str]) -> None:
             raise DataError(f"{label}: no field {name!r} (fields: {sorted(columns)})")
 
 
+def _read_hf(src: SourceConfig, index: int, bad_rows: BadRows) -> ray.data.Dataset:
+    ds = _from_hugging_face(_load_hf(src), local=Path(src.hf_dataset).exists())
+    _check_fields(src.hf_dataset, src, ds.columns() or [])
+    return ds.map_batches(
+        _normalise,
+        fn_kwargs={"src": src, "index": index, "label": src.hf_dataset, "bad_rows": bad_rows},
+        batch_format="pyarrow",
+    )
+
+
 def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
     """Ray's `from_huggingface` first asks the Hub for Parquet files, which raises offline (an
     uncaught ConnectionError): local folders and offline runs take Ray's own in-memory fallback."""
@@ -251,44 +397,26 @@ def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
 
 def _normalise(
     table: pa.Table, src: SourceConfig, index: int, label: str, bad_rows: BadRows
-) -> dict:
-    """Columns id, text, kind, source from a Parquet or hub table; bad rows refused or dropped."""
-    rows = table.to_pylist()
+) -> pa.Table:
+    """Columns id, text, kind, source, text_hash from a hub table; bad rows refused or dropped."""
     kept = []
-    for row in rows:
+    for row in table.to_pylist():
         problem = row_problem(row, src)
         if problem is None:
             kept.append(_normalised_row(row, src))
         elif bad_rows == "error":
             raise DataError(f"{label}: {problem[1]}")
-    return _columns(kept, index)
+    return _with_hashes(_columns(kept, index))
 
 
-def _parse_files(
-    batch: dict[str, np.ndarray], src: SourceConfig, index: int, bad_rows: BadRows
-) -> dict:
-    """JSON lines files' good rows, normalised; bad ones refused or dropped."""
-    rows = []
-    for data, path in zip(batch["bytes"], batch["path"], strict=True):
-        for lineno, row, problem in parse_lines(_decompressed(data), src):
-            if problem is None:
-                rows.append(_normalised_row(row, src))
-            elif bad_rows == "error":
-                raise DataError(f"{path}:{lineno}: {problem[1]}")
-    return _columns(rows, index)
-
-
-def _decompressed(data: bytes) -> bytes:
-    """Ray decompresses by file name; a .gz it left alone is opened here."""
-    return gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
-
-
-def parse_lines(data: bytes, src: SourceConfig) -> Iterator[tuple[int, dict | None, Problem]]:
-    """(line number, row, problem) for each non-blank line of a JSON lines file.
+def parse_lines(
+    lines: Iterable[bytes], src: SourceConfig
+) -> Iterator[tuple[int, dict | None, Problem]]:
+    """(line number, row, problem) for each non-blank line of JSON lines.
 
     Hand-written rather than Ray's `read_json` (pyarrow's reader): that one stops a whole file
     at its first bad line and cannot say which line it was, nor skip it."""
-    for lineno, line in enumerate(data.split(b"\n"), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -347,8 +475,9 @@ def _columns(rows: list[tuple[str, str, str]], index: int) -> dict[str, np.ndarr
 
 
 def locate_texts(cfg: DataConfig, hashes: list[str]) -> list[str]:
-    """Where each text with one of `hashes` (its cache key) first appears in the sources: file and
-    line, or a dataset's row. Reads the sources again, so only for a few texts, once."""
+    """Where each text with one of `hashes` (its key, in hex) first appears in the sources: file
+    and line, or a Parquet file's or dataset's row. Reads the sources again, a row at a time, so
+    only for a few texts, once (a run that diverged, vectors that miss a text)."""
     wanted, found = set(hashes), {}
 
     def note(where: str, kind: str, text: str) -> None:
@@ -356,8 +485,16 @@ def locate_texts(cfg: DataConfig, hashes: list[str]) -> list[str]:
         if key in wanted and key not in found:
             found[key] = where
 
-    for index, src in enumerate(cfg.sources):
-        check_source(src, index, note)
+    lines: Counter = Counter()  # of each file, in the pieces read so far
+    for piece in source_pieces(cfg):
+        src, before = cfg.sources[piece.source], lines[piece.file]
+        for at, row, problem in piece_rows(piece, src, lines):
+            if problem is None:
+                kind = src.kind or row[src.kind_field]
+                note(piece.where(at, before), kind, row[src.text_field])
         if len(found) == len(wanted):
             break
+    for index, src in enumerate(cfg.sources):
+        if src.hf_dataset is not None and len(found) < len(wanted):
+            check_source(src, index, note)
     return [found[key] for key in hashes if key in found]

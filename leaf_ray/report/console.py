@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from leaf_ray.teacher.cache import VerifyReport
 
 
-def print_dry_run(cfg: LeafConfig, skipped: Counter) -> None:
-    """What `distill` would do, once its inputs are checked (`skipped`: bad rows it would drop,
-    by reason): no model is loaded or downloaded, and Ray is not started."""
+def print_dry_run(cfg: LeafConfig, rows: int, skipped: Counter) -> None:
+    """What `distill` would do, once its inputs are checked (`rows`: the texts it would read;
+    `skipped`: bad rows it would drop, by reason): no model is loaded or downloaded."""
     t, s, tr = cfg.teacher, cfg.student, cfg.train
     student = (
         f"{s.num_layers or 'half the'} teacher layers" if s.init == "layer_reduction" else s.model
@@ -58,6 +58,8 @@ def print_dry_run(cfg: LeafConfig, skipped: Counter) -> None:
         )
         notes = [f"first {src.limit}" if src.limit else "", src.kind or "", f"weight {src.weight}"]
         console.print(f"   texts from {where} ({', '.join(filter(None, notes))})")
+    if any(src.path for src in cfg.data.sources):
+        console.print(f"   {rows} texts in the files, repeated ones counted each time")
     projection = s.projection_init
     if s.projection_init != "random":
         projection += f" (fitted on {s.projection_fit_texts} texts)"

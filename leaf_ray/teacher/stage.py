@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 
 import ray
@@ -11,12 +10,12 @@ import ray.data
 
 from leaf_ray.cluster import connect_ray
 from leaf_ray.config import LeafConfig
-from leaf_ray.data.selection import Plan, plan_selection, select_rows, source_keys
+from leaf_ray.data.selection import Plan, plan_selection, select_rows
 from leaf_ray.data.sources import DataError, locate_texts, read_texts
-from leaf_ray.inputs import check_inputs
+from leaf_ray.inputs import Inputs, check_inputs, with_hub_keys
 from leaf_ray.run import RunError
 from leaf_ray.teacher.actors import embed_texts, teacher_calls
-from leaf_ray.teacher.cache import CacheKeys, TeacherCache, VerifyReport, add_text_hash, orphans
+from leaf_ray.teacher.cache import CacheKeys, TeacherCache, VerifyReport, orphans
 from leaf_ray.teacher.layout import cluster_stage_layout
 from leaf_ray.teacher.space import TeacherSpace, teacher_space
 from leaf_ray.teacher.vectors import ingest_vectors
@@ -37,17 +36,18 @@ class TeacherVectors:
     skipped: dict[str, int]  # bad rows dropped (data.bad_rows: skip), by reason
 
 
-def embed(cfg: LeafConfig, skipped: Counter | None = None) -> TeacherVectors:
+def embed(cfg: LeafConfig, inputs: Inputs | None = None) -> TeacherVectors:
     """The teacher stage (`leaf-ray embed`): embed each distinct text the cache lacks, once.
-    `skipped`: the bad rows `check_inputs` found, when the caller has checked the inputs.
+    `inputs`: what `check_inputs` found, when the caller has checked them.
 
     Rerunning after a crash or kill embeds only what is still missing; with the same teacher
     settings and texts, a second run embeds nothing.
     """
-    space, cache, texts, skipped = _cache_and_texts(cfg, skipped)
+    space, texts, inputs = space_and_texts(cfg, inputs)
+    cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
     if cfg.teacher.backend == "vectors":
         ingest_vectors(cfg.teacher, cache)
-    keys = source_keys(texts)
+    keys = inputs.keys
     scanned = _checked(cache, cache.entries())
     plan = plan_selection(cfg, keys, scanned.ordinal_maps())
     todo = plan.todo.texts
@@ -64,7 +64,7 @@ def embed(cfg: LeafConfig, skipped: Counter | None = None) -> TeacherVectors:
     if plan.todo.texts:
         missing = plan.todo.texts
         raise RunError(f"{cache.root}: {missing} texts still have no vector after the stage")
-    return TeacherVectors(cache, space, scanned, plan, todo, dict(skipped))
+    return TeacherVectors(cache, space, scanned, plan, todo, dict(inputs.skipped))
 
 
 def _uncovered(cfg: LeafConfig, plan: Plan) -> str:
@@ -90,11 +90,11 @@ def verify_cache(cfg: LeafConfig, repair: bool = False) -> tuple[VerifyReport, l
     """`leaf-ray cache verify [--repair]`: the config's cache, row by row in Ray tasks, and
     which of its texts have no vector; with `repair`, shards that fail their check are set aside
     first (and listed), for the next `embed` to embed their texts again."""
-    space, texts, _ = space_and_texts(cfg)
+    space, _, inputs = space_and_texts(cfg)
     cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model, create=False)
     scanned = cache.scan(rows=True)
     moved = cache.set_aside(scanned.problems) if repair else []
-    plan = plan_selection(cfg, source_keys(texts), scanned.ordinal_maps())
+    plan = plan_selection(cfg, inputs.keys, scanned.ordinal_maps())
     report = VerifyReport(
         rows=scanned.rows,
         shards=len(scanned.entries),
@@ -108,24 +108,12 @@ def verify_cache(cfg: LeafConfig, repair: bool = False) -> tuple[VerifyReport, l
     return report, moved
 
 
-def _cache_and_texts(
-    cfg: LeafConfig, skipped: Counter | None = None
-) -> tuple[TeacherSpace, TeacherCache, ray.data.Dataset, Counter]:
-    """The teacher's space, its cache folder, the config's texts with their row hashes, and the
-    bad rows left out."""
-    space, texts, skipped = space_and_texts(cfg, skipped)
-    cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
-    return space, cache, texts, skipped
-
-
 def space_and_texts(
-    cfg: LeafConfig, skipped: Counter | None = None
-) -> tuple[TeacherSpace, ray.data.Dataset, Counter]:
-    """The teacher's space and the config's texts with their row hashes, on the config's Ray,
-    once the inputs pass their checks (unless `skipped` says they have); and the bad rows left
-    out (data.bad_rows: skip)."""
-    skipped = check_inputs(cfg) if skipped is None else skipped
+    cfg: LeafConfig, inputs: Inputs | None = None
+) -> tuple[TeacherSpace, ray.data.Dataset, Inputs]:
+    """The teacher's space and the config's texts (read lazily: the rows each source keeps),
+    on the config's Ray, once the inputs pass their checks (unless `inputs` says they have)."""
+    inputs = with_hub_keys(cfg, check_inputs(cfg) if inputs is None else inputs)
     connect_ray(cfg.ray)
     space = teacher_space(cfg.teacher, on_gpu=ray.cluster_resources().get("GPU", 0) > 0)
-    texts = read_texts(cfg.data).map_batches(add_text_hash, batch_format="pyarrow")
-    return space, texts, skipped
+    return space, read_texts(cfg.data, inputs.kept), inputs

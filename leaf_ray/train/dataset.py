@@ -3,7 +3,6 @@ from the teacher's actors, and the held-out validation texts."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +13,9 @@ import ray.train
 import ray.train.torch
 
 from leaf_ray.config import LeafConfig
-from leaf_ray.data.selection import Plan, plan_selection, select_rows, source_keys
+from leaf_ray.data.selection import Plan, plan_selection, select_rows
 from leaf_ray.hashing import hashes_of
+from leaf_ray.inputs import Inputs
 from leaf_ray.teacher.actors import embed_texts, teacher_calls
 from leaf_ray.teacher.cache import vector_matrix
 from leaf_ray.teacher.layout import cluster_stage_layout
@@ -53,14 +53,14 @@ def cached_training_set(vectors: TeacherVectors) -> TrainingSet:
 
 
 def streaming_training_set(
-    cfg: LeafConfig, skipped: Counter | None = None
+    cfg: LeafConfig, inputs: Inputs | None = None
 ) -> tuple[TeacherSpace, TrainingSet]:
     """Streaming mode: teacher actors embed the texts while the trainers consume them, every
     epoch; nothing is cached. The held-out texts and the fit sample are embedded first, before
     the trainers hold their CPUs; the teacher's actors share what the trainers leave (on GPUs:
     the GPUs they leave, fractions when fewer than actors; none: the CPUs)."""
-    space, texts, _ = space_and_texts(cfg, skipped)
-    plan = plan_selection(cfg, source_keys(texts), [])
+    space, texts, inputs = space_and_texts(cfg, inputs)
+    plan = plan_selection(cfg, inputs.keys, [])
     lowest = None
     if plan.lowest.texts:
         layout = cluster_stage_layout(cfg.teacher, plan.lowest.texts)

@@ -10,12 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from leaf_ray import recipe
 from leaf_ray.cli import main, root_cause
 from leaf_ray.config import TeacherConfig
 from leaf_ray.data.sources import DataError
-from leaf_ray.teacher import stage
 from leaf_ray.teacher.space import teacher_space
+from tests.unit.test_config import MINIMAL, write
 
 
 def vectors_file(tmp_path, vectors: list) -> str:
@@ -203,14 +202,9 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_stops_distill_before_ray_with_one_line(
-    case, tmp_path, tiny_teacher, capsys, monkeypatch
+def test_bad_input_stops_distill_before_anything_is_written_with_one_line(
+    case, tmp_path, tiny_teacher, capsys, ray_local
 ):
-    def no_ray(*args):
-        raise AssertionError("Ray was started")
-
-    for module in (recipe, stage):  # found before any Ray job
-        monkeypatch.setattr(module, "connect_ray", no_ray)
     edit, message = BAD_INPUTS[case]
     config, name = bad_input_run(tmp_path, tiny_teacher, edit)
     assert main(["distill", "--config", str(config)]) == 2
@@ -222,7 +216,7 @@ def test_bad_input_stops_distill_before_ray_with_one_line(
     assert main(["distill", "--config", str(config), "--dry-run"]) == 2  # and by a dry run
 
 
-def test_many_bad_rows_are_listed_first_few_then_counted(tmp_path, tiny_teacher, capsys):
+def test_many_bad_rows_are_listed_first_few_then_counted(tmp_path, tiny_teacher, capsys, ray_local):
     rows = [b'{"id": "%d", "text": null, "kind": "query"}' % i for i in range(9)]
     edit = spoil_texts(lines(*good, *rows))
     config, _ = bad_input_run(tmp_path, tiny_teacher, edit)
@@ -232,7 +226,7 @@ def test_many_bad_rows_are_listed_first_few_then_counted(tmp_path, tiny_teacher,
     assert err.count(": text: null") == 5 and "... and 4 more" in err
 
 
-def test_skipped_bad_rows_are_counted_by_reason(tmp_path, tiny_teacher, capsys):
+def test_skipped_bad_rows_are_counted_by_reason(tmp_path, tiny_teacher, capsys, ray_local):
     rows = [b"{oops", b'{"id": "y", "text": null, "kind": "query"}', b'{"text": ""}']
     config, _ = bad_input_run(tmp_path, tiny_teacher, spoil_texts(lines(*good, *rows)))
     argv = ["distill", "--config", str(config), "--dry-run", "data.bad_rows=skip"]
@@ -241,7 +235,7 @@ def test_skipped_bad_rows_are_counted_by_reason(tmp_path, tiny_teacher, capsys):
     assert "bad rows skipped: 1 invalid JSON, 1 text empty, 1 text null" in out
 
 
-def test_vectors_for_none_of_the_texts_are_refused(tmp_path, capsys):
+def test_vectors_for_none_of_the_texts_are_refused(tmp_path, capsys, ray_local):
     path = vectors_file(tmp_path, unit_rows(20))  # texts "text 0".. "text 19", all queries
 
     def edit(root, config):
@@ -288,3 +282,21 @@ def test_errors_from_inside_ray_reach_the_user_as_their_root_cause(
     err = capsys.readouterr().err
     assert err.startswith("leaf-ray: error: MemoryError: out of memory\n")
     assert "leaf-ray --debug" in err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, ray_local):
+    (tmp_path / "texts.jsonl").write_text('{"id": "1", "text": "a text", "kind": "query"}\n')
+    path = write(tmp_path, MINIMAL + "run:\n  storage: out\n  name: plan\n")
+    assert main(["distill", "--config", str(path), "--dry-run", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"run {tmp_path / 'out' / 'plan'}" in out
+    teacher = "1. teacher sentence-transformers/all-MiniLM-L6-v2 (sentence-transformers) on 1 Ray"
+    assert teacher in out
+    assert f"vectors cached (float32) in {tmp_path / 'out' / 'teacher_cache'}" in out
+    assert f"texts from {tmp_path / 'texts.jsonl'}" in out
+    assert "1 texts in the files" in out
+    assert "3 epoch(s) in 3 cycle(s) of batch 32" in out
+    assert "inputs checked; no bad rows" in out
+    assert not (tmp_path / "out").exists()
+    assert main(["distill", "--config", str(path), "--dry-run", "train.data_mode=streaming"]) == 0
+    assert "streamed into training every epoch, not cached" in capsys.readouterr().out

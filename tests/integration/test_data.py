@@ -6,9 +6,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from leaf_ray.capacity import count_rows
-from leaf_ray.config import DataConfig
+from leaf_ray.cli import root_cause
+from leaf_ray.config import DataConfig, LeafConfig, TeacherConfig
+from leaf_ray.data import sources
 from leaf_ray.data.sources import DataError, read_texts
-from leaf_ray.teacher.vectors import read_vectors_file
+from leaf_ray.inputs import check_inputs
+from leaf_ray.storage import Location
+from leaf_ray.teacher.cache import TeacherCache
+from leaf_ray.teacher.vectors import check_vectors, ingest_vectors
 
 
 def write_jsonl(path, rows):
@@ -28,7 +33,7 @@ def test_sources_are_unioned_and_normalised(tmp_path, demo_texts, ray_local):
     )
     rows = read_texts(cfg).take_all()
     assert len(rows) == 52
-    assert set(rows[0]) == {"id", "text", "kind", "source"}
+    assert set(rows[0]) == {"id", "text", "kind", "source", "text_hash"}
     by_text = {r["text"]: r for r in rows}
     assert by_text["no id here"]["kind"] == "query"
     assert by_text["no id here"]["source"] == 1 and rows[0]["source"] in (0, 1)
@@ -37,14 +42,19 @@ def test_sources_are_unioned_and_normalised(tmp_path, demo_texts, ray_local):
 
 
 def test_bad_sources_are_named(tmp_path, ray_local):
+    """Found as the rows are read too (a file changed after its check): the user reads our line
+    (the CLI's `root_cause`), not Ray's traceback."""
     with pytest.raises(DataError, match="no such file"):
         read_texts(DataConfig.model_validate({"sources": [{"path": str(tmp_path / "x.jsonl")}]}))
     bad_kind = write_jsonl(tmp_path / "k.jsonl", [{"id": "1", "text": "t", "kind": "passage"}])
-    with pytest.raises(DataError, match=r"k.jsonl:1: kind: 'passage' is not one of query, doc"):
-        read_texts(DataConfig.model_validate({"sources": [{"path": str(bad_kind)}]})).take_all()
     no_text = write_jsonl(tmp_path / "t.jsonl", [{"id": "1", "body": "t", "kind": "query"}])
-    with pytest.raises(DataError, match=r"t.jsonl:1: text: missing"):
-        read_texts(DataConfig.model_validate({"sources": [{"path": str(no_text)}]})).take_all()
+    for path, message in [
+        (bad_kind, "k.jsonl:1: kind: 'passage' is not one of query, document"),
+        (no_text, "t.jsonl:1: text: missing"),
+    ]:
+        with pytest.raises(DataError) as error:
+            read_texts(DataConfig.model_validate({"sources": [{"path": str(path)}]})).take_all()
+        assert str(root_cause(error.value)).splitlines()[0].endswith(message)
 
 
 def test_hugging_face_dataset_source(tmp_path, ray_local):
@@ -76,7 +86,10 @@ def test_a_limit_keeps_the_first_rows_in_file_order_on_every_pass(tmp_path, ray_
         {"path": str(folder), "limit": 120},
         {"hf_dataset": str(hf), "text_field": "sentence", "kind": "document", "limit": 7},
     ]
-    texts = read_texts(DataConfig.model_validate({"sources": sources}))
+    cfg = LeafConfig.model_validate({"data": {"sources": sources}, "teacher": {"model": "org/m"}})
+    inputs = check_inputs(cfg)
+    assert inputs.rows == 120
+    texts = read_texts(cfg.data, inputs.kept)
     first = [r["id"] for r in texts.take_all() if r["source"] == 0]
     assert sorted(first) == sorted(
         [f"0-{i}" for i in range(50)]
@@ -90,13 +103,43 @@ def test_a_limit_keeps_the_first_rows_in_file_order_on_every_pass(tmp_path, ray_
     assert not texts.context.execution_options.preserve_order  # the stages after run unordered
 
 
+def test_a_large_json_lines_file_is_read_in_pieces_each_line_once(tmp_path, ray_local, monkeypatch):
+    """A plain JSON lines file is split into byte ranges, each read by its own task: every line
+    is read once, whichever piece its first byte falls in, and a bad line in a later piece is
+    named by its line in the file."""
+    monkeypatch.setattr(sources, "PIECE_BYTES", 1000)  # ~17 pieces
+    rows = [{"id": str(i), "text": f"text number {i}", "kind": "query"} for i in range(300)]
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    source = {"path": str(path)}
+    cfg = LeafConfig.model_validate({"data": {"sources": [source]}, "teacher": {"model": "org/m"}})
+    pieces = sources.source_pieces(cfg.data)
+    assert len(pieces) == -(-path.stat().st_size // 1000) > 10
+    inputs = check_inputs(cfg)
+    got = sorted(int(r["id"]) for r in read_texts(cfg.data, inputs.kept).take_all())
+    assert got == list(range(300)) and inputs.rows == 300
+
+    limited = LeafConfig.model_validate(
+        cfg.model_dump() | {"data": {"sources": [source | {"limit": 123}]}}
+    )
+    kept = check_inputs(limited).kept
+    assert sorted(int(r["id"]) for r in read_texts(limited.data, kept).take_all()) == list(
+        range(123)
+    )
+
+    lines = path.read_text().splitlines()
+    lines[250] = '{"id": "x", "text": null, "kind": "query"}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:251: text: null"):
+        check_inputs(cfg)
+
+
 @pytest.mark.parametrize("form", ["jsonl folder", "jsonl.gz file", "parquet folder"])
 def test_texts_vectors_and_plan_read_a_path_alike(tmp_path, form, ray_local):
     """One rule picks the files, and tells Parquet from JSON lines, for the texts, precomputed
     vectors and `plan`'s row counts: a file by its suffixes, a folder by whether it holds
     Parquet; in a folder, only data files count."""
     rows = [
-        {"id": str(i), "kind": "query", "text": f"text {i}", "embedding": [float(i), 1.0]}
+        {"id": str(i), "kind": "query", "text": f"text {i}", "embedding": [float(i) + 1, 1.0]}
         for i in range(7)
     ]
     path = tmp_path / "in"
@@ -114,8 +157,11 @@ def test_texts_vectors_and_plan_read_a_path_alike(tmp_path, form, ray_local):
         (path / ".hidden").write_text("not data\n")
         (path / "README.md").write_text("# not data either\n")
     texts = read_texts(DataConfig.model_validate({"sources": [{"path": str(path)}]})).take_all()
-    vectors = read_vectors_file(str(path))
-    assert count_rows(path) == len(texts) == vectors.num_rows == 7
+    teacher = TeacherConfig(model="m", vectors=str(path))
+    cache = TeacherCache.open(Location.of(tmp_path / "cache"), {"test": form}, "m")
+    assert ingest_vectors(teacher, cache) and not ingest_vectors(teacher, cache)  # once
+    vectors = pq.read_table(cache.shard_paths(cache.entries()))
+    assert count_rows(path) == len(texts) == check_vectors(teacher).rows == vectors.num_rows == 7
     assert sorted(vectors["embedding"].to_pylist()) == [r["embedding"] for r in rows]
 
 

@@ -166,23 +166,6 @@ def test_cli_exits_nonzero_with_a_clear_message(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
-    (tmp_path / "texts.jsonl").write_text('{"id": "1", "text": "a text", "kind": "query"}\n')
-    path = write(tmp_path, MINIMAL + "run:\n  storage: out\n  name: plan\n")
-    assert main(["distill", "--config", str(path), "--dry-run", "train.epochs=3"]) == 0
-    out = capsys.readouterr().out
-    assert f"run {tmp_path / 'out' / 'plan'}" in out
-    teacher = "1. teacher sentence-transformers/all-MiniLM-L6-v2 (sentence-transformers) on 1 Ray"
-    assert teacher in out
-    assert f"vectors cached (float32) in {tmp_path / 'out' / 'teacher_cache'}" in out
-    assert f"texts from {tmp_path / 'texts.jsonl'}" in out
-    assert "3 epoch(s) in 3 cycle(s) of batch 32" in out
-    assert "inputs checked; no bad rows" in out
-    assert not (tmp_path / "out").exists()
-    assert main(["distill", "--config", str(path), "--dry-run", "train.data_mode=streaming"]) == 0
-    assert "streamed into training every epoch, not cached" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize(
     ("recipe", "teacher"),
     [
