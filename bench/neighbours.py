@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from sentence_transformers import SentenceTransformer
 
-from leaf_ray.hashing import text_hash
+from leaf_ray.hashing import text_hashes
 
 K = 10
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     table = pq.read_table(args.vectors, columns=["kind", "text", "embedding"])
     kinds, texts = table["kind"].to_pylist(), table["text"].to_pylist()
-    hashes = np.array([text_hash(k, t) for k, t in zip(kinds, texts, strict=True)])
+    hashes = text_hashes(kinds, texts)
     held = np.argsort(hashes)[: args.held]
     teacher = unit(np.stack(table["embedding"].to_numpy(zero_copy_only=False)[held]))
     held_texts = [texts[i] for i in held]

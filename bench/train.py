@@ -41,9 +41,9 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
 from leaf_ray.config import LeafConfig, StudentConfig, TeacherConfig
-from leaf_ray.hashing import first_of_each, text_hash
+from leaf_ray.hashing import first_of_each, text_hashes
 from leaf_ray.losses import leaf_loss
-from leaf_ray.run import METRICS_JSONL, read_metrics
+from leaf_ray.run import HISTORY, METRICS_JSONL, RAY_TRAIN
 from leaf_ray.storage import Location
 from leaf_ray.student import (
     build_student,
@@ -59,6 +59,7 @@ from leaf_ray.teacher.space import teacher_space
 from leaf_ray.train.batching import BUCKET_BATCHES, batches_per_epoch, length_sorted_batches
 from leaf_ray.train.dataset import held_for_epochs
 from leaf_ray.train.resources import trainer_resources
+from leaf_ray.train.state import History
 from leaf_ray.train.trainer import cpu_worker_env, train_student
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,11 +119,8 @@ def ray_train(cfg: LeafConfig, init: str, ds: ray.data.Dataset, rows: int, stora
     """seq/s through `train_student` over its whole epoch after the warm-up, from the loop's
     own log: the config logs once an epoch, so that row's window is the epoch, data start-up
     included."""
-    checkpoint, _ = train_student(
-        cfg, ds, rows, Checkpoint.from_directory(init), Location.of(storage)
-    )
-    with checkpoint.as_directory() as ckpt:
-        history = read_metrics(Path(ckpt) / METRICS_JSONL)
+    train_student(cfg, ds, rows, Checkpoint.from_directory(init), Location.of(storage))
+    history = History(Location.of(storage) / RAY_TRAIN / HISTORY).read(METRICS_JSONL)
     (measured,) = [r["seq_per_s"] for r in history if r["epoch"] == WARMUP_EPOCHS]
     return measured
 
@@ -138,7 +136,8 @@ def cached_vectors(
         for h, i, v in zip(hashes, items, targets, strict=True)
     ]
     ray.data.from_items(rows).write_datasink(cache.sink("float32", len(rows)))
-    return held_for_epochs(cache.read(hashes), len(rows), targets.shape[1])
+    every = ray.put((np.sort(hashes), None, np.zeros(len(hashes), np.int32)))  # the one shard's
+    return held_for_epochs(cache.read(cache.scan(), every), len(rows), targets.shape[1])
 
 
 def streaming_train(cfg: LeafConfig, init: str, items: list[dict], storage: Path) -> float:
@@ -174,7 +173,7 @@ def main() -> None:
 
     with gzip.open(args.texts_file, "rt") as f:
         items = [json.loads(line) for line in itertools.islice(f, args.texts)]
-    hashes = np.array([text_hash(item["kind"], item["text"]) for item in items])
+    hashes = text_hashes([i["kind"] for i in items], [i["text"] for i in items])
     distinct = first_of_each(hashes)  # each (kind, text) once, as the teacher cache holds it
     items, hashes = [items[k] for k in distinct], hashes[distinct]
     texts = np.array([item["text"] for item in items])

@@ -25,6 +25,7 @@ from leaf_ray.report.eval_report import write_eval
 from leaf_ray.report.plots import plot_loss
 from leaf_ray.run import (
     CONFIG_YAML,
+    HISTORY,
     METRICS_JSONL,
     RAY_TRAIN,
     STUDENT,
@@ -37,7 +38,6 @@ from leaf_ray.run import (
     fetch_run,
     publish,
     push_reports,
-    read_metrics,
     refuse_another_config,
     report_folder,
     unfinished_run,
@@ -56,6 +56,7 @@ from leaf_ray.train.dataset import (
     cached_training_set,
     streaming_training_set,
 )
+from leaf_ray.train.state import History
 from leaf_ray.train.trainer import train_student
 
 PRETRAINED = "pretrained"  # the evaluation's name for the student model as it was given
@@ -104,8 +105,8 @@ def _teacher_and_student(
     #    student where every node can: the run's storage.
     init = _student_init(cfg, space, data.fit, work, checkpoints)
     (checkpoints / RAY_TRAIN / CONFIG_YAML).write(config_yaml)
-    latest, best = train_student(cfg, data.rows, data.num_rows, init, checkpoints, data.validation)
-    _keep_student(latest, best, work, cfg.run.name)
+    _, best = train_student(cfg, data.rows, data.num_rows, init, checkpoints, data.validation)
+    _keep_student(History(checkpoints / RAY_TRAIN / HISTORY), best, work, cfg.run.name)
 
 
 def _start(cfg: LeafConfig, run: Location) -> tuple[Path, Location, str]:
@@ -170,21 +171,17 @@ def _student_init(
     return Checkpoint(init.path, init.fs)
 
 
-def _keep_student(latest: Checkpoint, best: Checkpoint, work: Path, title: str) -> None:
-    """The run's logs (the latest checkpoint holds the whole history) and its student (the best
-    checkpoint by validation loss) into the run folder; the student folder appears whole, after
-    the logs, copied under a temporary name."""
-    with latest.as_directory() as ckpt:
-        history = read_metrics(Path(ckpt) / METRICS_JSONL)
-        validations = read_metrics(Path(ckpt) / VALIDATION_JSONL)
-    write_metrics(history, work)
+def _keep_student(history: History, best: Checkpoint, work: Path, title: str) -> None:
+    """The run's logs and its student (the best checkpoint by validation loss) into the run
+    folder; the student folder appears whole, after the logs, copied under a temporary name."""
+    rows, validations = history.read(METRICS_JSONL), history.read(VALIDATION_JSONL)
+    write_metrics(rows, work)
     write_metrics(validations, work, VALIDATION_JSONL)
-    plot_loss(history, validations, work, title)
+    plot_loss(rows, validations, work, title)
     with best.as_directory() as ckpt:
-        logs = (TRAIN_STATE, METRICS_JSONL, VALIDATION_JSONL)
         copying = work / f".{STUDENT}.copying"
         shutil.rmtree(copying, ignore_errors=True)
-        shutil.copytree(ckpt, copying, ignore=shutil.ignore_patterns(*logs))
+        shutil.copytree(ckpt, copying, ignore=shutil.ignore_patterns(TRAIN_STATE))
         copying.rename(work / STUDENT)
 
 

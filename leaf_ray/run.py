@@ -31,7 +31,8 @@ LOSS_PNG = "loss_curve.png"
 EVAL_JSON, EVAL_MD, MTEB_DIR = "eval.json", "eval.md", "mteb"
 COMPRESSION_PNG, QUANTIZATION_PNG = "eval_compression.png", "eval_quantization.png"
 RAY_TRAIN = "ray_train"  # Ray Train's run name: its folder in the run's storage
-TRAIN_STATE = "train_state.pt"  # in each checkpoint: optimiser, schedule, position, history
+HISTORY = "history"  # in RAY_TRAIN: the training history, a file per checkpoint
+TRAIN_STATE = "train_state.pt"  # in each checkpoint: optimiser, schedule, position
 SETTINGS = ("ray.", "eval.")  # config sections that may change between attempts at one run
 
 RunPath = TypeVar("RunPath", Path, Location)  # a run on local disk, or wherever it is stored

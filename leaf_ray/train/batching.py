@@ -3,7 +3,10 @@ vectors), tokenized in the collate function, a fixed number per step."""
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -13,7 +16,6 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 from sentence_transformers import SentenceTransformer
 
 from leaf_ray.config import Grouping, TrainConfig
@@ -83,13 +85,10 @@ class MicroBatch(NamedTuple):
     text_hashes: list[str]  # the texts' cache keys, which a step that diverges names; [] unknown
 
 
-class TokenizedBuckets(NumpyBatchCollateFn):
+class TokenizedBuckets:
     """A window of rows as its batches of similar-length texts, tokenized, with their targets.
-
-    Ray Data calls it in its prefetch threads, so tokenizing (Rust, GIL released) overlaps the
-    training step instead of taking its place; on a GPU it is a large part of a small batch's step.
-    Every call tokenizes with the same settings, so the threads and validation share the tokenizer.
-    """
+    Every call tokenizes with the same settings, so the threads and validation share the
+    tokenizer."""
 
     def __init__(self, student: SentenceTransformer, batch: int, grouping: Grouping = "length"):
         self.student, self.batch, self.grouping = student, batch, grouping
@@ -142,25 +141,53 @@ def bucketed_batches(
     seed: int,
     window_batches: int = BUCKET_BATCHES,
     grouping: Grouping = "length",
+    skip: int = 0,
 ) -> Iterator[MicroBatch]:
     """Shuffled, tokenized batches, cut from each window of `window_batches` batches' rows by
-    length (little padding) or as teacher neighbours (close candidates for `loss: kl`).
+    length (little padding) or as teacher neighbours (close candidates for `loss: kl`), less
+    the first `skip` (a resumed epoch): the windows they fill are drawn and dropped untokenized.
 
     A window's batches come in a random order, but its short batch, which only the epoch's last
     window holds, comes last: the step it ends is then known before it starts, and weighted
     by its rows (`Batching.loss_weight`).
 
     Hand-written because Ray Data has no length-grouped batching (HF Trainer's `group_by_length`),
-    nor one by similarity.
+    nor one by similarity. Windows are tokenized two ahead on two threads (Rust, GIL released),
+    so tokenizing overlaps the training step instead of taking its place; on a GPU it is a large
+    part of a small batch's step.
     """
     rng = np.random.default_rng(seed)
     window = batch * window_batches
-    for batches in shard.iter_torch_batches(
-        batch_size=window,
-        collate_fn=TokenizedBuckets(student, batch, grouping),
-        prefetch_batches=2,  # two windows tokenized ahead, on two threads
-        local_shuffle_buffer_size=window * 4,
-        local_shuffle_seed=seed,
-    ):
-        order = rng.permutation(len(batches))
-        yield from sorted((batches[i] for i in order), key=lambda b: len(b.targets) < batch)
+    windows = iter(
+        shard.iter_batches(
+            batch_size=window,
+            batch_format="numpy",
+            prefetch_batches=2,
+            local_shuffle_buffer_size=window * 4,
+            local_shuffle_seed=seed,
+        )
+    )
+    skipped_windows, skip = divmod(skip, window_batches)
+    for rows in itertools.islice(windows, skipped_windows):
+        rng.permutation(-(-len(rows["text"]) // batch))  # the order it would have drawn
+    tokenize = TokenizedBuckets(student, batch, grouping)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize") as pool:
+        for n, batches in enumerate(_ahead(pool, tokenize, windows, 2)):
+            yield from _ordered(batches, rng, batch)[skip if n == 0 else 0 :]
+
+
+def _ahead(pool: ThreadPoolExecutor, fn, items: Iterator, depth: int) -> Iterator:
+    """`fn` of each item, in order, computed up to `depth` items ahead on `pool`."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _ordered(batches: list[MicroBatch], rng: np.random.Generator, batch: int) -> list[MicroBatch]:
+    """A window's batches in a random order, its short one last."""
+    order = rng.permutation(len(batches))
+    return sorted((batches[i] for i in order), key=lambda b: len(b.targets) < batch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 import time
@@ -26,12 +25,12 @@ from sentence_transformers.util import batch_to_device
 from leaf_ray.config import LeafConfig, TrainConfig
 from leaf_ray.losses import gather_candidates, leaf_loss
 from leaf_ray.progress import LogLines, quiet_weight_loading
-from leaf_ray.run import TRAIN_STATE, VALIDATION_JSONL, write_metrics
+from leaf_ray.run import TRAIN_STATE
 from leaf_ray.student import freeze_unused, param_groups, sentence_embedding
 from leaf_ray.train.batching import Batching, MicroBatch, bucketed_batches
 from leaf_ray.train.dataset import Validation
 from leaf_ray.train.schedule import head_only_steps, leaf_schedule
-from leaf_ray.train.state import TrainState
+from leaf_ray.train.state import History, TrainState
 
 
 class NonFiniteGradient(ArithmeticError):
@@ -85,6 +84,7 @@ class Worker:
         self.head_steps = head_only_steps(self.total_steps, tcfg)
         self.validation = config["validation"] if self.rank == 0 else None
         self.diverged = config["diverged"]
+        self.history = History(config["history"])
         if saved:
             self.state = TrainState.restore(
                 saved, self.optimizer, self.scheduler, self.batching.micro_per_epoch
@@ -105,17 +105,17 @@ class Worker:
 
     def micro_batches(self) -> Iterator[tuple[int, MicroBatch]]:
         """The epoch's micro-batches with their place in it. Resuming mid-epoch skips those
-        already trained on: they are the same texts, since blocks come in order
-        (`ordered_ingest`) and the shuffles are seeded by epoch."""
+        already trained on, without tokenizing them: they are the same texts, since blocks come
+        in order (`ordered_ingest`) and the shuffles are seeded by epoch."""
         epoch, start = self.state.epoch, self.state.micro_batches_done
         self.model.train()
         self.window = Window(self.device)
         b = self.batching
         seed = self.cfg.run.seed + epoch
         batches = bucketed_batches(
-            self.shard, self.student, b.micro_batch, seed, b.window_batches, b.grouping
+            self.shard, self.student, b.micro_batch, seed, b.window_batches, b.grouping, start
         )
-        for i, micro in enumerate(itertools.islice(batches, start, None), start):
+        for i, micro in enumerate(batches, start):
             if i >= b.micro_per_epoch:  # the schedule and loss scaling count on it
                 planned = b.micro_per_epoch
                 raise RuntimeError(
@@ -217,6 +217,8 @@ class Worker:
         if self.validation:
             state.validations.append({"step": state.step, "epoch": state.epoch} | self._validate())
         saved = state.to_checkpoint(self.optimizer, self.scheduler)
+        if self.rank == 0:
+            self.history.add(saved)
         _report_checkpoint(self.student, saved, self.rank)
         self.window.restart()  # throughput excludes checkpointing
 
@@ -378,14 +380,13 @@ def _validate(
 
 def _report_checkpoint(student: SentenceTransformer, saved: dict, rank: int) -> None:
     """Rank 0 writes a loadable sentence-transformers folder plus `saved` (TrainState's
-    checkpoint: optimiser, schedule, data position, history); every rank reports."""
+    checkpoint: optimiser, schedule, data position, the history since the checkpoint before);
+    every rank reports."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             student.save_pretrained(tmp)
             torch.save(saved, Path(tmp) / TRAIN_STATE)
-            write_metrics(saved["history"], Path(tmp))
-            write_metrics(saved["validations"], Path(tmp), VALIDATION_JSONL)
             checkpoint = Checkpoint.from_directory(tmp)
         history, validations = saved["history"], saved["validations"]
         last = history[-1] if history else {}

@@ -1,10 +1,15 @@
-"""What a checkpoint carries besides the student: step, optimiser, schedule, history."""
+"""What a checkpoint carries besides the student: step, optimiser, schedule, and the history
+rows logged since the checkpoint before (the run's history is the sum of them: `History`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+
+from leaf_ray.run import METRICS_JSONL, VALIDATION_JSONL
+from leaf_ray.storage import Location
 
 
 @dataclass
@@ -16,6 +21,7 @@ class TrainState:
     epoch: int = 0
     micro_batches_done: int = 0  # in `epoch`: a mid-epoch checkpoint resumes inside it
     resumes: int = 0  # restarts from a checkpoint so far (failures, reruns)
+    # Since the checkpoint before: a checkpoint's size does not grow with the run's length.
     history: list[dict] = field(default_factory=list)  # a row per logged step
     validations: list[dict] = field(default_factory=list)  # a row per checkpoint (and step 0)
 
@@ -31,6 +37,7 @@ class TrainState:
         load_optimizer(optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = cls(**{f.name: saved[f.name] for f in fields(cls)})
+        state.history, state.validations = [], []  # kept in the run's history already
         state.resumes += 1
         if state.micro_batches_done == micro_per_epoch:  # saved at the epoch's end
             state.epoch, state.micro_batches_done = state.epoch + 1, 0
@@ -39,8 +46,34 @@ class TrainState:
     def to_checkpoint(
         self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
     ) -> dict:
+        """The checkpoint's state; the history rows it carries start afresh after it."""
         saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        return saved | asdict(self)
+        saved |= asdict(self)
+        self.history, self.validations = [], []
+        return saved
+
+
+@dataclass(frozen=True)
+class History:
+    """The run's history, a file per checkpoint of the rows logged since the one before, where
+    Ray Train's checkpoints are (which it deletes past `keep_checkpoints`). A file is named by
+    its checkpoint's step: a run resumed from an earlier checkpoint writes the same files again."""
+
+    folder: Location
+
+    def add(self, saved: dict) -> None:
+        step = saved["step"]
+        for name, rows in (
+            (METRICS_JSONL, saved["history"]),
+            (VALIDATION_JSONL, saved["validations"]),
+        ):
+            lines = "".join(json.dumps(row) + "\n" for row in rows)
+            (self.folder / f"{step:010d}-{name}").write(lines)
+
+    def read(self, name: str) -> list[dict]:
+        """Every row of `name` (METRICS_JSONL or VALIDATION_JSONL), in step order."""
+        files = self.folder.files(f"-{name}")
+        return [json.loads(line) for f in files for line in f.read_text().splitlines()]
 
 
 # The optimiser options that say how it steps, not what it has learnt.

@@ -25,7 +25,7 @@ from leaf_ray.cluster import node_amounts, torch_threads
 from leaf_ray.config import LeafConfig
 from leaf_ray.data.sources import SHOWN, locate_texts
 from leaf_ray.progress import on_terminal
-from leaf_ray.run import RAY_TRAIN, RunError
+from leaf_ray.run import HISTORY, RAY_TRAIN, RunError
 from leaf_ray.storage import Location
 from leaf_ray.train.dataset import Validation, ordered_ingest
 from leaf_ray.train.loop import train_loop
@@ -61,8 +61,8 @@ def train_student(
     validation: Validation | None = None,
 ) -> tuple[Checkpoint, Checkpoint]:
     """Fit the student on rows with `text` and `embedding` columns (others ride along). Returns
-    the latest checkpoint (its history is the whole run's) and the best by validation loss (the
-    latest when there is no validation)."""
+    the latest checkpoint and the best by validation loss (the latest when there is no
+    validation); the run's history is in `History(storage / RAY_TRAIN / HISTORY)`."""
     if num_rows < cfg.train.num_workers:  # a worker without a row would train nothing
         raise RunError(
             f"{num_rows} training text(s) for train.num_workers={cfg.train.num_workers}: each "
@@ -87,6 +87,7 @@ def train_student(
             "torch_threads": threads,
             "validation": validation,
             "diverged": diverged,
+            "history": storage / RAY_TRAIN / HISTORY,
             "terminal": on_terminal(),
         },
         scaling_config=ScalingConfig(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from sentence_transformers import SentenceTransformer
 
 from leaf_ray.cli import main
@@ -87,6 +88,12 @@ def test_distill_end_to_end(tmp_path, tiny_teacher, demo_texts, ray_local, capsy
     assert [r["step"] for r in history] == [1, *range(5, 136, 5), 4 * 34]
     first, last = history[0]["loss"], history[-1]["loss"]
     assert last < 0.7 * first, (first, last)
+    # Each checkpoint (one an epoch) carries the rows logged since the one before, not the whole
+    # history: its size does not grow with the steps already taken.
+    kept = sorted((run_dir / "ray_train").glob("checkpoint_*"))
+    logged = [len(torch.load(k / "train_state.pt")["history"]) for k in kept]
+    assert kept and all(n <= 8 for n in logged), logged  # an epoch: 34 steps, a row every 5
+    assert len(list((run_dir / "ray_train" / "history").glob("*-metrics.jsonl"))) == 4
 
     # Distillation put student queries into the teacher's space.
     rows = json.loads((run_dir / "eval.json").read_text())

@@ -192,6 +192,19 @@ def test_each_row_is_trained_once_an_epoch_in_tokenized_length_sorted_batches(
     assert epoch(0) == trained
     assert epoch(1) != trained
 
+    # A resumed epoch: 20 batches trained, the first window (16) is skipped untokenized, 4 of
+    # the second are dropped after tokenizing it; the rest are the uninterrupted epoch's.
+    tokenized: list[str] = []
+    preprocess = student.preprocess
+    student.preprocess = lambda texts: tokenized.extend(texts) or preprocess(texts)
+    resumed = [
+        m.targets[:, 0].int().tolist()
+        for m in bucketed_batches(rows.iterator(), student, 8, seed=0, skip=20)
+    ]
+    assert resumed == trained[20:]
+    first_window = {texts[i] for batch in trained[:16] for i in batch}
+    assert tokenized and not first_window & set(tokenized)
+
 
 def test_cached_vectors_are_read_once_when_they_fit_in_the_object_store(ray_local):
     import ray.data
