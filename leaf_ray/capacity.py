@@ -7,18 +7,17 @@ benchmark changes one number here."""
 
 from __future__ import annotations
 
-import gzip
 import math
 import re
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from leaf_ray.config import LeafConfig
-from leaf_ray.data.sources import data_files, is_parquet
+from leaf_ray.data.sources import data_files, is_parquet, stream_lines
+from leaf_ray.storage import Location
 
 
 class PlanError(ValueError):
@@ -187,7 +186,7 @@ def corpus_size(cfg: LeafConfig) -> Corpus:
     sizes, counted = [], 0
     for index, src in enumerate(cfg.data.sources):
         if src.path is not None:
-            rows = count_rows(Path(src.path))
+            rows = count_rows(Location.of(src.path))
             sizes.append(min(rows, src.limit) if src.limit else rows)
             counted += not src.limit
         elif src.limit:
@@ -204,14 +203,16 @@ def corpus_size(cfg: LeafConfig) -> Corpus:
     return Corpus(sum(sizes), rows, basis)
 
 
-def count_rows(path: Path) -> int:
+def count_rows(path: Location) -> int:
     """Rows of a JSONL(.gz)/Parquet file or folder, as `data.read_texts` would read them."""
     if not path.exists():
         raise PlanError(f"data.sources: {path}: no such file or folder")
     files = data_files(path)
     try:
         if is_parquet(path):
-            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+            rows = sum(
+                pq.ParquetFile(p.fs.open_input_file(p.path)).metadata.num_rows for p in files
+            )
         else:
             rows = sum(_count_lines(p) for p in files)
     except (EOFError, OSError, zlib.error, pa.ArrowException) as e:
@@ -221,10 +222,9 @@ def count_rows(path: Path) -> int:
     return rows
 
 
-def _count_lines(path: Path) -> int:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+def _count_lines(path: Location) -> int:
+    with path.fs.open_input_stream(path.path, compression="detect") as f:
+        return sum(1 for line in stream_lines(f) if line.strip())
 
 
 def teacher_rate(gpu: GpuType, teacher: TeacherSpeed) -> float:

@@ -102,9 +102,9 @@ def _scan_files(cfg: LeafConfig, pieces: list[Piece]) -> Inputs:
                 check.bad[reason] += 1
         for before, at, why in report.examples:
             if (not src.limit or check.rows + before < src.limit) and len(check.examples) < SHOWN:
-                check.examples.append(f"{piece.where(at, lines[piece.file])}: {why}")
+                check.examples.append(f"{piece.where(at, lines[piece.file.path])}: {why}")
         check.rows += keep
-        lines[piece.file] += report.lines
+        lines[piece.file.path] += report.lines
     for check in checks.values():
         if check.bad and cfg.data.bad_rows == "error":
             raise DataError(check.error())

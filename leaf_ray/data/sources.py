@@ -26,6 +26,7 @@ import ray.data
 
 from leaf_ray.config import BadRows, DataConfig, SourceConfig
 from leaf_ray.hashing import HASH_DTYPE, hashes_to_arrow, text_hash, text_hashes
+from leaf_ray.storage import Location
 
 KINDS = ("query", "document")
 
@@ -59,7 +60,7 @@ class Piece:
     whole compressed one, or a Parquet row group."""
 
     source: int  # its index in data.sources
-    file: str
+    file: Location  # a local or NFS path, or an object store's (any node reads it)
     parquet: bool
     start: int  # JSON lines: the byte its lines start from; Parquet: the row group
     end: int  # JSON lines: the byte the next piece starts at (-1: the end); Parquet: the
@@ -80,7 +81,7 @@ def source_pieces(cfg: DataConfig) -> list[Piece]:
     for index, src in enumerate(cfg.sources):
         if src.path is None:
             continue
-        path = Path(src.path)
+        path = Location.of(src.path)
         if not path.exists():
             raise DataError(f"data.sources.{index}: {path}: no such file or folder")
         files = data_files(path)
@@ -92,21 +93,20 @@ def source_pieces(cfg: DataConfig) -> list[Piece]:
     return pieces
 
 
-def _json_pieces(index: int, file: Path) -> list[Piece]:
-    with open(file, "rb") as f:
-        compressed = f.read(2) == GZIP_MAGIC
-    if file.name.endswith(".gz") and not compressed:  # Ray decompresses by name
+def _json_pieces(index: int, file: Location) -> list[Piece]:
+    with file.fs.open_input_file(file.path) as f:
+        compressed, size = f.read(2) == GZIP_MAGIC, f.size()
+    if file.name.endswith(".gz") and not compressed:  # a .gz is decompressed by its name
         raise DataError(f"{file}: named .gz but not gzip-compressed; rename or compress it")
-    size = file.stat().st_size
     if compressed or size <= PIECE_BYTES:
-        return [Piece(index, str(file), False, 0, -1)]
+        return [Piece(index, file, False, 0, -1)]
     starts = range(0, size, PIECE_BYTES)
-    return [Piece(index, str(file), False, s, min(s + PIECE_BYTES, size)) for s in starts]
+    return [Piece(index, file, False, s, min(s + PIECE_BYTES, size)) for s in starts]
 
 
-def _parquet_pieces(index: int, file: Path, src: SourceConfig) -> list[Piece]:
+def _parquet_pieces(index: int, file: Location, src: SourceConfig) -> list[Piece]:
     try:
-        parquet = pq.ParquetFile(file)
+        parquet = pq.ParquetFile(file.fs.open_input_file(file.path))
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{file}: not a readable Parquet file ({e})") from None
     present = set(parquet.schema_arrow.names)
@@ -115,7 +115,7 @@ def _parquet_pieces(index: int, file: Path, src: SourceConfig) -> list[Piece]:
         raise DataError(f"{file}: no column(s) {absent} (columns: {sorted(present)})")
     pieces, first = [], 1
     for group in range(parquet.metadata.num_row_groups):
-        pieces.append(Piece(index, str(file), True, group, first - 1))
+        pieces.append(Piece(index, file, True, group, first - 1))
         first += parquet.metadata.row_group(group).num_rows
     return pieces
 
@@ -191,7 +191,7 @@ def piece_rows(
     """(line or row in the piece, from 1; row; problem) for each of the piece's rows. `lines`:
     counts the piece's lines, blank ones too, under its file's name (for the pieces after)."""
     if piece.parquet:
-        parquet = pq.ParquetFile(piece.file)
+        parquet = pq.ParquetFile(piece.file.fs.open_input_file(piece.file.path))
         columns = [
             c for c in (*_required_fields(src), src.id_field) if c in parquet.schema_arrow.names
         ]
@@ -201,7 +201,7 @@ def piece_rows(
                 row += 1
                 yield row, values, row_problem(values, src)
         return
-    yield from parse_lines(_counted(_piece_lines(piece), lines, piece.file), src)
+    yield from parse_lines(_counted(_piece_lines(piece), lines, piece.file.path), src)
 
 
 def _counted(lines: Iterator[bytes], counter: Counter | None, key: str) -> Iterator[bytes]:
@@ -212,26 +212,31 @@ def _counted(lines: Iterator[bytes], counter: Counter | None, key: str) -> Itera
 
 
 def _piece_lines(piece: Piece) -> Iterator[bytes]:
-    """The lines that start inside the piece's byte range (a compressed file: all of them)."""
-    with open(piece.file, "rb") as raw:
-        if piece.start == 0 and piece.end < 0:
-            stream = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == GZIP_MAGIC else raw
+    """The lines that start inside the piece's byte range (a compressed file: all of them,
+    streamed). A range is read whole: at most `PIECE_BYTES`, and the end of its last line."""
+    file = piece.file
+    with file.fs.open_input_file(file.path) as f:
+        if piece.end < 0 and f.read(2) == GZIP_MAGIC:
+            f.seek(0)
             try:
-                yield from stream
+                yield from gzip.GzipFile(fileobj=f)
             except (EOFError, OSError, zlib.error) as e:
                 raise DataError(
-                    f"{piece.file}: cannot be decompressed, truncated or not gzip ({e})"
+                    f"{file}: cannot be decompressed, truncated or not gzip ({e})"
                 ) from None
             return
-        if piece.start:
-            raw.seek(piece.start - 1)
-            raw.readline()  # the rest of a line the piece before holds
-        position = raw.tell()
-        for line in iter(raw.readline, b""):
-            if piece.end >= 0 and position >= piece.end:
-                return
-            yield line
-            position += len(line)
+        begin = max(piece.start - 1, 0)
+        f.seek(begin)
+        data = f.read((f.size() if piece.end < 0 else piece.end) - begin)
+        while piece.end >= 0 and data and not data.endswith(b"\n"):  # its last line runs on
+            more = f.read(1 << 16)
+            cut = more.find(b"\n")
+            data += more if cut < 0 else more[: cut + 1]
+            if not more or cut >= 0:
+                break
+    if piece.start:  # the rest of a line the piece before holds
+        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+    yield from data.splitlines(keepends=True)
 
 
 @dataclass
@@ -263,39 +268,35 @@ def scan_piece(
         scan.good_before.append(scan.good)
         if len(scan.examples) < SHOWN:
             scan.examples.append((scan.good, at, problem[1]))
-    scan.lines = lines[piece.file]
+    scan.lines = lines[piece.file.path]
     keys = np.frombuffer(b"".join(hashes), dtype=HASH_DTYPE)
     return scan, (keys, np.full(keys.size, piece.source, np.int16))
 
 
-def data_files(path: Path) -> list[Path]:
+def data_files(path: Location) -> list[Location]:
     """The files every reader of user files here (texts, precomputed vectors, `plan`'s row
     counts) reads: the file, or a folder's Parquet files, or else its JSON lines files, in name
     order. Others in the folder (a README, a hidden file) are left out."""
     if path.is_file():
         return [path]
-    files = sorted(
-        p
-        for p in path.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.endswith(DATA_SUFFIXES)
-    )
-    parquet = [p for p in files if _parquet_name(p)]
+    files = [f for f in path.files() if f.name.endswith(DATA_SUFFIXES)]
+    parquet = [f for f in files if _parquet_name(f.name)]
     if parquet and len(parquet) < len(files):  # one would be read and the other left out
         raise DataError(
             f"{path}: holds both Parquet and JSON lines files ({parquet[0].name}, "
-            f"{next(p for p in files if not _parquet_name(p)).name}); give each format its own "
-            "source"
+            f"{next(f for f in files if not _parquet_name(f.name)).name}); give each format its "
+            "own source"
         )
     return files
 
 
-def is_parquet(path: Path) -> bool:
+def is_parquet(path: Location) -> bool:
     """A Parquet file, or a folder holding one; else JSON lines."""
-    return any(_parquet_name(p) for p in data_files(path))
+    return any(_parquet_name(f.name) for f in data_files(path))
 
 
-def _parquet_name(file: Path) -> bool:
-    return ".parquet" in "".join(file.suffixes)
+def _parquet_name(name: str) -> bool:
+    return ".parquet" in name
 
 
 @dataclass
@@ -409,6 +410,16 @@ def _normalise(
     return _with_hashes(_columns(kept, index))
 
 
+def stream_lines(stream: pa.NativeFile) -> Iterator[bytes]:
+    """A stream's lines, read a MiB at a time (pyarrow's streams have no `readline`)."""
+    rest = b""
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
+
+
 def parse_lines(
     lines: Iterable[bytes], src: SourceConfig
 ) -> Iterator[tuple[int, dict | None, Problem]]:
@@ -487,7 +498,7 @@ def locate_texts(cfg: DataConfig, hashes: list[str]) -> list[str]:
 
     lines: Counter = Counter()  # of each file, in the pieces read so far
     for piece in source_pieces(cfg):
-        src, before = cfg.sources[piece.source], lines[piece.file]
+        src, before = cfg.sources[piece.source], lines[piece.file.path]
         for at, row, problem in piece_rows(piece, src, lines):
             if problem is None:
                 kind = src.kind or row[src.kind_field]

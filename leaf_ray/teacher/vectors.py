@@ -15,12 +15,10 @@ No process holds the whole file.
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +29,8 @@ import ray
 import ray.data
 
 from leaf_ray.config import TeacherConfig
-from leaf_ray.data.sources import DataError, data_files, is_parquet
+from leaf_ray.data.sources import DataError, data_files, is_parquet, stream_lines
+from leaf_ray.storage import Location
 from leaf_ray.teacher.cache import TeacherCache, add_text_hash
 
 # Rows a reading task handles at once: bounded memory whatever the row groups' size.
@@ -61,7 +60,7 @@ class VectorsCheck:
 class Piece:
     """A part of a vectors file one task reads: a Parquet row group, or a JSON lines file."""
 
-    file: str
+    file: Location  # a local or NFS path, or an object store's (any node reads it)
     group: int | None  # None: the whole file (JSON lines)
     first_row: int  # of the piece in its file, from 0
 
@@ -70,32 +69,32 @@ def fingerprint(path: str) -> str:
     """Which version of the vectors file this is: each file's name, size and modification
     time, not its bytes, which a run would read whole just to name it."""
     digest = hashlib.sha256()
-    for file in data_files(Path(path)):
-        stat = file.stat()
-        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for file in data_files(Location.of(path)):
+        info = file.fs.get_file_info(file.path)
+        digest.update(f"{file.name}\0{info.size}\0{info.mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
 def pieces(path: str) -> list[Piece]:
     """The file's pieces, from the Parquet footers (read here: a few KB a file)."""
     where = f"teacher.vectors: {path}"
-    file = Path(path)
+    file = Location.of(path)
     if not file.exists():
         raise DataError(f"{where}: no such file or folder")
     files = data_files(file)
     if not files:
         raise DataError(f"{where}: no Parquet or JSON lines files")
     if not is_parquet(file):
-        return [Piece(str(f), None, 0) for f in files]
+        return [Piece(f, None, 0) for f in files]
     found = []
     for f in files:
         try:
-            meta = pq.ParquetFile(f).metadata
+            meta = pq.ParquetFile(f.fs.open_input_file(f.path)).metadata
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"teacher.vectors: {f}: not a readable Parquet file ({e})") from None
         first = 0
         for group in range(meta.num_row_groups):
-            found.append(Piece(str(f), group, first))
+            found.append(Piece(f, group, first))
             first += meta.row_group(group).num_rows
     return found
 
@@ -121,7 +120,7 @@ def _check(path: str, version: str) -> VectorsCheck:
     parts = pieces(path)
     dim = _first_dimension(path, parts)
     summaries = _over_pieces(parts).map_batches(
-        _check_piece, fn_args=(dim,), batch_size=1, batch_format="pyarrow"
+        _check_piece, fn_args=(parts, dim), batch_size=1, batch_format="pyarrow"
     )
     rows = pa.concat_tables(ray.get(summaries.to_arrow_refs())).to_pylist()
     bad = sorted((r for r in rows if r["problem"]), key=lambda r: (r["file"], r["row"]))
@@ -136,7 +135,7 @@ def _check(path: str, version: str) -> VectorsCheck:
     off = sorted((r for r in rows if r["off_row"] > 0), key=lambda r: (r["file"], r["off_row"]))
     not_unit = ""
     if off:
-        where = "" if off[0]["file"] == path else f"{off[0]['file']}: "
+        where = "" if off[0]["file"] == str(Location.of(path)) else f"{off[0]['file']}: "
         not_unit = f"{where}row {off[0]['off_row']}: norm {off[0]['off_norm']:.3f}"
     if 0 < unit < total:  # one stray row would otherwise decide whether the student normalises
         raise DataError(
@@ -152,8 +151,9 @@ def ingest_vectors(cfg: TeacherConfig, cache: TeacherCache) -> bool:
     done = cache.root / INGESTED
     if done.is_file():
         return False
-    rows = _over_pieces(pieces(cfg.vectors)).map_batches(
-        _read_piece, batch_size=1, batch_format="pyarrow"
+    parts = pieces(cfg.vectors)
+    rows = _over_pieces(parts).map_batches(
+        _read_piece, fn_args=(parts,), batch_size=1, batch_format="pyarrow"
     )
     rows.write_datasink(cache.sink(cfg.vector_dtype, SHARD_ROWS))
     done.write(json.dumps({"vectors": cfg.vectors, "version": fingerprint(cfg.vectors)}))
@@ -164,10 +164,7 @@ def _over_pieces(parts: list[Piece]) -> ray.data.Dataset:
     """A dataset of the pieces, a block each, for the jobs to read in parallel."""
     # A bad row surfaces as our DataError (naming the file), not as Ray's generic UDF failure.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    items = [
-        {"file": p.file, "group": -1 if p.group is None else p.group, "first": p.first_row}
-        for p in parts
-    ]
+    items = [{"piece": i} for i in range(len(parts))]
     return ray.data.from_items(items, override_num_blocks=len(items))
 
 
@@ -183,37 +180,35 @@ def _first_dimension(path: str, parts: list[Piece]) -> int:
     raise DataError(f"teacher.vectors: {path}: no rows")
 
 
-def _piece(batch: pa.Table) -> Piece:
-    row = batch.to_pylist()[0]
-    group = int(row["group"])
-    return Piece(str(row["file"]), None if group < 0 else group, int(row["first"]))
+def _piece(batch: pa.Table, parts: list[Piece]) -> Piece:
+    return parts[batch.to_pylist()[0]["piece"]]
 
 
 def _chunks(piece: Piece) -> Iterator[pa.Table]:
     """The piece's rows, `CHUNK_ROWS` at a time, with the three columns."""
     if piece.group is None:
-        table = _read_json_lines(Path(piece.file))
+        table = _read_json_lines(piece.file)
         _check_columns(piece.file, table.column_names)
         for batch in table.select(list(COLUMNS)).to_batches(CHUNK_ROWS):
             yield pa.Table.from_batches([batch])
         return
-    parquet = pq.ParquetFile(piece.file)
+    parquet = pq.ParquetFile(piece.file.fs.open_input_file(piece.file.path))
     _check_columns(piece.file, parquet.schema_arrow.names)
     for batch in parquet.iter_batches(CHUNK_ROWS, row_groups=[piece.group], columns=COLUMNS):
         yield pa.Table.from_batches([batch])
 
 
-def _check_columns(file: str, names: list[str]) -> None:
+def _check_columns(file: Location, names: list[str]) -> None:
     absent = sorted(set(COLUMNS) - set(names))
     if absent:
         raise DataError(f"teacher.vectors: {file}: missing column(s) {absent}")
 
 
-def _check_piece(batch: pa.Table, dim: int) -> pa.Table:
+def _check_piece(batch: pa.Table, parts: list[Piece], dim: int) -> pa.Table:
     """A Ray Data batch of one piece: its summary row (rows, unit-length rows, the first bad
     row and why, the first row that is not unit length and its norm)."""
-    piece = _piece(batch)
-    summary = {"file": piece.file, "rows": 0, "unit": 0, "bad": 0, "row": 0, "problem": ""}
+    piece = _piece(batch, parts)
+    summary = {"file": str(piece.file), "rows": 0, "unit": 0, "bad": 0, "row": 0, "problem": ""}
     summary |= {"off_row": 0, "off_norm": 0.0}
     start = piece.first_row
     for chunk in _chunks(piece):
@@ -230,7 +225,7 @@ def _check_piece(batch: pa.Table, dim: int) -> pa.Table:
 
 
 def _check_chunk(
-    file: str, chunk: pa.Table, dim: int, start: int
+    file: Location, chunk: pa.Table, dim: int, start: int
 ) -> tuple[tuple[int, str] | None, int, int, tuple[int, float] | None]:
     """(the first bad row and why, bad rows, unit-length rows, the first row not of unit length
     with its norm) of `chunk`, whose first row is row `start` (from 0) of `file`."""
@@ -276,7 +271,7 @@ def _check_chunk(
     return problem, int(bad.sum()), int(unit.sum()), off
 
 
-def _check_type(file: str, kind: pa.DataType) -> None:
+def _check_type(file: Location, kind: pa.DataType) -> None:
     numbers = pa.types.is_integer, pa.types.is_floating
     lists = pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list
     if not any(is_list(kind) for is_list in lists) or not any(
@@ -285,28 +280,28 @@ def _check_type(file: str, kind: pa.DataType) -> None:
         raise DataError(f"teacher.vectors: {file}: embedding: a {kind}, not a list of numbers")
 
 
-def _read_piece(batch: pa.Table) -> Iterator[pa.Table]:
+def _read_piece(batch: pa.Table, parts: list[Piece]) -> Iterator[pa.Table]:
     """A Ray Data batch of one (checked) piece: its rows with their key, `CHUNK_ROWS` at a
     time, vectors as float32 lists, as the cache's sink takes them."""
-    for chunk in _chunks(_piece(batch)):
+    for chunk in _chunks(_piece(batch, parts)):
         vectors = chunk["embedding"].combine_chunks().cast(pa.list_(pa.float32()))
         yield add_text_hash(chunk.set_column(2, "embedding", vectors))
 
 
-def _read_json_lines(file: Path) -> pa.Table:
+def _read_json_lines(file: Location) -> pa.Table:
     """pyarrow's reader (fast); where it fails, the first line Python's parser refuses is named:
     pyarrow names neither the line nor, often, the real problem."""
     try:
-        return pyarrow.json.read_json(file)
+        with file.fs.open_input_stream(file.path, compression="detect") as f:
+            return pyarrow.json.read_json(f)
     except pa.ArrowInvalid:
         _refuse_first_bad_line(file)
         raise
 
 
-def _refuse_first_bad_line(file: Path) -> None:
-    opener = gzip.open if file.name.endswith(".gz") else open
-    with opener(file, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+def _refuse_first_bad_line(file: Location) -> None:
+    with file.fs.open_input_stream(file.path, compression="detect") as f:
+        for lineno, line in enumerate(stream_lines(f), 1):
             where = f"teacher.vectors: {file}:{lineno}"
             try:
                 row = json.loads(line.strip()) if line.strip() else {}

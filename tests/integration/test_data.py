@@ -161,7 +161,7 @@ def test_texts_vectors_and_plan_read_a_path_alike(tmp_path, form, ray_local):
     cache = TeacherCache.open(Location.of(tmp_path / "cache"), {"test": form}, "m")
     assert ingest_vectors(teacher, cache) and not ingest_vectors(teacher, cache)  # once
     vectors = pq.read_table(cache.shard_paths(cache.entries()))
-    assert count_rows(path) == len(texts) == check_vectors(teacher).rows == vectors.num_rows == 7
+    assert count_rows(Location.of(path)) == len(texts) == check_vectors(teacher).rows == vectors.num_rows == 7
     assert sorted(vectors["embedding"].to_pylist()) == [r["embedding"] for r in rows]
 
 
