@@ -27,8 +27,6 @@ from leaf_ray.data.sources import (
     Piece,
     PieceScan,
     SourceCheck,
-    check_source,
-    hub_texts,
     scan_piece,
     source_pieces,
 )
@@ -60,33 +58,34 @@ def check_inputs(cfg: LeafConfig) -> Inputs:
         beir = load_beir(folder)  # raises on missing files and ids that do not resolve
         if not beir.queries:
             raise DataError(f"eval.datasets.{index}: {folder}: no query has a qrels line")
-    skipped = _check_hub_sources(cfg)
     if pieces or cfg.teacher.backend == "vectors":  # a hub-only dry run starts no Ray
         connect_ray(cfg.ray)
-    inputs = _scan_files(cfg, pieces)
+    inputs = _scan(cfg, pieces, 0)
     if cfg.teacher.backend == "vectors":  # which texts they cover: the teacher stage says
         check_vectors(cfg.teacher)
-    return Inputs(inputs.kept, inputs.keys, inputs.rows, inputs.skipped + skipped)
+    return inputs
 
 
 def with_hub_keys(cfg: LeafConfig, inputs: Inputs) -> Inputs:
-    """`inputs` with the keys of the Hugging Face datasets' rows, read as the teacher stage
-    reads them (downloaded, where they are the hub's: a dry run does not ask for them)."""
-    hub = hub_texts(cfg.data)
-    if hub is None:
+    """`inputs` with the Hugging Face hub's datasets scanned too (streamed where the scanning
+    tasks run; a dry run does not ask for them)."""
+    hub = source_pieces(cfg.data, hub=True)[len(inputs.kept) :]
+    if not hub:
         return inputs
-    refs = hub.select_columns(["text_hash", "source"]).materialize().to_arrow_refs()
-    keys, rows = inputs.keys + [(ref, -1) for ref in refs], inputs.rows + hub.count()
-    return Inputs(inputs.kept, keys, rows, inputs.skipped)
+    more = _scan(cfg, hub, len(inputs.kept))
+    skipped = inputs.skipped + more.skipped
+    return Inputs(
+        inputs.kept | more.kept, inputs.keys + more.keys, inputs.rows + more.rows, skipped
+    )
 
 
-def _scan_files(cfg: LeafConfig, pieces: list[Piece]) -> Inputs:
-    """Every file piece scanned by a Ray task; the reports merged, source by source, into the
-    rows each piece keeps and the bad rows within them."""
+def _scan(cfg: LeafConfig, pieces: list[Piece], first: int) -> Inputs:
+    """Every piece (numbered from `first`) scanned by a Ray task; the reports merged, source by
+    source, into the rows each piece keeps and the bad rows within them."""
     if not pieces:
         return Inputs({}, [], 0, Counter())
     scan = ray.remote(scan_piece).options(num_returns=2)
-    started = [scan.remote(i, p, cfg.data.sources[p.source]) for i, p in enumerate(pieces)]
+    started = [scan.remote(first + i, p, cfg.data.sources[p.source]) for i, p in enumerate(pieces)]
     reports: list[PieceScan] = ray.get([report for report, _ in started])
     kept: dict[int, int] = {}
     skipped: Counter = Counter()
@@ -94,6 +93,7 @@ def _scan_files(cfg: LeafConfig, pieces: list[Piece]) -> Inputs:
     checks = {p.source: SourceCheck(_label(cfg, p.source)) for p in pieces}
     for piece, report in zip(pieces, reports, strict=True):
         src, check = cfg.data.sources[piece.source], checks[piece.source]
+        path = piece.file.path if piece.file else piece.hub
         room = src.limit - check.rows if src.limit else report.good
         keep = max(0, min(report.good, room))
         kept[report.piece] = keep
@@ -102,35 +102,22 @@ def _scan_files(cfg: LeafConfig, pieces: list[Piece]) -> Inputs:
                 check.bad[reason] += 1
         for before, at, why in report.examples:
             if (not src.limit or check.rows + before < src.limit) and len(check.examples) < SHOWN:
-                check.examples.append(f"{piece.where(at, lines[piece.file.path])}: {why}")
+                check.examples.append(f"{piece.where(at, lines[path])}: {why}")
         check.rows += keep
-        lines[piece.file.path] += report.lines
+        lines[path] += report.lines
     for check in checks.values():
         if check.bad and cfg.data.bad_rows == "error":
             raise DataError(check.error())
         if not check.rows:
             raise DataError(f"{check.label}: no usable texts")
         skipped += check.bad
-    keys = [(ref, kept[i]) for i, (_, ref) in enumerate(started)]
+    keys = [(ref, kept[first + i]) for i, (_, ref) in enumerate(started)]
     return Inputs(kept, keys, sum(kept.values()), skipped)
 
 
 def _label(cfg: LeafConfig, source: int) -> str:
     src = cfg.data.sources[source]
     return f"data.sources.{source} ({src.path or src.hf_dataset})"
-
-
-def _check_hub_sources(cfg: LeafConfig) -> Counter:
-    """Hugging Face datasets' rows, on the driver; the bad rows skip drops, by reason."""
-    skipped: Counter = Counter()
-    for index, src in enumerate(cfg.data.sources):
-        if src.hf_dataset is None:
-            continue
-        check = check_source(src, index)
-        if check.bad and cfg.data.bad_rows == "error":
-            raise DataError(check.error())
-        skipped += check.bad
-    return skipped
 
 
 def check_model(key: str, ref: ModelRef) -> None:

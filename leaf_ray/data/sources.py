@@ -14,7 +14,7 @@ import hashlib
 import json
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from leaf_ray.config import BadRows, DataConfig, SourceConfig
+from leaf_ray.config import DataConfig, SourceConfig
 from leaf_ray.hashing import HASH_DTYPE, hashes_to_arrow, text_hash, text_hashes
 from leaf_ray.storage import Location
 
@@ -56,30 +56,37 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Piece:
-    """A part of a source file that one task reads: a byte range of a plain JSON lines file, a
-    whole compressed one, or a Parquet row group."""
+    """A part of a source that one task reads: a byte range of a plain JSON lines file, a whole
+    compressed one, a Parquet row group, or a Hugging Face dataset's split (streamed)."""
 
     source: int  # its index in data.sources
-    file: Location  # a local or NFS path, or an object store's (any node reads it)
+    file: Location | None  # a local or NFS path, or an object store's (any node reads it)
     parquet: bool
     start: int  # JSON lines: the byte its lines start from; Parquet: the row group
     end: int  # JSON lines: the byte the next piece starts at (-1: the end); Parquet: the
     # group's first row in the file
+    hub: str = ""  # a Hugging Face dataset's "name (split)"; then `file` is None
 
     def where(self, line_or_row: int, lines_before: int = 0) -> str:
-        """A row's place as messages name it: file:line, or file: row (both from 1)."""
+        """A row's place as messages name it: file:line, file: row (both from 1), or a
+        dataset's row (from 0, as `datasets` numbers them)."""
+        if self.hub:
+            return f"{self.hub} row {line_or_row - 1}"
         if self.parquet:
             return f"{self.file}: row {self.end + line_or_row}"
         return f"{self.file}:{lines_before + line_or_row}"
 
 
-def source_pieces(cfg: DataConfig) -> list[Piece]:
-    """Every file source's pieces, in source and file order; a source that is not there, holds
-    no data file, or a file that cannot be what its name says, refused here (a few bytes and
-    the Parquet footers are read)."""
-    pieces = []
+def source_pieces(cfg: DataConfig, hub: bool = False) -> list[Piece]:
+    """Every source's pieces, in source and file order, then (with `hub`) the Hugging Face hub's
+    datasets, which a dry run does not download; a source that is not there, holds no data file,
+    or a file that cannot be what its name says, refused here (a few bytes and the Parquet
+    footers are read)."""
+    pieces, remote = [], []
     for index, src in enumerate(cfg.sources):
-        if src.path is None:
+        if src.hf_dataset is not None:
+            piece = Piece(index, None, False, 0, -1, f"{src.hf_dataset} ({src.split})")
+            (pieces if Path(src.hf_dataset).exists() else remote).append(piece)
             continue
         path = Location.of(src.path)
         if not path.exists():
@@ -90,7 +97,7 @@ def source_pieces(cfg: DataConfig) -> list[Piece]:
         parquet = is_parquet(path)
         for file in files:
             pieces += _parquet_pieces(index, file, src) if parquet else _json_pieces(index, file)
-    return pieces
+    return pieces + (remote if hub else [])
 
 
 def _json_pieces(index: int, file: Location) -> list[Piece]:
@@ -127,30 +134,13 @@ def read_texts(cfg: DataConfig, kept: dict[int, int] | None = None) -> ray.data.
     None: every row."""
     # Bad rows surface as DataError (naming the file), not as Ray's generic UDF failure.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    pieces = source_pieces(cfg)
-    datasets = []
-    if pieces:
-        items = [
-            {"piece": i, "keep": -1 if kept is None else kept.get(i, 0)} for i in range(len(pieces))
-        ]
-        datasets.append(
-            ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _read_pieces, fn_args=(pieces, cfg), batch_size=1, batch_format="pyarrow"
-            )
-        )
-    hub = hub_texts(cfg)
-    datasets += [hub] if hub is not None else []
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-
-
-def hub_texts(cfg: DataConfig) -> ray.data.Dataset | None:
-    """The Hugging Face datasets' rows, as `read_texts` reads them; None without one."""
-    hub = [
-        _read_hf(src, index, cfg.bad_rows)
-        for index, src in enumerate(cfg.sources)
-        if src.hf_dataset is not None
+    pieces = source_pieces(cfg, hub=True)
+    items = [
+        {"piece": i, "keep": -1 if kept is None else kept.get(i, 0)} for i in range(len(pieces))
     ]
-    return hub[0].union(*hub[1:]) if len(hub) > 1 else hub[0] if hub else None
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_pieces, fn_args=(pieces, cfg), batch_size=1, batch_format="pyarrow"
+    )
 
 
 def _read_pieces(batch: pa.Table, pieces: list[Piece], cfg: DataConfig) -> Iterator[pa.Table]:
@@ -190,6 +180,9 @@ def piece_rows(
 ) -> Iterator[tuple[int, dict | None, Problem]]:
     """(line or row in the piece, from 1; row; problem) for each of the piece's rows. `lines`:
     counts the piece's lines, blank ones too, under its file's name (for the pieces after)."""
+    if piece.hub:
+        yield from _hub_rows(src)
+        return
     if piece.parquet:
         parquet = pq.ParquetFile(piece.file.fs.open_input_file(piece.file.path))
         columns = [
@@ -202,6 +195,20 @@ def piece_rows(
                 yield row, values, row_problem(values, src)
         return
     yield from parse_lines(_counted(_piece_lines(piece), lines, piece.file.path), src)
+
+
+def _hub_rows(src: SourceConfig) -> Iterator[tuple[int, dict, Problem]]:
+    """A Hugging Face dataset's rows, streamed: only as many as are read (a `limit` stops the
+    reader, not a download of the whole split) and only the fields a text needs."""
+    import datasets  # only needed for these sources
+
+    hf = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split, streaming=True)
+    fields = [*_required_fields(src), src.id_field]
+    for at, row in enumerate(hf, 1):
+        if at == 1:
+            _check_fields(f"{src.hf_dataset} ({src.split})", src, list(row))
+        kept = {name: row[name] for name in fields if name in row}
+        yield at, kept, row_problem(kept, src)
 
 
 def _counted(lines: Iterator[bytes], counter: Counter | None, key: str) -> Iterator[bytes]:
@@ -256,10 +263,13 @@ def scan_piece(
     index: int, piece: Piece, src: SourceConfig
 ) -> tuple[PieceScan, tuple[np.ndarray, np.ndarray]]:
     """One piece's check (a Ray task): its report, and its good rows' keys in row order with
-    their source, left in the object store for the plan."""
+    their source, left in the object store for the plan. No piece gives more than its source's
+    `limit`: the scan stops there."""
     scan, lines = PieceScan(index), Counter()
     hashes = []
     for at, row, problem in piece_rows(piece, src, lines):
+        if src.limit and scan.good >= src.limit:
+            break
         if problem is None:
             hashes.append(text_hash(src.kind or row[src.kind_field], row[src.text_field]))
             scan.good += 1
@@ -268,7 +278,7 @@ def scan_piece(
         scan.good_before.append(scan.good)
         if len(scan.examples) < SHOWN:
             scan.examples.append((scan.good, at, problem[1]))
-    scan.lines = lines[piece.file.path]
+    scan.lines = lines[piece.file.path] if piece.file else 0
     keys = np.frombuffer(b"".join(hashes), dtype=HASH_DTYPE)
     return scan, (keys, np.full(keys.size, piece.source, np.int16))
 
@@ -322,48 +332,6 @@ class SourceCheck:
         return "\n".join(lines + ([f"  ... and {more} more"] if more > 0 else []))
 
 
-def check_source(
-    src: SourceConfig, index: int, each_row: Callable[[str, str, str], None] | None = None
-) -> SourceCheck:
-    """Read a Hugging Face dataset's rows on the driver before any Ray job, as `read_texts` will,
-    so a bad row stops a run in seconds, named by its row. A hub name is checked as it is read:
-    a dry run (offline, or of a corpus of millions) downloads nothing. `each_row(where, kind,
-    text)` sees every good row."""
-    check = SourceCheck(f"data.sources.{index} ({src.hf_dataset})")
-    if not Path(src.hf_dataset).exists():
-        return check
-    for where, row, problem in _hf_rows(src):
-        if problem is None:
-            if each_row is not None:
-                each_row(where, src.kind or row[src.kind_field], row[src.text_field])
-            check.rows += 1
-            if src.limit and check.rows >= src.limit:
-                break
-        else:
-            check.add(where, problem)
-    return check
-
-
-def _load_hf(src: SourceConfig):
-    """The hub (or local) dataset's split, its first `limit` rows: loaded on the driver, where
-    `datasets` caches it, so checking it first and reading it after load it once."""
-    import datasets  # only needed for hub datasets
-
-    hf = datasets.load_dataset(src.hf_dataset, src.hf_config, split=src.split)
-    if src.limit:  # the split's first rows; before Ray, which might hold all of it
-        hf = hf.select(range(min(src.limit, len(hf))))
-    return hf
-
-
-def _hf_rows(src: SourceConfig) -> Iterator[tuple[str, dict, Problem]]:
-    hf = _load_hf(src)
-    label = f"{src.hf_dataset} ({src.split})"
-    _check_fields(label, src, hf.column_names)
-    read = [*_required_fields(src), src.id_field]
-    for i, row in enumerate(hf.select_columns([c for c in read if c in hf.column_names])):
-        yield f"{label} row {i}", row, row_problem(row, src)
-
-
 def _required_fields(src: SourceConfig) -> tuple[str, ...]:
     return (src.text_field,) + (() if src.kind else (src.kind_field,))
 
@@ -374,40 +342,6 @@ def _check_fields(label: str, src: SourceConfig, columns: list[str]) -> None:
     for name in _required_fields(src):
         if name not in columns:
             raise DataError(f"{label}: no field {name!r} (fields: {sorted(columns)})")
-
-
-def _read_hf(src: SourceConfig, index: int, bad_rows: BadRows) -> ray.data.Dataset:
-    ds = _from_hugging_face(_load_hf(src), local=Path(src.hf_dataset).exists())
-    _check_fields(src.hf_dataset, src, ds.columns() or [])
-    return ds.map_batches(
-        _normalise,
-        fn_kwargs={"src": src, "index": index, "label": src.hf_dataset, "bad_rows": bad_rows},
-        batch_format="pyarrow",
-    )
-
-
-def _from_hugging_face(hf, local: bool) -> ray.data.Dataset:
-    """Ray's `from_huggingface` first asks the Hub for Parquet files, which raises offline (an
-    uncaught ConnectionError): local folders and offline runs take Ray's own in-memory fallback."""
-    from huggingface_hub import constants
-
-    if local or constants.HF_HUB_OFFLINE:
-        return ray.data.from_arrow(hf.with_format("arrow")[:])
-    return ray.data.from_huggingface(hf)
-
-
-def _normalise(
-    table: pa.Table, src: SourceConfig, index: int, label: str, bad_rows: BadRows
-) -> pa.Table:
-    """Columns id, text, kind, source, text_hash from a hub table; bad rows refused or dropped."""
-    kept = []
-    for row in table.to_pylist():
-        problem = row_problem(row, src)
-        if problem is None:
-            kept.append(_normalised_row(row, src))
-        elif bad_rows == "error":
-            raise DataError(f"{label}: {problem[1]}")
-    return _with_hashes(_columns(kept, index))
 
 
 def stream_lines(stream: pa.NativeFile) -> Iterator[bytes]:
@@ -497,15 +431,13 @@ def locate_texts(cfg: DataConfig, hashes: list[str]) -> list[str]:
             found[key] = where
 
     lines: Counter = Counter()  # of each file, in the pieces read so far
-    for piece in source_pieces(cfg):
-        src, before = cfg.sources[piece.source], lines[piece.file.path]
+    for piece in source_pieces(cfg, hub=True):
+        src = cfg.sources[piece.source]
+        before = lines[piece.file.path] if piece.file else 0
         for at, row, problem in piece_rows(piece, src, lines):
             if problem is None:
                 kind = src.kind or row[src.kind_field]
                 note(piece.where(at, before), kind, row[src.text_field])
         if len(found) == len(wanted):
             break
-    for index, src in enumerate(cfg.sources):
-        if src.hf_dataset is not None and len(found) < len(wanted):
-            check_source(src, index, note)
     return [found[key] for key in hashes if key in found]

@@ -161,7 +161,13 @@ def test_texts_vectors_and_plan_read_a_path_alike(tmp_path, form, ray_local):
     cache = TeacherCache.open(Location.of(tmp_path / "cache"), {"test": form}, "m")
     assert ingest_vectors(teacher, cache) and not ingest_vectors(teacher, cache)  # once
     vectors = pq.read_table(cache.shard_paths(cache.entries()))
-    assert count_rows(Location.of(path)) == len(texts) == check_vectors(teacher).rows == vectors.num_rows == 7
+    assert (
+        count_rows(Location.of(path))
+        == len(texts)
+        == check_vectors(teacher).rows
+        == vectors.num_rows
+        == 7
+    )
     assert sorted(vectors["embedding"].to_pylist()) == [r["embedding"] for r in rows]
 
 
@@ -175,3 +181,52 @@ def test_skip_drops_bad_rows_where_error_refuses_them(tmp_path, ray_local):
     assert sorted(r["id"] for r in read_texts(skip).take_all()) == [str(i) for i in range(5)]
     with pytest.raises(DataError, match=r"mixed.jsonl:3: invalid JSON"):
         read_texts(DataConfig.model_validate({"sources": [source]})).take_all()
+
+
+def test_a_datasets_folder_is_checked_row_by_row(tmp_path, ray_local):
+    """An `hf_dataset` (here a local folder; a hub name is streamed the same way, where its
+    task runs) is checked like files, each bad row named by its index, the first few listed;
+    a missing field is named first. A hub name is checked as it is read: a dry run downloads
+    nothing."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    rows = [{"sentence": f"example {i}"} for i in range(30)]
+    rows[4]["sentence"], rows[17]["sentence"] = None, "  "
+    write_jsonl(folder / "train.jsonl", rows)
+    source = {"hf_dataset": str(folder), "text_field": "sentence", "kind": "document"}
+
+    def config(**changes) -> LeafConfig:
+        data = {"sources": [source | changes], "bad_rows": "skip"}
+        return LeafConfig.model_validate({"data": data, "teacher": {"model": "org/m"}})
+
+    inputs = check_inputs(config())
+    assert inputs.rows == 28 and inputs.skipped == {"sentence null": 1, "sentence empty": 1}
+    strict = config().model_copy(
+        update={"data": config().data.model_copy(update={"bad_rows": "error"})}
+    )
+    with pytest.raises(DataError) as error:
+        check_inputs(strict)
+    assert f"{folder} (train) row 4: sentence: null" in str(error.value)
+    assert f"{folder} (train) row 17: sentence: empty" in str(error.value)
+    limited = check_inputs(config(limit=4))
+    assert (limited.rows, limited.skipped) == (4, {})  # the first rows only, as training reads
+    with pytest.raises(DataError) as error:
+        check_inputs(config(text_field="text"))
+    assert "(train): no field 'text' (fields: ['sentence'])" in str(root_cause(error.value))
+
+
+def test_a_hub_layout_dataset_with_a_limit_reads_no_more_than_it_needs(tmp_path, ray_local):
+    """A dataset in the hub's layout, two Parquet files of its split: with a limit inside the
+    first, the second is never opened (it is not even Parquet here), by the check or the read."""
+    folder = tmp_path / "hub" / "data"
+    folder.mkdir(parents=True)
+    rows = [{"text": f"web page {i}", "url": f"https://example.org/{i}"} for i in range(50)]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00002.parquet")
+    (folder / "train-00001-of-00002.parquet").write_bytes(b"PAR1 not a Parquet file at all")
+    source = {"hf_dataset": str(folder.parent), "kind": "document", "limit": 20}
+    cfg = LeafConfig.model_validate({"data": {"sources": [source]}, "teacher": {"model": "org/m"}})
+    inputs = check_inputs(cfg)
+    assert inputs.rows == 20
+    read = read_texts(cfg.data, inputs.kept).take_all()
+    assert sorted(r["text"] for r in read) == sorted(f"web page {i}" for i in range(20))
+    assert {r["kind"] for r in read} == {"document"}

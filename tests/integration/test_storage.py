@@ -1,19 +1,28 @@
 """Runs, checkpoints and caches on an object store: a local S3 (moto's server) through pyarrow.fs,
 as a user's s3:// storage would be reached."""
 
+import gzip
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from leaf_ray import recipe
-from leaf_ray.config import load_config
+from leaf_ray.config import LeafConfig, load_config
+from leaf_ray.data import sources
+from leaf_ray.data.sources import DataError, read_texts
 from leaf_ray.eval.tasks import EvalError
+from leaf_ray.inputs import check_inputs
 from leaf_ray.recipe import distill, evaluate_run
 from leaf_ray.run import work_folder
 from leaf_ray.storage import Location
+from leaf_ray.teacher.cache import TeacherCache
+from leaf_ray.teacher.vectors import ingest_vectors
 from tests.conftest import tiny_run_config, under
 from tests.integration.test_pipeline import main_scores, small_eval_set
 
@@ -134,3 +143,54 @@ def test_a_pretrained_student_on_s3_and_a_failed_evaluation_that_reruns_alone(
     outcome = evaluate_run(run)
     assert outcome.embedded == {"student": 0, "student_init": 0, "teacher": 0, "pretrained": 0}
     assert json.loads((run / "eval.json").read_text()) == rows
+
+
+def test_sources_and_vectors_in_a_bucket_are_read_by_the_tasks(
+    tmp_path, demo_texts, s3_uri, ray_local, monkeypatch
+):
+    """Training texts and precomputed vectors in an object store: the input check, the read
+    (a plain JSON lines file in byte ranges, a compressed one whole) and the vectors' check and
+    ingest run in Ray tasks that open the bucket themselves, as a node without the driver's
+    disk would."""
+    monkeypatch.setattr(sources, "PIECE_BYTES", 4000)  # the plain file in several pieces
+    texts = demo_texts[:150]
+    folder = Location.of(under(s3_uri, "data/texts"))
+    lines = [json.dumps(t).encode() + b"\n" for t in texts]
+    (folder / "a.jsonl").write(b"".join(lines[:100]))
+    (folder / "b.jsonl.gz").write(gzip.compress(b"".join(lines[100:])))
+    vectors = np.eye(150, 8, dtype=np.float32)[np.arange(150) % 8]  # unit rows
+    table = pa.table(
+        {
+            "kind": [t["kind"] for t in texts],
+            "text": [t["text"] for t in texts],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=40)
+    Location.of(under(s3_uri, "data/vectors.parquet")).write(sink.getvalue().to_pybytes())
+    cfg = LeafConfig.model_validate(
+        {
+            "data": {"sources": [{"path": under(s3_uri, "data/texts")}]},
+            "teacher": {"model": "black-box", "vectors": under(s3_uri, "data/vectors.parquet")},
+            "student": {"init": "pretrained", "model": "org/student"},
+        }
+    )
+    pieces = sources.source_pieces(cfg.data)
+    assert len(pieces) > 3 and all(str(p.file).startswith("s3://leaf/data/texts/") for p in pieces)
+    inputs = check_inputs(cfg)
+    assert inputs.rows == 150
+    read = read_texts(cfg.data, inputs.kept).take_all()
+    assert sorted(r["id"] for r in read) == sorted(t["id"] for t in texts)
+
+    cache = TeacherCache.open(Location.of(tmp_path / "cache"), {"bucket": 1}, "black-box")
+    assert ingest_vectors(cfg.teacher, cache)
+    ingested = pq.read_table(cache.shard_paths(cache.entries()))
+    assert ingested.num_rows == 150 and sorted(ingested["text"].to_pylist()) == sorted(
+        t["text"] for t in texts
+    )
+
+    lines[90] = b'{"id": "x", "text": null, "kind": "query"}\n'  # in a later piece of a.jsonl
+    (folder / "a.jsonl").write(b"".join(lines[:100]))
+    with pytest.raises(DataError, match=r"s3://leaf/data/texts/a.jsonl:91: text: null"):
+        check_inputs(cfg)
