@@ -74,7 +74,8 @@ class Location:
         self.fs.create_dir(self.path, recursive=True)
 
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.path) as f:
+        # The bytes as stored: pyarrow would otherwise decompress a `.gz` by its name.
+        with self.fs.open_input_stream(self.path, compression=None) as f:
             return f.read()
 
     def read_text(self) -> str:
@@ -82,7 +83,8 @@ class Location:
 
     def write(self, data: str | bytes) -> None:
         data = data.encode() if isinstance(data, str) else data
-        with self._whole() as target, self.fs.open_output_stream(target) as f:
+        # Written as given: pyarrow would otherwise compress a `.gz` (again) by its name.
+        with self._whole() as target, self.fs.open_output_stream(target, compression=None) as f:
             f.write(data)
 
     def move_to(self, target: Location) -> None:

@@ -88,7 +88,7 @@ def test_a_limit_keeps_the_first_rows_in_file_order_on_every_pass(tmp_path, ray_
     ]
     cfg = LeafConfig.model_validate({"data": {"sources": sources}, "teacher": {"model": "org/m"}})
     inputs = check_inputs(cfg)
-    assert inputs.rows == 120
+    assert inputs.rows == 120 + 7
     texts = read_texts(cfg.data, inputs.kept)
     first = [r["id"] for r in texts.take_all() if r["source"] == 0]
     assert sorted(first) == sorted(
