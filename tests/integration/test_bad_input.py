@@ -1,4 +1,4 @@
-"""Bad input is refused before any Ray job, naming the file, line (or row) and field."""
+"""Bad input is refused before anything is written, naming the file, line (or row) and field."""
 
 import gzip
 import json
@@ -41,7 +41,7 @@ def space(path: str, **teacher):
     return teacher_space(TeacherConfig(model="m", vectors=path, **teacher), on_gpu=False)
 
 
-# --- Bad sources, models and eval folders: `leaf-ray distill` exits 2 before Ray starts --------
+# --- Bad sources, models and eval folders: `leaf-ray distill` exits 2, nothing written -------
 
 GOOD_ROWS = [
     {"id": str(i), "text": f"text number {i}", "kind": "query" if i % 2 else "document"}
