@@ -13,7 +13,7 @@ teacher stage; precomputed vectors by a Ray Data job (`check_vectors`).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -26,7 +26,6 @@ from leaf_ray.data.sources import (
     DataError,
     Piece,
     PieceScan,
-    SourceCheck,
     scan_piece,
     source_pieces,
 )
@@ -87,24 +86,17 @@ def _scan(cfg: LeafConfig, pieces: list[Piece], first: int) -> Inputs:
     scan = ray.remote(scan_piece).options(num_returns=2)
     started = [scan.remote(first + i, p, cfg.data.sources[p.source]) for i, p in enumerate(pieces)]
     reports: list[PieceScan] = ray.get([report for report, _ in started])
-    kept: dict[int, int] = {}
-    skipped: Counter = Counter()
+    checks = {
+        p.source: SourceCheck(_label(cfg, p.source), cfg.data.sources[p.source].limit)
+        for p in pieces
+    }
     lines: Counter = Counter()  # of each file, in the pieces before
-    checks = {p.source: SourceCheck(_label(cfg, p.source)) for p in pieces}
+    kept: dict[int, int] = {}
     for piece, report in zip(pieces, reports, strict=True):
-        src, check = cfg.data.sources[piece.source], checks[piece.source]
         path = piece.file.path if piece.file else piece.hub
-        room = src.limit - check.rows if src.limit else report.good
-        keep = max(0, min(report.good, room))
-        kept[report.piece] = keep
-        for reason, before in zip(report.reasons, report.good_before, strict=True):
-            if not src.limit or check.rows + before < src.limit:
-                check.bad[reason] += 1
-        for before, at, why in report.examples:
-            if (not src.limit or check.rows + before < src.limit) and len(check.examples) < SHOWN:
-                check.examples.append(f"{piece.where(at, lines[path])}: {why}")
-        check.rows += keep
+        kept[report.piece] = checks[piece.source].merge(piece, report, lines[path])
         lines[path] += report.lines
+    skipped: Counter = Counter()
     for check in checks.values():
         if check.bad and cfg.data.bad_rows == "error":
             raise DataError(check.error())
@@ -113,6 +105,43 @@ def _scan(cfg: LeafConfig, pieces: list[Piece], first: int) -> Inputs:
         skipped += check.bad
     keys = [(ref, kept[first + i]) for i, (_, ref) in enumerate(started)]
     return Inputs(kept, keys, sum(kept.values()), skipped)
+
+
+@dataclass
+class SourceCheck:
+    """One source's piece reports, merged in file order: the good rows each piece keeps (up to
+    the source's limit), and the bad rows before the limit, by reason, the first few named."""
+
+    label: str
+    limit: int | None
+    rows: int = 0  # good rows kept
+    bad: Counter = field(default_factory=Counter)  # reason -> rows
+    examples: list[str] = field(default_factory=list)  # "file:line: field: reason"
+
+    def merge(self, piece: Piece, report: PieceScan, lines_before: int) -> int:
+        """Take the next piece's report (its file's lines before it: `lines_before`); returns
+        the good rows it keeps."""
+
+        def counted(good_before: int) -> bool:  # a bad row past the limit is never read
+            return not self.limit or self.rows + good_before < self.limit
+
+        for reason, before in zip(report.reasons, report.good_before, strict=True):
+            if counted(before):
+                self.bad[reason] += 1
+        for before, at, why in report.examples:
+            if counted(before) and len(self.examples) < SHOWN:
+                self.examples.append(f"{piece.where(at, lines_before)}: {why}")
+        keep = min(report.good, self.limit - self.rows) if self.limit else report.good
+        self.rows += keep
+        return keep
+
+    def error(self) -> str:
+        """The problems as the user reads them: the first few, the rest counted."""
+        total = sum(self.bad.values())
+        more = total - len(self.examples)
+        lines = [f"{self.label}: {total} bad row(s) (data.bad_rows=skip drops them):"]
+        lines += [f"  {line}" for line in self.examples]
+        return "\n".join(lines + ([f"  ... and {more} more"] if more > 0 else []))
 
 
 def _label(cfg: LeafConfig, source: int) -> str:

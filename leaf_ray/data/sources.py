@@ -309,29 +309,6 @@ def _parquet_name(name: str) -> bool:
     return ".parquet" in name
 
 
-@dataclass
-class SourceCheck:
-    """What `check_source` found in one source: its bad rows, by reason, the first few named."""
-
-    label: str
-    rows: int = 0  # good rows read (up to the source's limit)
-    bad: Counter = field(default_factory=Counter)  # reason -> rows
-    examples: list[str] = field(default_factory=list)  # "file:line: field: reason"
-
-    def add(self, where: str, problem: tuple[str, str]) -> None:
-        self.bad[problem[0]] += 1
-        if len(self.examples) < SHOWN:
-            self.examples.append(f"{where}: {problem[1]}")
-
-    def error(self) -> str:
-        """The problems as the user reads them: the first few, the rest counted."""
-        total = sum(self.bad.values())
-        more = total - len(self.examples)
-        lines = [f"{self.label}: {total} bad row(s) (data.bad_rows=skip drops them):"]
-        lines += [f"  {line}" for line in self.examples]
-        return "\n".join(lines + ([f"  ... and {more} more"] if more > 0 else []))
-
-
 def _required_fields(src: SourceConfig) -> tuple[str, ...]:
     return (src.text_field,) + (() if src.kind else (src.kind_field,))
 
