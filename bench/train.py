@@ -136,8 +136,10 @@ def cached_vectors(
         for h, i, v in zip(hashes, items, targets, strict=True)
     ]
     ray.data.from_items(rows).write_datasink(cache.sink("float32", len(rows)))
-    every = ray.put((np.sort(hashes), None, np.zeros(len(hashes), np.int32)))  # the one shard's
-    return held_for_epochs(cache.read(cache.scan(), every), len(rows), targets.shape[1])
+    wanted = np.sort(hashes)
+    every = ray.put((wanted, None, np.zeros(len(hashes), np.int32)))  # all, from the one shard
+    ranges = [(bytes(wanted[0]).ljust(16, b"\0"), bytes(wanted[-1]).ljust(16, b"\0"))]
+    return held_for_epochs(cache.read(cache.scan(), every, ranges), len(rows), targets.shape[1])
 
 
 def streaming_train(cfg: LeafConfig, init: str, items: list[dict], storage: Path) -> float:

@@ -38,6 +38,7 @@ class Selected:
     texts: int  # distinct texts
     rows: int  # rows, counting each text as many times as it is read
     repeated: int  # of the texts, those that more than one source row holds
+    ranges: list[tuple[bytes, bytes]]  # its keys cut in ranges, a reading task each (inclusive)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,6 @@ class Plan:
     training: Selected  # texts trained on, each as often as its source's weight says
     lowest: Selected  # the held-out texts, then the projection's fit sample: the lowest keys
     held: int  # of `lowest`, the first `held` are held out for validation
-    highest: bytes | None  # the largest of the `lowest` keys
     repeated: ray.ObjectRef  # sorted keys that more than one source row holds
     first_missing: bytes | None  # a text the cache lacks, to name it
 
@@ -83,7 +83,6 @@ def plan_selection(
         held=s["held"],
         repeated=repeated,
         first_missing=s["first_missing"],
-        highest=s["highest"],
     )
 
 
@@ -140,13 +139,13 @@ def decide(
         "duplicated": duplicated,
         "held": held,
         "first_missing": _whole(missing[0]) if missing.size else None,
-        "highest": _whole(lowest[-1]) if lowest.size else None,
     }
     for name, (keys_, counts_, _) in chosen.items():
         summary[name] = {
             "texts": int(keys_.size),
             "rows": int(counts_.sum()) if counts_ is not None else int(keys_.size),
             "repeated": int(_isin_sorted(repeated, keys_).sum()),
+            "ranges": key_ranges(keys_),
         }
     return summary, chosen["todo"], chosen["training"], chosen["lowest"], repeated
 
@@ -157,6 +156,20 @@ def _source_keys(value: tuple | pa.Table, count: int) -> tuple[np.ndarray, np.nd
         value = hashes_of(value["text_hash"]), value["source"].to_numpy().astype(np.int16)
     hashes, sources = value
     return (hashes, sources) if count < 0 else (hashes[:count], sources[:count])
+
+
+# Distinct keys a reading task takes: at least a few thousand (each opens every shard's footer),
+# at most this many (the rows it holds at once), and enough tasks to spread over a cluster.
+RANGE_KEYS = (1024, 65536)
+RANGE_TASKS = 32
+
+
+def key_ranges(keys: np.ndarray) -> list[tuple[bytes, bytes]]:
+    """Sorted `keys` cut into consecutive (first, last) ranges, a reading task each."""
+    low, high = RANGE_KEYS
+    per = int(min(high, max(low, -(-keys.size // RANGE_TASKS))))
+    starts = range(0, keys.size, per)
+    return [(_whole(keys[i]), _whole(keys[min(i + per, keys.size) - 1])) for i in starts]
 
 
 def _whole(key: np.bytes_) -> bytes:

@@ -38,7 +38,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from leaf_ray.hashing import HASH_DTYPE, hashes_of, hashes_to_arrow, text_hashes
+from leaf_ray.hashing import HASH_DTYPE, HASH_TYPE, hashes_of, hashes_to_arrow, text_hashes
 from leaf_ray.run import RunError
 from leaf_ray.storage import Location
 
@@ -51,8 +51,8 @@ KEY_JSON, SHARDS, MANIFEST, SET_ASIDE = "key.json", "shards", "manifest", "set_a
 TEXT_COLUMNS = ("text_hash", "kind", "text")
 
 
-# Rows per Parquet row group: a read of the lowest hashes opens one group per shard, ~100 KB of
-# 384-d float16 vectors, rather than the whole shard.
+# Rows per Parquet row group: a read of a key range opens, in each shard, the groups that overlap
+# it (~100 KB of 384-d float16 vectors each), not the whole shard.
 ROW_GROUP_ROWS = 128
 
 
@@ -198,33 +198,21 @@ class TeacherCache:
     def sink(self, vector_dtype: str, rows_per_shard: int) -> CacheSink:
         return CacheSink(self.root, vector_dtype, rows_per_shard)
 
-    def read(self, keys: CacheKeys, selected: ray.ObjectRef) -> ray.data.Dataset:
+    def read(
+        self, keys: CacheKeys, selected: ray.ObjectRef, ranges: list[tuple[bytes, bytes]]
+    ) -> ray.data.Dataset:
         """The rows `selected` names, from its (hashes, counts, shard ordinals) in the object
         store (`leaf_ray.data.selection`): each `counts[i]` times, from the shard that holds
-        its first copy, in read order."""
-        shards = ray.data.read_parquet(
-            self.shard_paths(keys.good), filesystem=self.root.fs, include_paths=True
-        )
-        ordinals = keys.ordinals()
-        return shards.map_batches(
-            _keep_selected, fn_args=(selected, ordinals), batch_format="pyarrow"
-        )
-
-    def read_lowest(
-        self, keys: CacheKeys, selected: ray.ObjectRef, below: bytes
-    ) -> pa.Table | None:
-        """The rows `selected` names, all of whose hashes are at most `below`: gathered here
-        from each shard's first row groups only (rows are sorted by hash within a shard), so a
-        few thousand held-out texts do not read every vector of the cache."""
-        read = ray.remote(_read_lowest)
+        its first copy, in key order. A task per key range of `ranges` (inclusive, in order)
+        reads from every shard only the row groups whose keys overlap it (rows are sorted by
+        key within a shard), so the order is the keys', whichever shards the texts were
+        embedded into, and a few thousand texts do not read every vector of the cache."""
         place = keys.ordinals()
         good = [(place[e["shard"]], e) for e in keys.good]
-        parts = [
-            read.remote(self.root, good[start : start + SHARDS_PER_SCAN], selected, below)
-            for start in range(0, len(good), SHARDS_PER_SCAN)
-        ]
-        tables = [t for t in ray.get(parts) if t.num_rows]
-        return pa.concat_tables(tables) if tables else None
+        items = [{"lo": lo, "hi": hi} for lo, hi in ranges]
+        return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+            _read_range, fn_args=(self.root, good, selected), batch_size=1, batch_format="pyarrow"
+        )
 
 
 def _scan_shards(
@@ -257,44 +245,50 @@ def _scan_shards(
     return report, keys
 
 
-def _keep_selected(
-    table: pa.Table, selected: ray.ObjectRef | tuple, ordinals: dict[str, int]
+def _read_range(
+    batch: pa.Table, root: Location, entries: list[tuple[int, dict]], selected: ray.ObjectRef
 ) -> pa.Table:
-    """A read batch's rows that `selected` names and whose shard holds the first copy, each
-    repeated as many times as it says."""
+    """A Ray Data batch naming one key range: the rows of it that `selected` names, each from
+    the shard holding its first copy and as many times as it says, sorted by key."""
+    lo, hi = batch["lo"][0].as_py(), batch["hi"][0].as_py()
     # Ray Data passes an object reference in fn_args as it is; the arrays it names are read
     # from the object store without a copy.
-    selected = ray.get(selected) if isinstance(selected, ray.ObjectRef) else selected
-    wanted, counts, first_in = selected
-    shard = np.array([ordinals[p.rsplit("/", 1)[-1]] for p in table["path"].to_pylist()])
-    table = table.drop_columns(["path"])
-    if not len(wanted):
-        return table.slice(0, 0)
-    hashes = hashes_of(table["text_hash"])
-    at = np.minimum(np.searchsorted(wanted, hashes), len(wanted) - 1)
-    hit = (wanted[at] == hashes) & (first_in[at] == shard)
-    rows = np.flatnonzero(hit)
-    return table.take(rows if counts is None else np.repeat(rows, counts[at[hit]]))
-
-
-def _read_lowest(
-    root: Location, entries: list[tuple[int, dict]], selected: tuple, below: bytes
-) -> pa.Table:
+    wanted, counts, first_in = ray.get(selected)
     parts = []
     for ordinal, entry in entries:
         with root.fs.open_input_file((root / SHARDS / entry["shard"]).path) as f:
             shard = pq.ParquetFile(f)
+            meta = shard.metadata
             groups = [
                 g
-                for g in range(shard.num_row_groups)
-                if shard.metadata.row_group(g).column(0).statistics.min <= below
+                for g in range(meta.num_row_groups)
+                if meta.row_group(g).column(0).statistics.min <= hi
+                and meta.row_group(g).column(0).statistics.max >= lo
             ]
             if not groups:
                 continue
             table = shard.read_row_groups(groups)
-        table = table.append_column("path", pa.array([entry["shard"]] * table.num_rows))
-        parts.append(_keep_selected(table, selected, {entry["shard"]: ordinal}))
-    return pa.concat_tables(parts) if parts else pa.table({})
+        hashes = hashes_of(table["text_hash"])
+        at = np.minimum(np.searchsorted(wanted, hashes), len(wanted) - 1)
+        hit = (wanted[at] == hashes) & (first_in[at] == ordinal)
+        hit &= (hashes >= np.bytes_(lo)) & (hashes <= np.bytes_(hi))
+        rows = np.flatnonzero(hit)
+        parts.append(table.take(rows if counts is None else np.repeat(rows, counts[at[hit]])))
+    if not parts:
+        return _empty_rows()
+    table = pa.concat_tables(parts)
+    return table.take(np.argsort(hashes_of(table["text_hash"]), kind="stable"))
+
+
+def _empty_rows() -> pa.Table:
+    return pa.table(
+        {
+            "text_hash": pa.array([], HASH_TYPE),
+            "kind": pa.array([], pa.string()),
+            "text": pa.array([], pa.string()),
+            "embedding": pa.array([], pa.list_(pa.float32())),
+        }
+    )
 
 
 class CacheSink(Datasink):

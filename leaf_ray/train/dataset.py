@@ -40,15 +40,15 @@ def cached_training_set(vectors: TeacherVectors) -> TrainingSet:
     """Rows (text_hash, kind, text, embedding) for one epoch from the teacher cache, each
     distinct text as many times as its source's weight says; the held-out texts and the fit
     sample, the texts with the lowest keys (uniform over every source, and stable across runs),
-    read from the first row groups of each shard only."""
+    read from the row groups that hold them only; all in key order."""
     plan, cache, keys = vectors.plan, vectors.cache, vectors.keys
     lowest = None
     if plan.lowest.texts:
-        lowest = cache.read_lowest(keys, plan.lowest.ref, plan.highest)
+        read = cache.read(keys, plan.lowest.ref, plan.lowest.ranges).to_arrow_refs()
+        lowest = pa.concat_tables(ray.get(read))
     validation, fit = _split_lowest(lowest, plan)
-    rows = held_for_epochs(
-        cache.read(keys, plan.training.ref), plan.training.rows, vectors.space.dimension
-    )
+    training = cache.read(keys, plan.training.ref, plan.training.ranges)
+    rows = held_for_epochs(training, plan.training.rows, vectors.space.dimension)
     return TrainingSet(rows, plan.training.rows, validation, fit)
 
 

@@ -3,9 +3,11 @@ are held out, decided over 16-byte keys."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
-from leaf_ray.data.selection import decide
+from leaf_ray.data.selection import RANGE_KEYS, decide, key_ranges
 from leaf_ray.hashing import HASH_DTYPE, text_hashes
 
 PARAMS = {"weights": [2.0, 0.5, 1.0], "seed": 0, "held": 0, "fit": 0}
@@ -30,7 +32,10 @@ def test_mixture_weights_set_how_often_each_source_is_seen():
     assert [times[h] for h in keys(*"xyz")] == [1, 1, 1]
     halves = [times.get(h, 0) for h in keys(*(f"h{i}" for i in range(9)))]
     assert sorted(halves) == [0] * 5 + [1] * 4  # exactly round(0.5 x 9) = 4 of them, once each
-    assert summary["training"] == {"texts": 11, "rows": 15, "repeated": 1}
+    training = summary["training"]
+    assert (training["texts"], training["rows"], training["repeated"]) == (11, 15, 1)
+    lo, hi = (bytes(k).ljust(16, b"\0") for k in (distinct[0], distinct[-1]))
+    assert training["ranges"] == [(lo, hi)]
     assert repeated.tolist() == keys("a").tolist()  # two rows hold it: read once
 
     def counted(order: np.ndarray, seed: int = 0) -> list:
@@ -69,3 +74,14 @@ def test_the_cache_is_looked_up_by_key_and_each_text_read_from_its_first_copy():
     shard_of = dict(zip(training.tolist(), first_in.tolist(), strict=True))
     assert shard_of == {keys(k)[0]: s for k, s in (("a", -1), ("b", 0), ("c", -1), ("d", 1))}
     assert summary["first_missing"] == min(keys("a", "c").tolist()).ljust(16, b"\0")
+
+
+def test_keys_are_cut_into_consecutive_ranges_a_reading_task_each():
+    keys = np.sort(text_hashes(["query"] * 10_000, [f"t{i}" for i in range(10_000)]))
+    ranges = key_ranges(keys)
+    assert len(ranges) == -(-10_000 // RANGE_KEYS[0])  # the smallest range: many tasks
+    whole = [bytes(k).ljust(16, b"\0") for k in keys]  # numpy drops trailing zero bytes
+    assert [lo for lo, _ in ranges] == whole[:: RANGE_KEYS[0]]
+    assert ranges[-1][1] == whole[-1]
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges))
+    assert key_ranges(keys[:0]) == []
