@@ -195,7 +195,7 @@ class TeacherCache:
     def shard_paths(self, entries: list[dict]) -> list[str]:
         return [(self.root / SHARDS / e["shard"]).path for e in entries]
 
-    def sink(self, vector_dtype: str, rows_per_shard: int) -> CacheSink:
+    def sink(self, vector_dtype: str, rows_per_shard: int | None) -> CacheSink:
         return CacheSink(self.root, vector_dtype, rows_per_shard)
 
     def read(
@@ -292,22 +292,35 @@ def _empty_rows() -> pa.Table:
 
 
 class CacheSink(Datasink):
-    """Ray Data sink: each write task commits one shard, then an entry file naming it; the
-    finished write merges its entries into one manifest file."""
+    """Ray Data sink: a write task commits a shard per `rows_per_shard` rows it is given, each
+    then an entry file naming it; the finished write merges its entries into one manifest file.
+    `rows_per_shard` None: a shard per block, and blocks are not gathered into larger writes
+    (where the sink fuses with the task that makes the rows, gathering rows would gather those
+    tasks' inputs: every piece of a file into one task)."""
 
-    def __init__(self, root: Location, vector_dtype: str, rows_per_shard: int):
+    def __init__(self, root: Location, vector_dtype: str, rows_per_shard: int | None):
         self.root, self.vector_dtype, self.rows_per_shard = root, vector_dtype, rows_per_shard
 
     @property
-    def min_rows_per_write(self) -> int:
+    def min_rows_per_write(self) -> int | None:
         return self.rows_per_shard
 
     def write(self, blocks: Iterable[Block], ctx) -> list[dict]:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return []
-        rows = pa.concat_tables(tables, promote_options="default")
+        """The task's rows as shards, holding at most one shard's rows (and a block) at once."""
+        entries, pending, rows = [], [], 0
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            pending.append(table)
+            rows += table.num_rows
+            if rows and (self.rows_per_shard is None or rows >= self.rows_per_shard):
+                entries.append(self._commit(pa.concat_tables(pending, promote_options="default")))
+                pending, rows = [], 0
+        if rows:
+            entries.append(self._commit(pa.concat_tables(pending, promote_options="default")))
+        return entries
+
+    def _commit(self, rows: pa.Table) -> dict:
+        """One shard, written whole, then its entry."""
         hashes = hashes_of(rows["text_hash"])
         # A text listed twice reaches the sink twice: keep one; rows sorted by their key.
         distinct, first = np.unique(hashes, return_index=True)
@@ -333,7 +346,7 @@ class CacheSink(Datasink):
             "keys_sha256": hashlib.sha256(distinct.tobytes()).hexdigest(),
         }
         (self.root / MANIFEST / f"{name}.json").write(json.dumps([entry]))
-        return [entry]
+        return entry
 
     def on_write_complete(self, write_result: WriteResult[list[dict]]) -> None:
         """One manifest file for the whole write; then the per-shard ones it replaces."""

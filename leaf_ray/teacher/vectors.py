@@ -33,11 +33,9 @@ from leaf_ray.data.sources import DataError, data_files, is_parquet, stream_line
 from leaf_ray.storage import Location
 from leaf_ray.teacher.cache import TeacherCache, add_text_hash
 
-# Rows a reading task handles at once: bounded memory whatever the row groups' size.
+# Rows a reading task handles at once, and a cache shard the ingest writes: bounded memory
+# whatever the row groups' size.
 CHUNK_ROWS = 8192
-
-
-SHARD_ROWS = 8192  # rows per cache shard the ingest writes
 
 
 INGESTED = "ingested.json"  # in a cache folder: the vectors file is in it, whole
@@ -155,7 +153,7 @@ def ingest_vectors(cfg: TeacherConfig, cache: TeacherCache) -> bool:
     rows = _over_pieces(parts).map_batches(
         _read_piece, fn_args=(parts,), batch_size=1, batch_format="pyarrow"
     )
-    rows.write_datasink(cache.sink(cfg.vector_dtype, SHARD_ROWS))
+    rows.write_datasink(cache.sink(cfg.vector_dtype, None))  # a shard per chunk read
     done.write(json.dumps({"vectors": cfg.vectors, "version": fingerprint(cfg.vectors)}))
     return True
 
