@@ -61,7 +61,7 @@ def check_inputs(cfg: LeafConfig) -> Inputs:
         connect_ray(cfg.ray)
     inputs = _scan(cfg, pieces, 0)
     if cfg.teacher.backend == "vectors":  # which texts they cover: the teacher stage says
-        check_vectors(cfg.teacher)
+        check_vectors(cfg.teacher, memo=cfg.cache_dir())
     return inputs
 
 

@@ -8,6 +8,7 @@ file is one line per redraw.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -21,12 +22,12 @@ def on_terminal() -> bool:
 
 
 class LogLines:
-    """A bar's stand-in off a terminal: `<desc> <done>/<total>` at most every LOG_EVERY_S
-    seconds, and at the end."""
+    """A bar's stand-in off a terminal: `<desc> <done>/<total>` at the first update (the work
+    has started), then at most every LOG_EVERY_S seconds, and at the end."""
 
     def __init__(self, total: int, desc: str, done: int = 0, quiet: bool = False):
         self.total, self.desc, self.done, self.quiet = total, desc, done, quiet
-        self.last = time.monotonic()
+        self.last = -math.inf
 
     def update(self, n: int = 1) -> None:
         self.done += n

@@ -179,7 +179,8 @@ def piece_rows(
     piece: Piece, src: SourceConfig, lines: Counter | None = None
 ) -> Iterator[tuple[int, dict | None, Problem]]:
     """(line or row in the piece, from 1; row; problem) for each of the piece's rows. `lines`:
-    counts the piece's lines, blank ones too, under its file's name (for the pieces after)."""
+    counts a byte range's lines, blank ones too, under its file's name (for the pieces after;
+    a compressed file is one piece)."""
     if piece.hub:
         yield from _hub_rows(src)
         return
@@ -194,7 +195,10 @@ def piece_rows(
                 row += 1
                 yield row, values, row_problem(values, src)
         return
-    yield from parse_lines(_counted(_piece_lines(piece), lines, piece.file.path), src)
+    read = _piece_lines(piece)
+    if lines is not None and isinstance(read, list):  # a range: pieces after it count on it
+        lines[piece.file.path] += len(read)
+    yield from parse_lines(read, src)
 
 
 def _hub_rows(src: SourceConfig) -> Iterator[tuple[int, dict, Problem]]:
@@ -211,27 +215,13 @@ def _hub_rows(src: SourceConfig) -> Iterator[tuple[int, dict, Problem]]:
         yield at, kept, row_problem(kept, src)
 
 
-def _counted(lines: Iterator[bytes], counter: Counter | None, key: str) -> Iterator[bytes]:
-    for line in lines:
-        if counter is not None:
-            counter[key] += 1
-        yield line
-
-
-def _piece_lines(piece: Piece) -> Iterator[bytes]:
-    """The lines that start inside the piece's byte range (a compressed file: all of them,
-    streamed). A range is read whole: at most `PIECE_BYTES`, and the end of its last line."""
+def _piece_lines(piece: Piece) -> list[bytes] | Iterator[bytes]:
+    """The lines that start inside the piece's byte range, read whole (at most `PIECE_BYTES`
+    and the end of its last line); a compressed file's lines, streamed."""
     file = piece.file
     with file.fs.open_input_file(file.path) as f:
         if piece.end < 0 and f.read(2) == GZIP_MAGIC:
-            f.seek(0)
-            try:
-                yield from gzip.GzipFile(fileobj=f)
-            except (EOFError, OSError, zlib.error) as e:
-                raise DataError(
-                    f"{file}: cannot be decompressed, truncated or not gzip ({e})"
-                ) from None
-            return
+            return _gzip_lines(file)
         begin = max(piece.start - 1, 0)
         f.seek(begin)
         data = f.read((f.size() if piece.end < 0 else piece.end) - begin)
@@ -243,7 +233,17 @@ def _piece_lines(piece: Piece) -> Iterator[bytes]:
                 break
     if piece.start:  # the rest of a line the piece before holds
         data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
-    yield from data.splitlines(keepends=True)
+    return data.splitlines(keepends=True)
+
+
+def _gzip_lines(file: Location) -> Iterator[bytes]:
+    with file.fs.open_input_file(file.path) as f:
+        try:
+            yield from gzip.GzipFile(fileobj=f)
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(
+                f"{file}: cannot be decompressed, truncated or not gzip ({e})"
+            ) from None
 
 
 @dataclass
@@ -363,7 +363,7 @@ def row_problem(row: object, src: SourceConfig) -> Problem:
         return f"{field} {reason}", f"{field}: {reason}"
     if not isinstance(text, str):
         return f"{field} not a string", f"{field}: a {type(text).__name__}, not a string"
-    if not text.strip():
+    if not text or text.isspace():  # not `strip()`: no copy of every text
         return f"{field} empty", f"{field}: empty"
     if not text.isascii():
         try:

@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,7 @@ CHUNK_ROWS = 8192
 
 
 INGESTED = "ingested.json"  # in a cache folder: the vectors file is in it, whole
+CHECKED = "vectors_checked"  # in the teacher caches' folder: a file version's check, passed
 
 
 COLUMNS = ("kind", "text", "embedding")
@@ -97,11 +98,20 @@ def pieces(path: str) -> list[Piece]:
     return found
 
 
-def check_vectors(cfg: TeacherConfig) -> VectorsCheck:
+def check_vectors(cfg: TeacherConfig, memo: Location | None = None) -> VectorsCheck:
     """Every row of the vectors file checked by a Ray Data job; the first bad row named, with
     its file and row (from 1), or the file's dimension and whether its vectors are unit length.
-    Once per file version and process: the distill's input check and its teacher stage share it."""
-    checked = _check(cfg.vectors, fingerprint(cfg.vectors))
+    Once per file version and process (the distill's input check and its teacher stage share
+    it), and, given a `memo` folder (the teacher cache's), once per file version: a rerun reads
+    what the first run found there."""
+    version = fingerprint(cfg.vectors)
+    known = memo / CHECKED / f"{version}.json" if memo else None
+    if known and known.is_file():
+        checked = VectorsCheck(**json.loads(known.read_text()))
+    else:
+        checked = _check(cfg.vectors, version)
+        if known:
+            known.write(json.dumps(asdict(checked)))
     if cfg.normalized and not checked.normalized:
         raise DataError(
             f"teacher.vectors: {cfg.vectors}: teacher.normalized is true, but the vectors are not "

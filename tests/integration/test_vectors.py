@@ -74,3 +74,26 @@ def test_vectors_declared_unit_length_that_are_not_are_refused(tmp_path, ray_loc
     path = vectors_file(tmp_path, (3 * np.array(unit_rows(50))).tolist())
     with pytest.raises(DataError, match="teacher.normalized is true, but the vectors are not"):
         space(path, normalized=True)
+
+
+def test_a_vectors_file_is_checked_once_per_version(tmp_path, ray_local, monkeypatch):
+    """The check's result is kept beside the teacher caches: a rerun of the same file (its
+    names, sizes and times) reads it instead of every vector again; a changed file is checked."""
+    from leaf_ray.config import TeacherConfig
+    from leaf_ray.storage import Location
+    from leaf_ray.teacher import vectors
+
+    path = vectors_file(tmp_path, unit_rows(50))
+    cfg, memo = TeacherConfig(model="m", vectors=path), Location.of(tmp_path / "caches")
+    first = vectors.check_vectors(cfg, memo)
+    assert (first.rows, first.dimension, first.normalized) == (50, 8, True)
+    assert len((memo / vectors.CHECKED).files(".json")) == 1
+
+    def again(*args):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(vectors, "_check", again)
+    assert vectors.check_vectors(cfg, memo) == first
+    path = vectors_file(tmp_path, unit_rows(60))  # the same name, another version
+    with pytest.raises(AssertionError, match="checked again"):
+        vectors.check_vectors(cfg, memo)
