@@ -13,8 +13,8 @@ def test_off_a_terminal_progress_is_a_line_every_interval_and_the_last(capsys, m
         for _ in range(20):
             bar.update(1)
     lines = capsys.readouterr().err.splitlines()
-    # 7 s a step, a line every 30 s: after steps 5, 10, 15, then the last
-    assert lines == [f"eval: embedding {n}/20" for n in (5, 10, 15, 20)]
+    # The first step (the work has started), then 7 s a step and a line every 30 s, the last
+    assert lines == [f"eval: embedding {n}/20" for n in (1, 6, 11, 16, 20)]
 
 
 def test_loading_weights_draws_no_bar_and_hub_downloads_keep_theirs(tiny_student, tmp_path, capfd):
