@@ -18,7 +18,7 @@ from leaf_ray.teacher.actors import embed_texts, teacher_calls
 from leaf_ray.teacher.cache import CacheKeys, TeacherCache, VerifyReport, orphans
 from leaf_ray.teacher.layout import cluster_stage_layout
 from leaf_ray.teacher.space import TeacherSpace, teacher_space
-from leaf_ray.teacher.vectors import ingest_vectors
+from leaf_ray.teacher.vectors import check_vectors, ingest_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def embed(cfg: LeafConfig, inputs: Inputs | None = None) -> TeacherVectors:
     space, texts, inputs = space_and_texts(cfg, inputs)
     cache = TeacherCache.open(cfg.cache_dir(), space.key, cfg.teacher.model)
     if cfg.teacher.backend == "vectors":
+        check_vectors(cfg.teacher, cfg.cache_dir(), keep=True)  # for the runs after this one
         ingest_vectors(cfg.teacher, cache)
     keys = inputs.keys
     scanned = _checked(cache, cache.entries())

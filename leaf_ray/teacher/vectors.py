@@ -98,19 +98,21 @@ def pieces(path: str) -> list[Piece]:
     return found
 
 
-def check_vectors(cfg: TeacherConfig, memo: Location | None = None) -> VectorsCheck:
+def check_vectors(
+    cfg: TeacherConfig, memo: Location | None = None, keep: bool = False
+) -> VectorsCheck:
     """Every row of the vectors file checked by a Ray Data job; the first bad row named, with
     its file and row (from 1), or the file's dimension and whether its vectors are unit length.
     Once per file version and process (the distill's input check and its teacher stage share
-    it), and, given a `memo` folder (the teacher cache's), once per file version: a rerun reads
-    what the first run found there."""
+    it), and, given a `memo` folder (the teacher caches'), once per file version: a run reads
+    what an earlier one found there, which the teacher stage `keep`s (a dry run writes none)."""
     version = fingerprint(cfg.vectors)
     known = memo / CHECKED / f"{version}.json" if memo else None
     if known and known.is_file():
         checked = VectorsCheck(**json.loads(known.read_text()))
     else:
         checked = _check(cfg.vectors, version)
-        if known:
+        if known and keep:
             known.write(json.dumps(asdict(checked)))
     if cfg.normalized and not checked.normalized:
         raise DataError(
@@ -192,8 +194,10 @@ def _piece(batch: pa.Table, parts: list[Piece]) -> Piece:
     return parts[batch.to_pylist()[0]["piece"]]
 
 
-def _chunks(piece: Piece) -> Iterator[pa.Table]:
-    """The piece's rows, `CHUNK_ROWS` at a time, with the three columns."""
+def _chunks(piece: Piece, checking: bool = False) -> Iterator[pa.Table]:
+    """The piece's rows, `CHUNK_ROWS` at a time, with the three columns; `checking`, a Parquet
+    row group's kind and text only where its statistics do not already say they hold no null
+    (the texts are most of what is read besides the vectors)."""
     if piece.group is None:
         table = _read_json_lines(piece.file)
         _check_columns(piece.file, table.column_names)
@@ -202,8 +206,22 @@ def _chunks(piece: Piece) -> Iterator[pa.Table]:
         return
     parquet = pq.ParquetFile(piece.file.fs.open_input_file(piece.file.path))
     _check_columns(piece.file, parquet.schema_arrow.names)
-    for batch in parquet.iter_batches(CHUNK_ROWS, row_groups=[piece.group], columns=COLUMNS):
+    columns = [c for c in COLUMNS if not (checking and _no_nulls(parquet, piece.group, c))]
+    for batch in parquet.iter_batches(CHUNK_ROWS, row_groups=[piece.group], columns=columns):
         yield pa.Table.from_batches([batch])
+
+
+def _no_nulls(parquet: pq.ParquetFile, group: int, name: str) -> bool:
+    """Whether the row group's statistics say string column `name` holds no null."""
+    if name == "embedding" or not _is_string(parquet.schema_arrow.field(name).type):
+        return False
+    column = parquet.metadata.row_group(group).column(parquet.schema_arrow.names.index(name))
+    stats = column.statistics
+    return stats is not None and stats.has_null_count and stats.null_count == 0
+
+
+def _is_string(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _check_columns(file: Location, names: list[str]) -> None:
@@ -219,7 +237,7 @@ def _check_piece(batch: pa.Table, parts: list[Piece], dim: int) -> pa.Table:
     summary = {"file": str(piece.file), "rows": 0, "unit": 0, "bad": 0, "row": 0, "problem": ""}
     summary |= {"off_row": 0, "off_norm": 0.0}
     start = piece.first_row
-    for chunk in _chunks(piece):
+    for chunk in _chunks(piece, checking=True):
         problem, bad, unit, off = _check_chunk(piece.file, chunk, dim, start)
         if problem and not summary["problem"]:
             summary["row"], summary["problem"] = problem
@@ -236,17 +254,18 @@ def _check_chunk(
     file: Location, chunk: pa.Table, dim: int, start: int
 ) -> tuple[tuple[int, str] | None, int, int, tuple[int, float] | None]:
     """(the first bad row and why, bad rows, unit-length rows, the first row not of unit length
-    with its norm) of `chunk`, whose first row is row `start` (from 0) of `file`."""
-    for name in ("kind", "text"):
+    with its norm) of `chunk`, whose first row is row `start` (from 0) of `file`. A chunk
+    without kind or text has none null (`_chunks`)."""
+    strings = [name for name in ("kind", "text") if name in chunk.column_names]
+    for name in strings:
         column = chunk[name]
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            if column.null_count < len(column):  # all null: named as null below
-                raise DataError(f"teacher.vectors: {file}: {name}: a {column.type}, not a string")
+        if not _is_string(column.type) and column.null_count < len(column):  # all null: below
+            raise DataError(f"teacher.vectors: {file}: {name}: a {column.type}, not a string")
     column = chunk["embedding"].combine_chunks()
     _check_type(file, column.type)
     bad = np.zeros(chunk.num_rows, dtype=bool)
     why = np.full(chunk.num_rows, "", dtype=object)
-    for name in ("kind", "text"):
+    for name in strings:
         null = chunk[name].is_null().to_numpy(zero_copy_only=False)
         why[null & ~bad] = f"{name}: null"
         bad |= null
@@ -261,8 +280,11 @@ def _check_chunk(
     bad |= odd
     vectors = np.zeros((chunk.num_rows, dim), np.float32)
     good = np.flatnonzero(~bad)
-    if good.size:
-        with np.errstate(over="ignore"):  # beyond float32: infinite, refused just below
+    with np.errstate(over="ignore"):  # beyond float32: infinite, refused just below
+        if good.size == chunk.num_rows:  # as most chunks are: no copy of the rows first
+            values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+            vectors = values.astype(np.float32).reshape(good.size, dim)
+        elif good.size:
             values = pc.list_flatten(column.take(good)).to_numpy(zero_copy_only=False)
             vectors[good] = values.astype(np.float32).reshape(good.size, dim)
     finite = np.isfinite(vectors).all(axis=1)

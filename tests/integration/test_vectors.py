@@ -87,6 +87,8 @@ def test_a_vectors_file_is_checked_once_per_version(tmp_path, ray_local, monkeyp
     cfg, memo = TeacherConfig(model="m", vectors=path), Location.of(tmp_path / "caches")
     first = vectors.check_vectors(cfg, memo)
     assert (first.rows, first.dimension, first.normalized) == (50, 8, True)
+    assert not (memo / vectors.CHECKED).files(".json")  # a dry run's check keeps nothing
+    assert vectors.check_vectors(cfg, memo, keep=True) == first  # the teacher stage's
     assert len((memo / vectors.CHECKED).files(".json")) == 1
 
     def again(*args):
