@@ -33,7 +33,8 @@ class LogLines:
         self.done += n
         if self.quiet:  # counts without printing: a worker that is not rank 0
             return
-        if time.monotonic() - self.last >= LOG_EVERY_S or self.done >= self.total:
+        started = n > 0  # not where a bar starts (or resumes) before its first step
+        if started and time.monotonic() - self.last >= LOG_EVERY_S or self.done >= self.total:
             self.last = time.monotonic()
             # Not `print`: in Ray Train's workers it goes to Train's logger and is teed to the
             # worker's stderr too, two lines for one.

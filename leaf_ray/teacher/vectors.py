@@ -14,7 +14,6 @@ No process holds the whole file.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -108,12 +107,13 @@ def check_vectors(
     what an earlier one found there, which the teacher stage `keep`s (a dry run writes none)."""
     version = fingerprint(cfg.vectors)
     known = memo / CHECKED / f"{version}.json" if memo else None
-    if known and known.is_file():
-        checked = VectorsCheck(**json.loads(known.read_text()))
-    else:
-        checked = _check(cfg.vectors, version)
-        if known and keep:
-            known.write(json.dumps(asdict(checked)))
+    if version not in _CHECKED and known and known.is_file():
+        _CHECKED[version] = VectorsCheck(**json.loads(known.read_text()))
+    if version not in _CHECKED:
+        _CHECKED[version] = _check(cfg.vectors)
+    checked = _CHECKED[version]
+    if known and keep and not known.is_file():
+        known.write(json.dumps(asdict(checked)))
     if cfg.normalized and not checked.normalized:
         raise DataError(
             f"teacher.vectors: {cfg.vectors}: teacher.normalized is true, but the vectors are not "
@@ -124,9 +124,13 @@ def check_vectors(
     return VectorsCheck(checked.rows, checked.dimension, cfg.normalized, checked.not_unit)
 
 
-@functools.lru_cache(maxsize=4)
-def _check(path: str, version: str) -> VectorsCheck:
-    """`check_vectors` measured: `version` (the fingerprint) keys the memo."""
+# This process's checks, by file version: the distill's input check and its teacher stage share
+# one (a vectors file has a version or two in a process: no eviction).
+_CHECKED: dict[str, VectorsCheck] = {}
+
+
+def _check(path: str) -> VectorsCheck:
+    """`check_vectors` measured."""
     parts = pieces(path)
     dim = _first_dimension(path, parts)
     summaries = _over_pieces(parts).map_batches(

@@ -95,6 +95,7 @@ def test_a_vectors_file_is_checked_once_per_version(tmp_path, ray_local, monkeyp
         raise AssertionError("checked again")
 
     monkeypatch.setattr(vectors, "_check", again)
+    vectors._CHECKED.clear()  # a new process: what the memo says, without a check
     assert vectors.check_vectors(cfg, memo) == first
     path = vectors_file(tmp_path, unit_rows(60))  # the same name, another version
     with pytest.raises(AssertionError, match="checked again"):
