@@ -60,6 +60,15 @@ def hashes_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.frombuffer(buffer, HASH_DTYPE, count=len(column), offset=column.offset * HASH_BYTES)
 
 
+def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of `keys`, its place in `sorted_keys` (clipped into it) and whether it is there:
+    how every selection is looked up, a binary search a key, not a set of Python objects."""
+    if not sorted_keys.size:
+        return np.zeros(keys.size, np.intp), np.zeros(keys.size, bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return at, sorted_keys[at] == keys
+
+
 def hex_of(hashes: np.ndarray) -> list[str]:
     """Each `S16` hash as 32 hex characters, as messages and logs name a text."""
     return [row.tobytes().hex() for row in hashes.view(np.uint8).reshape(-1, HASH_BYTES)]

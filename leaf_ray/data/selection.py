@@ -23,7 +23,7 @@ import ray.data
 
 from leaf_ray.config import LeafConfig
 from leaf_ray.data.sources import DataError
-from leaf_ray.hashing import HASH_BYTES, HASH_DTYPE, hashes_of
+from leaf_ray.hashing import HASH_BYTES, HASH_DTYPE, find_sorted, hashes_of
 
 # A selection in the object store: sorted distinct keys, how many times each is read (None:
 # once) and which cache shard holds each one's first copy (-1: none; None: not looked up).
@@ -199,18 +199,13 @@ def _first_copies(hashes: np.ndarray, shards: np.ndarray) -> tuple[np.ndarray, n
 
 def _look_up(cached: np.ndarray, shards: np.ndarray, wanted: np.ndarray):
     """Whether each wanted key is cached, and its first shard (-1 where it is not)."""
-    if not cached.size:
-        return np.zeros(wanted.size, bool), np.full(wanted.size, -1, np.int32)
-    at = np.minimum(np.searchsorted(cached, wanted), cached.size - 1)
-    found = cached[at] == wanted
-    return found, np.where(found, shards[at], -1).astype(np.int32)
+    at, found = find_sorted(cached, wanted)
+    shard = shards[at] if shards.size else np.zeros(at.size, np.int32)
+    return found, np.where(found, shard, -1).astype(np.int32)
 
 
 def _isin_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    if not sorted_keys.size:
-        return np.zeros(keys.size, bool)
-    at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
-    return sorted_keys[at] == keys
+    return find_sorted(sorted_keys, keys)[1]
 
 
 def _mixture_counts(source: np.ndarray, params: dict) -> np.ndarray:
@@ -254,11 +249,11 @@ def _keep_rows(
     # Ray Data passes object references in fn_args as they are: read here, without a copy.
     (wanted, counts, _), repeated = ray.get([chosen, repeated])
     hashes = hashes_of(table["text_hash"])
-    hit = _isin_sorted(wanted, hashes)
+    at, hit = find_sorted(wanted, hashes)
     hit &= _isin_sorted(repeated, hashes) == only_repeated
     rows = np.flatnonzero(hit)
     if counts is not None and not only_repeated:
-        rows = np.repeat(rows, counts[np.searchsorted(wanted, hashes[rows])])
+        rows = np.repeat(rows, counts[at[rows]])
     return table.take(rows)
 
 

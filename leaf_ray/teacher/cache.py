@@ -38,7 +38,14 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from leaf_ray.hashing import HASH_DTYPE, HASH_TYPE, hashes_of, hashes_to_arrow, text_hashes
+from leaf_ray.hashing import (
+    HASH_DTYPE,
+    HASH_TYPE,
+    find_sorted,
+    hashes_of,
+    hashes_to_arrow,
+    text_hashes,
+)
 from leaf_ray.run import RunError
 from leaf_ray.storage import Location
 
@@ -269,8 +276,8 @@ def _read_range(
                 continue
             table = shard.read_row_groups(groups)
         hashes = hashes_of(table["text_hash"])
-        at = np.minimum(np.searchsorted(wanted, hashes), len(wanted) - 1)
-        hit = (wanted[at] == hashes) & (first_in[at] == ordinal)
+        at, hit = find_sorted(wanted, hashes)
+        hit &= first_in[at] == ordinal
         hit &= (hashes >= np.bytes_(lo)) & (hashes <= np.bytes_(hi))
         rows = np.flatnonzero(hit)
         parts.append(table.take(rows if counts is None else np.repeat(rows, counts[at[hit]])))
