@@ -150,10 +150,8 @@ def decide(
     return summary, chosen["todo"], chosen["training"], chosen["lowest"], repeated
 
 
-def _source_keys(value: tuple | pa.Table, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """A piece's (keys, sources), or a dataset block's columns, its first `count` (-1: all)."""
-    if isinstance(value, pa.Table):
-        value = hashes_of(value["text_hash"]), value["source"].to_numpy().astype(np.int16)
+def _source_keys(value: tuple, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A piece's (keys, sources) as its scan left them, its first `count` (-1: all)."""
     hashes, sources = value
     return (hashes, sources) if count < 0 else (hashes[:count], sources[:count])
 

@@ -1,7 +1,7 @@
 """The teacher behind one call, `embed(texts, kind)`: a sentence-transformers model (local,
-bundled or hub: `leaf_ray.teacher.local`), precomputed vectors in a file, or an OpenAI-compatible
-embeddings endpoint. All three sit inside the same Ray Data actor, and are keyed the same way in
-the cache."""
+bundled or hub: `leaf_ray.teacher.local`) or an OpenAI-compatible embeddings endpoint. Both sit
+inside the same Ray Data actor, and are keyed the same way in the cache (precomputed vectors
+need no call: `leaf_ray.teacher.vectors` ingests them into the cache)."""
 
 from __future__ import annotations
 
