@@ -264,4 +264,5 @@ def _one_row_each(chosen: Chosen, parts: list[ray.ObjectRef]) -> pa.Table:
     if counts is None:
         return table
     hashes = hashes_of(table["text_hash"])
-    return table.take(np.repeat(np.arange(table.num_rows), counts[np.searchsorted(wanted, hashes)]))
+    at, _ = find_sorted(wanted, hashes)
+    return table.take(np.repeat(np.arange(table.num_rows), counts[at]))

@@ -55,9 +55,6 @@ FORMAT_VERSION = 2
 KEY_JSON, SHARDS, MANIFEST, SET_ASIDE = "key.json", "shards", "manifest", "set_aside"
 
 
-TEXT_COLUMNS = ("text_hash", "kind", "text")
-
-
 # Rows per Parquet row group: a read of a key range opens, in each shard, the groups that overlap
 # it (~100 KB of 384-d float16 vectors each), not the whole shard.
 ROW_GROUP_ROWS = 128
